@@ -1,0 +1,164 @@
+// CPU kernels of the multinomial-softmax ops. Computation only; schemas live in registration.cpp.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <Eigen/Dense>
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "checks.h"
+
+namespace splisosm {
+namespace {
+
+// log(k!) for small integer counts: lgamma dominates the cost of the likelihood otherwise.
+constexpr int kLogFactTable = 4096;
+const std::array<double, kLogFactTable>& log_factorial_table() {
+  static const std::array<double, kLogFactTable> table = [] {
+    std::array<double, kLogFactTable> t{};
+    for (int k = 1; k < kLogFactTable; ++k) t[k] = t[k - 1] + std::log(static_cast<double>(k));
+    return t;
+  }();
+  return table;
+}
+
+template <typename T>
+inline T log_factorial(T y, const std::array<double, kLogFactTable>& table) {
+  if (y < static_cast<T>(kLogFactTable)) {
+    const int k = static_cast<int>(y);
+    if (static_cast<T>(k) == y) return static_cast<T>(table[k]);
+  }
+  return std::lgamma(y + T(1));
+}
+
+enum BadCounts : int { kCountsOk = 0, kCountsNegative = 1, kCountsNonFinite = 2 };
+
+template <typename T>
+void multinom_kernel(const T* eta, const T* counts, int64_t spots, int64_t q, T* ll_spot, T* grad,
+                     T* W, std::atomic<int>& bad) {
+  const auto& table = log_factorial_table();
+  const int64_t m = q + 1;
+  // Chunks are small; parallel_for hands each thread a contiguous range of (gene, spot) pairs.
+  const int64_t grain = std::max<int64_t>(1, 8192 / (m * m));
+  at::parallel_for(0, spots, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> p(m);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const T* e = eta + idx * q;
+      const T* y = counts + idx * m;
+      // Softmax against the reference logit 0, shifted by the largest logit for |eta| >> 1.
+      T shift = 0;
+      for (int64_t j = 0; j < q; ++j) shift = std::max(shift, e[j]);
+      T z = std::exp(-shift);
+      p[q] = z;
+      for (int64_t j = 0; j < q; ++j) {
+        p[j] = std::exp(e[j] - shift);
+        z += p[j];
+      }
+      const T log_z = std::log(z) + shift;
+      T total = 0;
+      T ll = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        const T yi = y[i];
+        if (!std::isfinite(yi)) {
+          bad.store(kCountsNonFinite, std::memory_order_relaxed);
+          continue;
+        }
+        if (yi < 0) bad.store(kCountsNegative, std::memory_order_relaxed);
+        total += yi;
+        // Zero counts contribute nothing, even where log p underflows to -inf.
+        if (yi != 0) ll += yi * ((i < q ? e[i] : T(0)) - log_z) - log_factorial(yi, table);
+      }
+      ll_spot[idx] = ll + log_factorial(total, table);
+      const T inv_z = T(1) / z;
+      for (int64_t j = 0; j < q; ++j) p[j] *= inv_z;
+      T* g = grad + idx * q;
+      T* w = W + idx * q * q;
+      for (int64_t j = 0; j < q; ++j) {
+        g[j] = y[j] - total * p[j];
+        for (int64_t k = 0; k < q; ++k) w[j * q + k] = -total * p[j] * p[k];
+        w[j * q + j] += total * p[j];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multinom_terms_cpu(const at::Tensor& eta_in,
+                                                                  const at::Tensor& counts_in) {
+  check_multinom_inputs(eta_in, counts_in);
+  TORCH_CHECK(eta_in.device().is_cpu(), "splisosm: `eta` must be a CPU tensor for the CPU kernel");
+  const auto eta = eta_in.contiguous();
+  const auto counts = counts_in.contiguous();
+  const int64_t G = eta.size(0), n = eta.size(1), q = eta.size(2);
+  auto ll_spot = at::empty({G, n}, eta.options());
+  auto grad = at::empty({G, n, q}, eta.options());
+  auto W = at::empty({G, n, q, q}, eta.options());
+  std::atomic<int> bad{kCountsOk};
+  AT_DISPATCH_FLOATING_TYPES(eta.scalar_type(), "multinom_terms_cpu", [&] {
+    multinom_kernel<scalar_t>(eta.data_ptr<scalar_t>(), counts.data_ptr<scalar_t>(), G * n, q,
+                              ll_spot.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                              W.data_ptr<scalar_t>(), bad);
+  });
+  TORCH_CHECK(bad.load() != kCountsNonFinite, "splisosm: `counts` contains NaN or infinite values");
+  TORCH_CHECK(bad.load() != kCountsNegative, "splisosm: `counts` contains negative values");
+  return {ll_spot.sum(1), grad, W};
+}
+
+template <typename T>
+using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+std::tuple<at::Tensor, at::Tensor> fixed_effect_info_cpu(const at::Tensor& X_in,
+                                                         const at::Tensor& W_in,
+                                                         const at::Tensor& r_in) {
+  check_blocks(W_in, r_in, "resid");
+  check_rank(X_in, 2, "X", "(n, P)");
+  check_same(W_in, "W", X_in, "X");
+  check_rank(r_in, 3, "resid", "(G, n, q)");
+  TORCH_CHECK(W_in.device().is_cpu(), "splisosm: `W` must be a CPU tensor for the CPU kernel");
+  const int64_t G = W_in.size(0), n = W_in.size(1), q = W_in.size(2), P1 = X_in.size(1) + 1;
+  check_dim(X_in, 0, n, "X", "spots n, as in W");
+  check_dim(r_in, 0, G, "resid", "genes G, as in W");
+  check_dim(r_in, 1, n, "resid", "spots n, as in W");
+  check_dim(r_in, 2, q, "resid", "q, as in W");
+  const auto W = W_in.contiguous();
+  const auto r = r_in.contiguous();
+  // Design with the intercept appended last, and its per-spot outer products, shared by all genes.
+  const auto Xt = at::cat({X_in, at::ones({n, 1}, X_in.options())}, 1).contiguous();
+  const auto outer = at::einsum("sf,sh->sfh", {Xt, Xt}).reshape({n, P1 * P1}).contiguous();
+  auto info = at::empty({G, q, P1, q, P1}, W.options());
+  auto score = at::empty({G, q, P1}, W.options());
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "fixed_effect_info_cpu", [&] {
+    using Map = Eigen::Map<const RowMat<scalar_t>>;
+    const Map xt(Xt.data_ptr<scalar_t>(), n, P1);
+    const Map op(outer.data_ptr<scalar_t>(), n, P1 * P1);
+    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const Map wg(W.data_ptr<scalar_t>() + g * n * q * q, n, q * q);
+        const Map rg(r.data_ptr<scalar_t>() + g * n * q, n, q);
+        // pairs(jk, fh) = sum_s W_s[j,k] x_sf x_sh: one product for all isoform pairs at once.
+        const RowMat<scalar_t> pairs = wg.transpose() * op;
+        const RowMat<scalar_t> sc = rg.transpose() * xt;  // (q, P1)
+        scalar_t* out = info.data_ptr<scalar_t>() + g * q * P1 * q * P1;
+        for (int64_t j = 0; j < q; ++j)
+          for (int64_t f = 0; f < P1; ++f)
+            for (int64_t k = 0; k < q; ++k)
+              for (int64_t h = 0; h < P1; ++h)
+                out[((j * P1 + f) * q + k) * P1 + h] = pairs(j * q + k, f * P1 + h);
+        std::copy(sc.data(), sc.data() + q * P1, score.data_ptr<scalar_t>() + g * q * P1);
+      }
+    });
+  });
+  return {info.reshape({G, q * P1, q * P1}), score.reshape({G, q * P1})};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(splisosm, CPU, m) {
+  m.impl("multinom_terms", &multinom_terms_cpu);
+  m.impl("fixed_effect_info", &fixed_effect_info_cpu);
+}
+
+}  // namespace splisosm

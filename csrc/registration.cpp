@@ -1,0 +1,41 @@
+// The one place where splisosm's operator schemas are declared.
+//
+// Backend files (csrc/cpu/*.cpp, csrc/cuda/*_binding.cpp) only provide implementations through
+// TORCH_LIBRARY_IMPL; Python wrappers in splisosm/ops add fake kernels and autograd.
+#include <torch/library.h>
+
+#ifndef SPLISOSM_NO_PYMODULE
+#include <Python.h>
+
+// Importing splisosm._C runs the static registrations below; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif
+
+TORCH_LIBRARY(splisosm, m) {
+  // Multinomial-softmax terms of G genes (last isoform is the reference category):
+  // eta (G, n, q), counts (G, n, q + 1) ->
+  //   loglik (G,) with log-factorial constants, grad (G, n, q) = Y[:q] - N p[:q],
+  //   W (G, n, q, q) = N (diag p - p p^T).
+  m.def("multinom_terms(Tensor eta, Tensor counts) -> (Tensor, Tensor, Tensor)");
+
+  // Fixed-effect information and score for the design [X, 1] (intercept last):
+  // X (n, P), W (G, n, q, q), resid (G, n, q) ->
+  //   info (G, q(P+1), q(P+1)) with index j*(P+1)+f, score (G, q(P+1)).
+  m.def("fixed_effect_info(Tensor X, Tensor W, Tensor resid) -> (Tensor, Tensor)");
+
+  // Laplace system H = I_q (x) Sigma^-1 + W of the spatial random effects, with per-column prior
+  // Sigma_j = v_j (theta_j K + (1 - theta_j) I); v, theta are (G, q).
+  // Eigenbasis form: K = V diag(lambda) V^T (rank r <= n; r < n adds the residual eigenvalue).
+  //   rhs (G, R, n, q) -> (H^-1 rhs (G, R, n, q), CG iterations used per gene (G,) int64)
+  m.def("laplace_solve_eig(Tensor W, Tensor rhs, Tensor evals, Tensor evecs, Tensor v, Tensor theta, "
+        "float tol, int max_iter) -> (Tensor, Tensor)");
+  //   -> log det H per gene (G,)
+  m.def("laplace_logdet_eig(Tensor W, Tensor evals, Tensor evecs, Tensor v, Tensor theta) -> Tensor");
+  // Sparse-precision form: K^-1 = Q given as CSR (crow, col, val), float64, same for all genes.
+  //   rhs (G, R, n, q) -> (H^-1 rhs (G, R, n, q), log det H (G,))
+  m.def("laplace_sparse(Tensor W, Tensor rhs, Tensor crow, Tensor col, Tensor val, Tensor v, "
+        "Tensor theta) -> (Tensor, Tensor)");
+}

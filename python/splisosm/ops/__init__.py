@@ -1,0 +1,25 @@
+"""Numerical core of splisosm as torch ops (``torch.ops.splisosm.*``).
+
+Each op has a native kernel (CPU in C++/Eigen, CUDA when built with it) and a pure-torch
+reference in ``*_reference`` modules; the wrappers here validate inputs, pick the kernel for
+the input's device and fall back to the reference where no native kernel exists (Apple MPS).
+"""
+
+from splisosm.ops._native import NATIVE_AVAILABLE, has_native_kernel, use_reference
+from splisosm.ops.multinomial import fixed_effect_info, multinom_terms
+from splisosm.ops.multinomial_reference import (
+    fixed_effect_info_reference,
+    multinom_probs,
+    multinom_terms_reference,
+)
+
+__all__ = [
+    "NATIVE_AVAILABLE",
+    "fixed_effect_info",
+    "fixed_effect_info_reference",
+    "has_native_kernel",
+    "multinom_probs",
+    "multinom_terms",
+    "multinom_terms_reference",
+    "use_reference",
+]
