@@ -37,53 +37,75 @@ inline T log_factorial(T y, const std::array<double, kLogFactTable>& table) {
 
 enum BadCounts : int { kCountsOk = 0, kCountsNegative = 1, kCountsNonFinite = 2 };
 
-template <typename T>
+// One spot: softmax against the reference logit 0 (shifted by the largest logit so |eta| >> 1
+// cannot overflow), log-likelihood, gradient and curvature block. Q > 0 fixes q at compile time so
+// the small loops unroll; Q == 0 reads it from `q_dyn`.
+template <typename T, int Q>
+inline void multinom_spot(const T* e, const T* y, int64_t q_dyn, T* p, T* ll_out, T* g, T* w,
+                          int& bad, const std::array<double, kLogFactTable>& table) {
+  const int64_t q = Q > 0 ? Q : q_dyn;
+  T shift = 0;
+  for (int64_t j = 0; j < q; ++j) shift = std::max(shift, e[j]);
+  T z = std::exp(-shift);
+  for (int64_t j = 0; j < q; ++j) {
+    p[j] = std::exp(e[j] - shift);
+    z += p[j];
+  }
+  const T log_z = std::log(z) + shift;
+  T total = 0;
+  T ll = 0;
+  for (int64_t i = 0; i <= q; ++i) {
+    const T yi = y[i];
+    if (!std::isfinite(yi)) {
+      bad = kCountsNonFinite;
+      continue;
+    }
+    if (yi < 0) bad = std::max(bad, static_cast<int>(kCountsNegative));
+    total += yi;
+    // Zero counts contribute nothing, even where log p underflows to -inf.
+    if (yi != 0) ll += yi * ((i < q ? e[i] : T(0)) - log_z) - log_factorial(yi, table);
+  }
+  *ll_out = ll + log_factorial(total, table);
+  const T inv_z = T(1) / z;
+  for (int64_t j = 0; j < q; ++j) p[j] *= inv_z;
+  for (int64_t j = 0; j < q; ++j) {
+    g[j] = y[j] - total * p[j];
+    for (int64_t k = 0; k < q; ++k) w[j * q + k] = -total * p[j] * p[k];
+    w[j * q + j] += total * p[j];
+  }
+}
+
+template <typename T, int Q>
 void multinom_kernel(const T* eta, const T* counts, int64_t spots, int64_t q, T* ll_spot, T* grad,
                      T* W, std::atomic<int>& bad) {
   const auto& table = log_factorial_table();
   const int64_t m = q + 1;
-  // Chunks are small; parallel_for hands each thread a contiguous range of (gene, spot) pairs.
-  const int64_t grain = std::max<int64_t>(1, 8192 / (m * m));
+  const int64_t grain = std::max<int64_t>(256, 8192 / (m * m));
   at::parallel_for(0, spots, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> p(m);
+    int local_bad = kCountsOk;
     for (int64_t idx = begin; idx < end; ++idx) {
-      const T* e = eta + idx * q;
-      const T* y = counts + idx * m;
-      // Softmax against the reference logit 0, shifted by the largest logit for |eta| >> 1.
-      T shift = 0;
-      for (int64_t j = 0; j < q; ++j) shift = std::max(shift, e[j]);
-      T z = std::exp(-shift);
-      p[q] = z;
-      for (int64_t j = 0; j < q; ++j) {
-        p[j] = std::exp(e[j] - shift);
-        z += p[j];
-      }
-      const T log_z = std::log(z) + shift;
-      T total = 0;
-      T ll = 0;
-      for (int64_t i = 0; i < m; ++i) {
-        const T yi = y[i];
-        if (!std::isfinite(yi)) {
-          bad.store(kCountsNonFinite, std::memory_order_relaxed);
-          continue;
-        }
-        if (yi < 0) bad.store(kCountsNegative, std::memory_order_relaxed);
-        total += yi;
-        // Zero counts contribute nothing, even where log p underflows to -inf.
-        if (yi != 0) ll += yi * ((i < q ? e[i] : T(0)) - log_z) - log_factorial(yi, table);
-      }
-      ll_spot[idx] = ll + log_factorial(total, table);
-      const T inv_z = T(1) / z;
-      for (int64_t j = 0; j < q; ++j) p[j] *= inv_z;
-      T* g = grad + idx * q;
-      T* w = W + idx * q * q;
-      for (int64_t j = 0; j < q; ++j) {
-        g[j] = y[j] - total * p[j];
-        for (int64_t k = 0; k < q; ++k) w[j * q + k] = -total * p[j] * p[k];
-        w[j * q + j] += total * p[j];
+      multinom_spot<T, Q>(eta + idx * q, counts + idx * m, q, p.data(), ll_spot + idx,
+                          grad + idx * q, W + idx * q * q, local_bad, table);
+    }
+    if (local_bad != kCountsOk) {
+      int seen = bad.load(std::memory_order_relaxed);
+      while (local_bad > seen && !bad.compare_exchange_weak(seen, local_bad)) {
       }
     }
   });
+}
+
+template <typename T>
+void multinom_dispatch_q(const T* eta, const T* counts, int64_t spots, int64_t q, T* ll, T* grad,
+                         T* W, std::atomic<int>& bad) {
+  switch (q) {
+    case 1: return multinom_kernel<T, 1>(eta, counts, spots, q, ll, grad, W, bad);
+    case 2: return multinom_kernel<T, 2>(eta, counts, spots, q, ll, grad, W, bad);
+    case 3: return multinom_kernel<T, 3>(eta, counts, spots, q, ll, grad, W, bad);
+    case 4: return multinom_kernel<T, 4>(eta, counts, spots, q, ll, grad, W, bad);
+    default: return multinom_kernel<T, 0>(eta, counts, spots, q, ll, grad, W, bad);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multinom_terms_cpu(const at::Tensor& eta_in,
@@ -98,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multinom_terms_cpu(const at::Tens
   auto W = at::empty({G, n, q, q}, eta.options());
   std::atomic<int> bad{kCountsOk};
   AT_DISPATCH_FLOATING_TYPES(eta.scalar_type(), "multinom_terms_cpu", [&] {
-    multinom_kernel<scalar_t>(eta.data_ptr<scalar_t>(), counts.data_ptr<scalar_t>(), G * n, q,
+    multinom_dispatch_q<scalar_t>(eta.data_ptr<scalar_t>(), counts.data_ptr<scalar_t>(), G * n, q,
                               ll_spot.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
                               W.data_ptr<scalar_t>(), bad);
   });
@@ -125,15 +147,19 @@ std::tuple<at::Tensor, at::Tensor> fixed_effect_info_cpu(const at::Tensor& X_in,
   check_dim(r_in, 2, q, "resid", "q, as in W");
   const auto W = W_in.contiguous();
   const auto r = r_in.contiguous();
-  // Design with the intercept appended last, and its per-spot outer products, shared by all genes.
-  const auto Xt = at::cat({X_in, at::ones({n, 1}, X_in.options())}, 1).contiguous();
-  const auto outer = at::einsum("sf,sh->sfh", {Xt, Xt}).reshape({n, P1 * P1}).contiguous();
+  const auto X = X_in.contiguous();
   auto info = at::empty({G, q, P1, q, P1}, W.options());
   auto score = at::empty({G, q, P1}, W.options());
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "fixed_effect_info_cpu", [&] {
     using Map = Eigen::Map<const RowMat<scalar_t>>;
-    const Map xt(Xt.data_ptr<scalar_t>(), n, P1);
-    const Map op(outer.data_ptr<scalar_t>(), n, P1 * P1);
+    // Design with the intercept appended last, and its per-spot outer products, shared by all genes.
+    RowMat<scalar_t> xt(n, P1);
+    xt.leftCols(P1 - 1) = Map(X.data_ptr<scalar_t>(), n, P1 - 1);
+    xt.col(P1 - 1).setOnes();
+    RowMat<scalar_t> op(n, P1 * P1);
+    for (int64_t s = 0; s < n; ++s)
+      for (int64_t f = 0; f < P1; ++f)
+        for (int64_t h = 0; h < P1; ++h) op(s, f * P1 + h) = xt(s, f) * xt(s, h);
     at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
         const Map wg(W.data_ptr<scalar_t>() + g * n * q * q, n, q * q);
