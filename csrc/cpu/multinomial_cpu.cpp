@@ -180,10 +180,12 @@ std::tuple<at::Tensor, at::Tensor> fixed_effect_info_cpu(const at::Tensor& X_in,
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "fixed_effect_info_cpu", [&] {
     using Map = Eigen::Map<const RowMat<scalar_t>>;
     // Design with the intercept appended last, and its per-spot outer products, shared by all genes.
-    RowMat<scalar_t> xt(n, P1);
+    // Column-major, so each product below is a handful of long contiguous dot products over spots.
+    using ColMat = Eigen::Matrix<scalar_t, Eigen::Dynamic, Eigen::Dynamic>;
+    ColMat xt(n, P1);
     xt.leftCols(P1 - 1) = Map(X.data_ptr<scalar_t>(), n, P1 - 1);
     xt.col(P1 - 1).setOnes();
-    RowMat<scalar_t> op(n, P1 * P1);
+    ColMat op(n, P1 * P1);
     for (int64_t s = 0; s < n; ++s)
       for (int64_t f = 0; f < P1; ++f)
         for (int64_t h = 0; h < P1; ++h) op(s, f * P1 + h) = xt(s, f) * xt(s, h);
