@@ -34,8 +34,18 @@ TORCH_LIBRARY(splisosm, m) {
         "float tol, int max_iter) -> (Tensor, Tensor)");
   //   -> log det H per gene (G,)
   m.def("laplace_logdet_eig(Tensor W, Tensor evals, Tensor evecs, Tensor v, Tensor theta) -> Tensor");
+  // Low-rank eigenbasis form (r < n) solved directly (Woodbury, one rq x rq factor per gene):
+  //   rhs (G, R, n, q) -> (H^-1 rhs (G, R, n, q), log det H (G,))
+  m.def("laplace_lowrank(Tensor W, Tensor rhs, Tensor evals, Tensor evecs, Tensor v, "
+        "Tensor theta) -> (Tensor, Tensor)");
   // Sparse-precision form: K^-1 = Q given as CSR (crow, col, val), float64, same for all genes.
   //   rhs (G, R, n, q) -> (H^-1 rhs (G, R, n, q), log det H (G,))
   m.def("laplace_sparse(Tensor W, Tensor rhs, Tensor crow, Tensor col, Tensor val, Tensor v, "
         "Tensor theta) -> (Tensor, Tensor)");
+  // Shifted sparse precision M_g = scale_g Q + shift_g I (Q as above; scale, shift (G,) float64):
+  //   rhs (G, R, n) -> (M_g^-1 rhs (G, R, n), log det M_g (G,))
+  m.def("sparse_shifted_solve(Tensor crow, Tensor col, Tensor val, Tensor scale, Tensor shift, "
+        "Tensor rhs) -> (Tensor, Tensor)");
+  // diag(M^-1) of a sparse SPD CSR matrix (float64) by selected inversion of its Cholesky factor.
+  m.def("sparse_inverse_diagonal(Tensor crow, Tensor col, Tensor val) -> Tensor");
 }

@@ -12,6 +12,21 @@ from splisosm.ops.multinomial_reference import (
     multinom_probs,
     multinom_terms_reference,
 )
+from splisosm.ops.laplace import (
+    laplace_logdet_eig,
+    laplace_lowrank,
+    laplace_solve_eig,
+    laplace_sparse,
+    sparse_inverse_diagonal,
+    sparse_shifted_solve,
+)
+from splisosm.ops.laplace_reference import (
+    laplace_logdet_eig_reference,
+    laplace_solve_eig_reference,
+    laplace_sparse_reference,
+    sparse_inverse_diagonal_reference,
+    sparse_shifted_solve_reference,
+)
 
 __all__ = [
     "NATIVE_AVAILABLE",
@@ -22,4 +37,15 @@ __all__ = [
     "multinom_terms",
     "multinom_terms_reference",
     "use_reference",
+    "laplace_logdet_eig",
+    "laplace_logdet_eig_reference",
+    "laplace_lowrank",
+    "laplace_solve_eig",
+    "laplace_solve_eig_reference",
+    "laplace_sparse",
+    "laplace_sparse_reference",
+    "sparse_inverse_diagonal",
+    "sparse_inverse_diagonal_reference",
+    "sparse_shifted_solve",
+    "sparse_shifted_solve_reference",
 ]

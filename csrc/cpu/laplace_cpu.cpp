@@ -1,0 +1,915 @@
+// CPU kernels of the Laplace-system ops (schemas in registration.cpp, maths in NUMERICS.md).
+//
+// Per gene, H = I_q (x) Sigma^-1 + W with Sigma_j = v_j (theta_j K + (1 - theta_j) I) and W
+// block-diagonal over spots (q x q blocks). Everything is computed in float64 whatever the input
+// dtype. Numerical failures are collected per gene and reported for the first failing gene, so
+// the message does not depend on thread scheduling.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <Eigen/Dense>
+#include <Eigen/SparseCholesky>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+
+namespace splisosm {
+namespace {
+
+using MatX = Eigen::MatrixXd;
+using VecX = Eigen::VectorXd;
+using RowMatX = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using SpMat = Eigen::SparseMatrix<double, Eigen::ColMajor, int>;
+using SparseLLT = Eigen::SimplicialLLT<SpMat, Eigen::Lower, Eigen::AMDOrdering<int>>;
+
+// Bound on the low-rank correction 1/c - 1/d of the prior precision (SPEC §5.5).
+constexpr double kLowRankClip = 1e6;
+
+at::Tensor to_f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
+
+// First failing gene (lowest index) and why; genes are processed in parallel.
+class GeneFailures {
+ public:
+  explicit GeneFailures(int64_t genes) : reason_(genes) {}
+  void set(int64_t g, std::string why) { reason_[g] = std::move(why); }
+  void raise_first(const char* op) const {
+    for (size_t g = 0; g < reason_.size(); ++g)
+      TORCH_CHECK(reason_[g].empty(), "splisosm::", op, ": gene ", g, ": ", reason_[g]);
+  }
+
+ private:
+  std::vector<std::string> reason_;  // each gene is written by one thread only
+};
+
+// ------------------------------------------------------------------------------------------
+// Input checks
+// ------------------------------------------------------------------------------------------
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "splisosm: `", name,
+              "` must be a CPU tensor for the CPU kernel");
+}
+
+// W (G, n, q, q), v and theta (G, q); theta in [0, 1) or (0, 1) for the sparse form.
+void check_variance(const at::Tensor& W, const at::Tensor& v, const at::Tensor& theta,
+                    bool open_theta) {
+  for (auto [t, name] : {std::pair{&v, "v"}, std::pair{&theta, "theta"}}) {
+    check_float(*t, name);
+    check_cpu(*t, name);
+    check_rank(*t, 2, name, "(G, q)");
+    check_dim(*t, 0, W.size(0), name, "genes G, as in W");
+    check_dim(*t, 1, W.size(2), name, "columns q, as in W");
+  }
+  TORCH_CHECK(v.gt(0).all().item<bool>(), "splisosm: `v` (total variance) must be positive");
+  const bool low_ok = open_theta ? theta.gt(0).all().item<bool>() : theta.ge(0).all().item<bool>();
+  TORCH_CHECK(low_ok && theta.lt(1).all().item<bool>(), "splisosm: `theta` must satisfy ",
+              open_theta ? "0 < theta < 1" : "0 <= theta < 1");
+}
+
+void check_W_rhs(const at::Tensor& W, const at::Tensor& rhs) {
+  check_float(W, "W");
+  check_cpu(W, "W");
+  check_rank(W, 4, "W", "(G, n, q, q)");
+  TORCH_CHECK(W.size(2) == W.size(3), "splisosm: `W` blocks must be square (G, n, q, q), got ",
+              W.sizes());
+  TORCH_CHECK(W.size(2) >= 1, "splisosm: `W` needs q >= 1 columns");
+  check_float(rhs, "rhs");
+  check_cpu(rhs, "rhs");
+  check_rank(rhs, 4, "rhs", "(G, R, n, q)");
+  check_dim(rhs, 0, W.size(0), "rhs", "genes G, as in W");
+  check_dim(rhs, 2, W.size(1), "rhs", "spots n, as in W");
+  check_dim(rhs, 3, W.size(2), "rhs", "columns q, as in W");
+}
+
+void check_eig(const at::Tensor& W, const at::Tensor& evals, const at::Tensor& evecs) {
+  check_float(evals, "evals");
+  check_float(evecs, "evecs");
+  check_cpu(evals, "evals");
+  check_cpu(evecs, "evecs");
+  check_rank(evecs, 2, "evecs", "(n, r)");
+  check_rank(evals, 1, "evals", "(r,)");
+  check_dim(evecs, 0, W.size(1), "evecs", "spots n, as in W");
+  check_dim(evals, 0, evecs.size(1), "evals", "rank r, as in evecs");
+  TORCH_CHECK(evecs.size(1) >= 1 && evecs.size(1) <= evecs.size(0),
+              "splisosm: `evecs` must have 1 <= r <= n columns, got ", evecs.sizes());
+}
+
+// Prior eigenvalues c (G, q, r) and the eigenbasis precision: full rank V diag(e) V^T with
+// e = 1/c and dinv = 0; low rank dinv I + V diag(e) V^T with e = clip(1/c - 1/d).
+struct EigPrior {
+  at::Tensor c, e, dinv;  // (G, q, r), (G, q, r), (G, q)
+};
+
+EigPrior eig_prior(const at::Tensor& lam, int64_t n, const at::Tensor& v, const at::Tensor& theta) {
+  const auto vv = v.unsqueeze(-1), tt = theta.unsqueeze(-1);
+  auto c = vv * (tt * lam.view({1, 1, -1}) + (1 - tt));
+  TORCH_CHECK(c.gt(0).all().item<bool>(),
+              "splisosm: prior eigenvalues v (theta lambda + 1 - theta) must be positive; "
+              "`evals` is too negative");
+  if (lam.size(0) == n) return {c, c.reciprocal(), at::zeros_like(v)};
+  auto dinv = (v * (1 - theta)).reciprocal();
+  auto e = (c.reciprocal() - dinv.unsqueeze(-1)).clamp(-kLowRankClip, kLowRankClip);
+  return {c, e, dinv};
+}
+
+// ------------------------------------------------------------------------------------------
+// Eigenbasis form: preconditioned CG
+// ------------------------------------------------------------------------------------------
+
+// Vectors of all CG systems live in (n, G, R, q) tensors, so that the prior mat-vec is one GEMM
+// with the shared eigenvectors for every gene, right-hand side and column at once. The vector
+// updates are fused per gene (one system per gene and right-hand side) to keep the number of
+// parallel regions per iteration small.
+class EigCG {
+ public:
+  EigCG(const at::Tensor& W, const at::Tensor& V, const EigPrior& prior, int64_t R)
+      : W_(W), V_(V), Vt_(V.t().contiguous()), e_(prior.e.contiguous()),
+        dinv_(prior.dinv.contiguous()), G_(W.size(0)), n_(W.size(1)), q_(W.size(2)), R_(R),
+        r_(V.size(1)) {}
+
+  // Inverse blocks of the block-Jacobi preconditioner W_s + diag(Sigma^-1)_s, (G, n, q, q).
+  at::Tensor jacobi_inverse(GeneFailures& failures) const {
+    const int64_t G = G_, n = n_, q = q_;
+    // diag(Sigma_j^-1)_s = dinv_j + sum_k V_sk^2 e_jk for all genes in one product: (n, G q).
+    const auto diag =
+        at::mm(V_ * V_, e_.view({G * q, -1}).t()).add_(dinv_.view({1, G * q})).contiguous();
+    auto inv = at::empty_like(W_);
+    const double* w = W_.data_ptr<double>();
+    const double* dg = diag.data_ptr<double>();
+    double* out = inv.data_ptr<double>();
+    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      MatX P(q, q);
+      for (int64_t g = begin; g < end; ++g) {
+        for (int64_t s = 0; s < n; ++s) {
+          P = Eigen::Map<const MatX>(w + (g * n + s) * q * q, q, q);
+          for (int64_t j = 0; j < q; ++j) P(j, j) += dg[s * G * q + g * q + j];
+          Eigen::LLT<MatX> llt(P);
+          if (llt.info() != Eigen::Success) {
+            failures.set(g, "preconditioner block W_s + diag(Sigma^-1)_s is not positive "
+                            "definite at spot " + std::to_string(s) +
+                            " (is W positive semi-definite?)");
+            break;
+          }
+          Eigen::Map<MatX>(out + (g * n + s) * q * q, q, q) = llt.solve(MatX::Identity(q, q));
+        }
+      }
+    });
+    return inv;
+  }
+
+  // y = H p: GEMMs with V for the prior, then the per-spot diagonal and W blocks.
+  void apply(const at::Tensor& p, at::Tensor& y, at::Tensor& z) const {
+    const int64_t G = G_, R = R_, q = q_, n = n_, r = r_, cols = G * R * q;
+    at::mm_out(z, Vt_, p.view({n, cols}));
+    double* zp = z.data_ptr<double>();
+    const double* e = e_.data_ptr<double>();
+    at::parallel_for(0, r, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t rr = 0; rr < R; ++rr)
+            for (int64_t j = 0; j < q; ++j)
+              zp[k * cols + (g * R + rr) * q + j] *= e[(g * q + j) * r + k];
+    });
+    auto y_mat = y.view({n, cols});
+    at::mm_out(y_mat, V_, z);
+    const double* w = W_.data_ptr<double>();
+    const double* dinv = dinv_.data_ptr<double>();
+    const double* pp = p.data_ptr<double>();
+    double* yp = y.data_ptr<double>();
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t rr = 0; rr < R; ++rr)
+            block_mul_add(w + (g * n + s) * q * q, pp + ((s * G + g) * R + rr) * q,
+                          dinv + g * q, yp + ((s * G + g) * R + rr) * q);
+    });
+  }
+
+  // y += (B + diag(dd)) x for one q x q block B; dd may be null.
+  void block_mul_add(const double* B, const double* x, const double* dd, double* y) const {
+    for (int64_t j = 0; j < q_; ++j) {
+      double acc = dd ? dd[j] * x[j] : 0.0;
+      for (int64_t k = 0; k < q_; ++k) acc += B[j * q_ + k] * x[k];
+      y[j] += acc;
+    }
+  }
+
+ private:
+  at::Tensor W_, V_, Vt_, e_, dinv_;
+  int64_t G_, n_, q_, R_, r_;
+};
+
+std::tuple<at::Tensor, at::Tensor> laplace_solve_eig_cpu(const at::Tensor& W_in,
+                                                         const at::Tensor& rhs_in,
+                                                         const at::Tensor& evals_in,
+                                                         const at::Tensor& evecs_in,
+                                                         const at::Tensor& v_in,
+                                                         const at::Tensor& theta_in, double tol,
+                                                         int64_t max_iter) {
+  check_W_rhs(W_in, rhs_in);
+  check_eig(W_in, evals_in, evecs_in);
+  check_variance(W_in, v_in, theta_in, false);
+  TORCH_CHECK(tol > 0, "splisosm: `tol` must be positive, got ", tol);
+  TORCH_CHECK(max_iter >= 1, "splisosm: `max_iter` must be >= 1, got ", max_iter);
+  const auto W = to_f64(W_in), V = to_f64(evecs_in), v = to_f64(v_in), theta = to_f64(theta_in);
+  const int64_t G = W.size(0), n = W.size(1), q = W.size(2), R = rhs_in.size(1);
+  auto iters = at::zeros({G}, W.options().dtype(at::kLong));
+  if (G == 0 || R == 0) return {at::zeros_like(rhs_in), iters};
+  const auto prior = eig_prior(to_f64(evals_in), n, v, theta);
+  const EigCG H(W, V, prior, R);
+  GeneFailures failures(G);
+  const auto Pinv = H.jacobi_inverse(failures);
+  failures.raise_first("laplace_solve_eig");
+
+  // State of the G * R systems, (n, G, R, q) layout; one system = one gene and right-hand side.
+  const auto b = rhs_in.to(at::kDouble).permute({2, 0, 1, 3}).contiguous();
+  auto x = at::zeros_like(b), res = b.clone(), z = at::empty_like(b), p = at::empty_like(b);
+  auto Hp = at::empty_like(b), tmp = at::empty({V.size(1), G * R * q}, b.options());
+  std::vector<double> rz(G * R), target(G * R);
+  std::vector<char> active(G * R);
+  std::vector<int64_t> used(G * R, 0);
+  const double* pinv = Pinv.data_ptr<double>();
+  double *xp = x.data_ptr<double>(), *rp = res.data_ptr<double>(), *zp = z.data_ptr<double>();
+  double *pp = p.data_ptr<double>(), *hp = Hp.data_ptr<double>();
+  const int64_t stride = G * R * q;  // between consecutive spots of one system
+  const auto at_spot = [&](int64_t s, int64_t sys) { return s * stride + sys * q; };
+  // z = Pinv r and rz = r^T z per system; p = z on the first iteration.
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t rr = 0; rr < R; ++rr) {
+        const int64_t sys = g * R + rr;
+        double bb = 0, acc = 0;
+        for (int64_t s = 0; s < n; ++s) {
+          const int64_t o = at_spot(s, sys);
+          std::fill(zp + o, zp + o + q, 0.0);
+          H.block_mul_add(pinv + (g * n + s) * q * q, rp + o, nullptr, zp + o);
+          for (int64_t j = 0; j < q; ++j) {
+            bb += rp[o + j] * rp[o + j];
+            acc += rp[o + j] * zp[o + j];
+            pp[o + j] = zp[o + j];
+          }
+        }
+        rz[sys] = acc;
+        target[sys] = tol * std::sqrt(bb);
+        active[sys] = bb > 0;
+      }
+  });
+  std::vector<char> broken(G, 0);
+  int64_t it = 0;
+  while (std::any_of(active.begin(), active.end(), [](char a) { return a != 0; }) &&
+         it < max_iter) {
+    ++it;
+    H.apply(p, Hp, tmp);
+    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g)
+        for (int64_t rr = 0; rr < R; ++rr) {
+          const int64_t sys = g * R + rr;
+          if (!active[sys]) continue;
+          double pHp = 0;
+          for (int64_t s = 0; s < n; ++s)
+            for (int64_t j = 0; j < q; ++j)
+              pHp += pp[at_spot(s, sys) + j] * hp[at_spot(s, sys) + j];
+          if (!(pHp > 0)) {
+            broken[g] = 1;
+            active[sys] = 0;
+            continue;
+          }
+          const double alpha = rz[sys] / pHp;
+          double rr2 = 0, rz_new = 0;
+          for (int64_t s = 0; s < n; ++s) {
+            const int64_t o = at_spot(s, sys);
+            for (int64_t j = 0; j < q; ++j) {
+              xp[o + j] += alpha * pp[o + j];
+              rp[o + j] -= alpha * hp[o + j];
+              rr2 += rp[o + j] * rp[o + j];
+            }
+            std::fill(zp + o, zp + o + q, 0.0);
+            H.block_mul_add(pinv + (g * n + s) * q * q, rp + o, nullptr, zp + o);
+            for (int64_t j = 0; j < q; ++j) rz_new += rp[o + j] * zp[o + j];
+          }
+          if (std::sqrt(rr2) <= target[sys]) {
+            active[sys] = 0;
+            used[sys] = it;
+            continue;
+          }
+          const double beta = rz_new / rz[sys];
+          rz[sys] = rz_new;
+          for (int64_t s = 0; s < n; ++s) {
+            const int64_t o = at_spot(s, sys);
+            for (int64_t j = 0; j < q; ++j) pp[o + j] = zp[o + j] + beta * pp[o + j];
+          }
+        }
+    });
+    for (int64_t g = 0; g < G; ++g)
+      TORCH_CHECK(!broken[g], "splisosm::laplace_solve_eig: gene ", g,
+                  ": the Laplace system H is not positive definite (CG found p^T H p <= 0)");
+  }
+  for (int64_t sys = 0; sys < G * R; ++sys)
+    TORCH_CHECK(!active[sys], "splisosm::laplace_solve_eig: gene ", sys / R, ": CG did not reach "
+                "the relative residual ", tol, " within max_iter = ", max_iter, " iterations");
+  auto* ip = iters.data_ptr<int64_t>();
+  for (int64_t sys = 0; sys < G * R; ++sys) ip[sys / R] = std::max(ip[sys / R], used[sys]);
+  return {x.permute({1, 2, 0, 3}).to(rhs_in.scalar_type()).contiguous(), iters};
+}
+
+// ------------------------------------------------------------------------------------------
+// Eigenbasis form: log-determinant
+// ------------------------------------------------------------------------------------------
+
+// Low rank, H = A + U E U^T with A = diag(1/d) + W (per spot), E = clip(1/c - 1/d), U = I_q (x) V.
+// With L L^T = M = U^T A^-1 U and S = I + L^T E L (SPD whenever H is):
+//   log det H = sum_s log det A_s + log det S      (determinant lemma),
+//   H^-1 g = A^-1 g - A^-1 U c,  c = t - E L S^-1 L^T t,  t = E U^T A^-1 g   (Woodbury).
+// rhs (G, R, n, q) float64; R may be 0 for the log-determinant alone.
+std::tuple<at::Tensor, at::Tensor> low_rank_direct(const at::Tensor& W, const at::Tensor& V,
+                                                   const EigPrior& prior, const at::Tensor& rhs,
+                                                   const char* op_name) {
+  const int64_t G = W.size(0), n = W.size(1), q = W.size(2), r = V.size(1), R = rhs.size(1);
+  auto x = at::empty_like(rhs);
+  auto Ainv = at::empty_like(W);
+  auto logdet_A = at::zeros({G}, W.options());
+  GeneFailures failures(G);
+  {
+    const double* w = W.data_ptr<double>();
+    const double* dinv = prior.dinv.data_ptr<double>();
+    double* out = Ainv.data_ptr<double>();
+    double* lda = logdet_A.data_ptr<double>();
+    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      MatX A(q, q);
+      for (int64_t g = begin; g < end; ++g) {
+        for (int64_t s = 0; s < n; ++s) {
+          A = Eigen::Map<const MatX>(w + (g * n + s) * q * q, q, q);
+          A.diagonal() += Eigen::Map<const VecX>(dinv + g * q, q);
+          Eigen::LLT<MatX> llt(A);
+          if (llt.info() != Eigen::Success) {
+            failures.set(g, "diag(1/d) + W_s is not positive definite at spot " +
+                                std::to_string(s) + " (is W positive semi-definite?)");
+            break;
+          }
+          lda[g] += 2 * llt.matrixLLT().diagonal().array().log().sum();
+          Eigen::Map<MatX>(out + (g * n + s) * q * q, q, q) = llt.solve(MatX::Identity(q, q));
+        }
+      }
+    });
+  }
+  failures.raise_first(op_name);
+  // Genes in chunks of batched products; a chunk's scaled copies of V stay within ~64 MB.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{8} << 20) / std::max<int64_t>(1, n * r));
+  const auto Ainv_t = Ainv.permute({0, 2, 3, 1});  // (G, q, q, n)
+  for (int64_t g0 = 0; g0 < G; g0 += chunk) {
+    const int64_t g1 = std::min(G, g0 + chunk), cg = g1 - g0;
+    const auto Vb = V.unsqueeze(0).expand({cg, n, r});
+    auto M = at::empty({cg, q, r, q, r}, W.options());
+    for (int64_t j = 0; j < q; ++j)
+      for (int64_t l = j; l < q; ++l) {
+        const auto scaled = Vb * Ainv_t.slice(0, g0, g1).select(1, j).select(1, l).unsqueeze(-1);
+        const auto blk = at::bmm(scaled.transpose(1, 2), Vb);  // (cg, r, r)
+        M.select(1, j).select(2, l).copy_(blk);
+        if (l != j) M.select(1, l).select(2, j).copy_(blk.transpose(1, 2));
+      }
+    // Small dense factorisations, one gene per thread (batched LAPACK calls are slower here).
+    const int64_t k = q * r;
+    const double* mp = M.data_ptr<double>();
+    const double* ep = prior.e.data_ptr<double>();
+    double* op = logdet_A.data_ptr<double>();
+    at::parallel_for(g0, g1, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        Eigen::LLT<MatX> llt(Eigen::Map<const MatX>(mp + (g - g0) * k * k, k, k));
+        if (llt.info() != Eigen::Success) {
+          failures.set(g, "U^T (diag(1/d) + W)^-1 U is not positive definite");
+          continue;
+        }
+        const MatX L = llt.matrixL();
+        MatX S = L.transpose() * (Eigen::Map<const VecX>(ep + g * k, k).asDiagonal() * L);
+        S.diagonal().array() += 1;
+        Eigen::LLT<MatX> lls(S);
+        if (lls.info() != Eigen::Success) {
+          failures.set(g, "the Laplace system H is not positive definite");
+          continue;
+        }
+        op[g] += 2 * lls.matrixLLT().diagonal().array().log().sum();
+        const Eigen::Map<const RowMatX> Vm(V.data_ptr<double>(), n, r);
+        const Eigen::Map<const VecX> e(ep + g * k, k);
+        const double* ainv = Ainv.data_ptr<double>() + g * n * q * q;
+        RowMatX ag(n, q), back(n, q);
+        for (int64_t rr = 0; rr < R; ++rr) {
+          const int64_t off = (g * R + rr) * n * q;
+          const Eigen::Map<const RowMatX> gm(rhs.data_ptr<double>() + off, n, q);
+          for (int64_t s = 0; s < n; ++s)
+            ag.row(s) = (Eigen::Map<const MatX>(ainv + s * q * q, q, q) * gm.row(s).transpose())
+                            .transpose();
+          MatX Y = Vm.transpose() * ag;  // (r, q): column j holds the entries j * r + k
+          const VecX t = e.cwiseProduct(Eigen::Map<const VecX>(Y.data(), k));
+          const VecX c = t - e.cwiseProduct(L * lls.solve(L.transpose() * t));
+          back.noalias() = Vm * Eigen::Map<const MatX>(c.data(), r, q);
+          Eigen::Map<RowMatX> xm(x.data_ptr<double>() + off, n, q);
+          for (int64_t s = 0; s < n; ++s)
+            xm.row(s) = ag.row(s) -
+                        (Eigen::Map<const MatX>(ainv + s * q * q, q, q) * back.row(s).transpose())
+                            .transpose();
+        }
+      }
+    });
+  }
+  failures.raise_first(op_name);
+  return {x, logdet_A};
+}
+
+// Full rank: log det H = -log det Sigma + log det(I + R^T Sigma R) with W_s = R_s R_s^T, over the
+// spots where W is non-zero (zero-count spots drop out).
+at::Tensor logdet_eig_full_rank(const at::Tensor& W, const at::Tensor& V, const at::Tensor& lam,
+                                const EigPrior& prior, const at::Tensor& v,
+                                const at::Tensor& theta) {
+  const int64_t G = W.size(0), n = W.size(1), q = W.size(2);
+  const auto K = at::mm(V * lam.unsqueeze(0), V.t()).contiguous();
+  const double* k = K.data_ptr<double>();
+  auto out = at::empty({G}, W.options());
+  for (int64_t g = 0; g < G; ++g) {
+    const auto Wg = W[g].contiguous();
+    const double* w = Wg.data_ptr<double>();
+    std::vector<int64_t> spots;
+    for (int64_t s = 0; s < n; ++s)
+      if (Eigen::Map<const MatX>(w + s * q * q, q, q).cwiseAbs().maxCoeff() > 0) spots.push_back(s);
+    const int64_t na = static_cast<int64_t>(spots.size());
+    std::vector<MatX> Rf(na);
+    for (int64_t a = 0; a < na; ++a) {
+      Eigen::SelfAdjointEigenSolver<MatX> es(Eigen::Map<const MatX>(w + spots[a] * q * q, q, q));
+      const double scale = std::max(1.0, es.eigenvalues().cwiseAbs().maxCoeff());
+      TORCH_CHECK(es.eigenvalues().minCoeff() >= -1e-10 * scale, "splisosm::laplace_logdet_eig: "
+                  "gene ", g, ": W block at spot ", spots[a], " is not positive semi-definite");
+      Rf[a] = es.eigenvectors() * es.eigenvalues().cwiseMax(0).cwiseSqrt().asDiagonal();
+    }
+    const auto vg = v[g].contiguous(), tg = theta[g].contiguous();
+    const double* vp = vg.data_ptr<double>();
+    const double* tp = tg.data_ptr<double>();
+    auto Mt = at::zeros({na * q, na * q}, W.options());
+    double* m = Mt.data_ptr<double>();
+    at::parallel_for(0, na, 8, [&](int64_t begin, int64_t end) {
+      std::vector<double> sig(q);
+      for (int64_t a = begin; a < end; ++a)
+        for (int64_t b = 0; b <= a; ++b) {
+          const double kst = k[spots[a] * n + spots[b]];
+          for (int64_t j = 0; j < q; ++j)
+            sig[j] = vp[j] * (tp[j] * kst + (a == b ? 1 - tp[j] : 0.0));
+          // (R_a^T diag(sig) R_b)_il without temporaries: this loop runs n'^2 / 2 times.
+          const double* ra = Rf[a].data();
+          const double* rb = Rf[b].data();
+          double* row = m + a * q * na * q + b * q;
+          for (int64_t i = 0; i < q; ++i)
+            for (int64_t l = 0; l < q; ++l) {
+              double acc = 0;
+              for (int64_t j = 0; j < q; ++j) acc += ra[i * q + j] * sig[j] * rb[l * q + j];
+              row[i * na * q + l] = acc;
+            }
+        }
+    });
+    Mt.diagonal().add_(1);
+    auto [L, info] = at::linalg_cholesky_ex(Mt);  // reads the lower triangle filled above
+    TORCH_CHECK(info.item<int64_t>() == 0, "splisosm::laplace_logdet_eig: gene ", g,
+                ": the Laplace system H is not positive definite");
+    out[g] = 2 * L.diagonal().log().sum() - prior.c[g].log().sum();
+  }
+  return out;
+}
+
+at::Tensor laplace_logdet_eig_cpu(const at::Tensor& W_in, const at::Tensor& evals_in,
+                                  const at::Tensor& evecs_in, const at::Tensor& v_in,
+                                  const at::Tensor& theta_in) {
+  check_float(W_in, "W");
+  check_cpu(W_in, "W");
+  check_rank(W_in, 4, "W", "(G, n, q, q)");
+  TORCH_CHECK(W_in.size(2) == W_in.size(3) && W_in.size(2) >= 1,
+              "splisosm: `W` blocks must be square (G, n, q, q) with q >= 1, got ", W_in.sizes());
+  check_eig(W_in, evals_in, evecs_in);
+  check_variance(W_in, v_in, theta_in, false);
+  const auto W = to_f64(W_in), V = to_f64(evecs_in), lam = to_f64(evals_in);
+  const auto v = to_f64(v_in), theta = to_f64(theta_in);
+  const auto prior = eig_prior(lam, W.size(1), v, theta);
+  const auto out = V.size(1) == W.size(1) ? logdet_eig_full_rank(W, V, lam, prior, v, theta)
+                                          : std::get<1>(low_rank_direct(
+                                                W, V, prior, at::empty({W.size(0), 0, W.size(1),
+                                                                        W.size(2)}, W.options()),
+                                                "laplace_logdet_eig"));
+  return out.to(W_in.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> laplace_lowrank_cpu(const at::Tensor& W_in,
+                                                       const at::Tensor& rhs_in,
+                                                       const at::Tensor& evals_in,
+                                                       const at::Tensor& evecs_in,
+                                                       const at::Tensor& v_in,
+                                                       const at::Tensor& theta_in) {
+  check_W_rhs(W_in, rhs_in);
+  check_eig(W_in, evals_in, evecs_in);
+  TORCH_CHECK(evecs_in.size(1) < evecs_in.size(0), "splisosm: `evecs` must be low rank (r < n) "
+              "for laplace_lowrank, got ", evecs_in.sizes());
+  check_variance(W_in, v_in, theta_in, false);
+  const auto W = to_f64(W_in), V = to_f64(evecs_in), v = to_f64(v_in), theta = to_f64(theta_in);
+  const auto prior = eig_prior(to_f64(evals_in), W.size(1), v, theta);
+  auto [x, logdet] = low_rank_direct(W, V, prior, to_f64(rhs_in), "laplace_lowrank");
+  return {x.to(rhs_in.scalar_type()), logdet.to(W_in.scalar_type())};
+}
+
+// ------------------------------------------------------------------------------------------
+// Sparse-precision form
+// ------------------------------------------------------------------------------------------
+
+// Symmetric pattern of I_q (x) Q plus full q x q blocks on the diagonal, unknowns spot-major
+// (s * q + j). For every stored entry we keep where its value comes from, so a gene's matrix is
+// filled without searching. Solvers that have analysed the pattern (ordering and symbolic
+// factorisation) are pooled here and reused across genes and calls.
+struct BlockPattern {
+  int64_t n = 0, q = 0;
+  SpMat structure;              // values unused
+  std::vector<int64_t> q_src;   // index into Q's values, or -1
+  std::vector<int32_t> column;  // isoform column j of the entry's row
+  std::vector<int64_t> block;   // s * q * q + j * q + k inside a diagonal block, or -1
+
+  std::mutex mutex;
+  std::vector<std::unique_ptr<SparseLLT>> pool;
+};
+
+struct PatternKey {
+  int64_t n, q, nnz;
+  uint64_t hash;
+  bool operator<(const PatternKey& o) const {
+    return std::tie(n, q, nnz, hash) < std::tie(o.n, o.q, o.nnz, o.hash);
+  }
+};
+
+uint64_t fnv_hash(const int64_t* a, int64_t len, uint64_t h) {
+  for (int64_t i = 0; i < len; ++i) {
+    h ^= static_cast<uint64_t>(a[i]);
+    h *= 1099511628211ULL;
+  }
+  return h;
+}
+
+// Also validates the CSR structure (once per pattern): sorted, unique, symmetric.
+std::shared_ptr<BlockPattern> build_pattern(const int64_t* crow, const int64_t* col, int64_t n,
+                                            int64_t q) {
+  auto pat = std::make_shared<BlockPattern>();
+  pat->n = n;
+  pat->q = q;
+  const auto find = [&](int64_t s, int64_t t) -> int64_t {
+    const int64_t* lo = col + crow[s];
+    const int64_t* hi = col + crow[s + 1];
+    const int64_t* it = std::lower_bound(lo, hi, t);
+    return (it != hi && *it == t) ? it - col : -1;
+  };
+  std::vector<int64_t> outer(n * q + 1, 0);
+  std::vector<int> inner;
+  for (int64_t s = 0; s < n; ++s) {
+    for (int64_t p = crow[s]; p < crow[s + 1]; ++p) {
+      TORCH_CHECK(p == crow[s] || col[p] > col[p - 1], "splisosm: `col` indices must be sorted "
+                  "and unique within each row (row ", s, ")");
+      TORCH_CHECK(find(col[p], s) >= 0, "splisosm: the sparse precision must be symmetric; entry (",
+                  s, ", ", col[p], ") has no transpose");
+    }
+    const int64_t diag = find(s, s);
+    for (int64_t j = 0; j < q; ++j) {
+      const auto add = [&](int64_t column, int64_t src, int64_t blk) {
+        inner.push_back(static_cast<int>(column));
+        pat->q_src.push_back(src);
+        pat->column.push_back(static_cast<int32_t>(j));
+        pat->block.push_back(blk);
+      };
+      int64_t p = crow[s];
+      for (; p < crow[s + 1] && col[p] < s; ++p) add(col[p] * q + j, p, -1);
+      for (int64_t k = 0; k < q; ++k) add(s * q + k, k == j ? diag : -1, (s * q + j) * q + k);
+      for (; p < crow[s + 1]; ++p)
+        if (col[p] > s) add(col[p] * q + j, p, -1);
+      outer[s * q + j + 1] = static_cast<int64_t>(inner.size());
+    }
+  }
+  TORCH_CHECK(inner.size() < static_cast<size_t>(std::numeric_limits<int>::max()),
+              "splisosm: sparse system too large for 32-bit indices");
+  std::vector<int> outer32(outer.begin(), outer.end());
+  std::vector<double> zeros(inner.size(), 0.0);
+  pat->structure = Eigen::Map<const SpMat>(n * q, n * q, static_cast<int>(inner.size()),
+                                           outer32.data(), inner.data(), zeros.data());
+  return pat;
+}
+
+std::shared_ptr<BlockPattern> cached_pattern(const at::Tensor& crow, const at::Tensor& col,
+                                             int64_t q) {
+  static std::mutex mutex;
+  static std::map<PatternKey, std::shared_ptr<BlockPattern>> cache;
+  constexpr size_t kMaxPatterns = 16;
+  const int64_t n = crow.numel() - 1;
+  const int64_t* cr = crow.data_ptr<int64_t>();
+  const int64_t* cl = col.data_ptr<int64_t>();
+  const PatternKey key{n, q, col.numel(),
+                       fnv_hash(cl, col.numel(), fnv_hash(cr, n + 1, 14695981039346656037ULL))};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  auto pat = build_pattern(cr, cl, n, q);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() >= kMaxPatterns) cache.clear();  // rare: many datasets in one process
+  return cache.emplace(key, pat).first->second;
+}
+
+// A solver that has analysed `pat`, borrowed from its pool for one thread and returned after use.
+class PooledSolver {
+ public:
+  explicit PooledSolver(std::shared_ptr<BlockPattern> pat) : pat_(std::move(pat)) {
+    {
+      std::lock_guard<std::mutex> lock(pat_->mutex);
+      if (!pat_->pool.empty()) {
+        solver_ = std::move(pat_->pool.back());
+        pat_->pool.pop_back();
+      }
+    }
+    if (!solver_) {
+      solver_ = std::make_unique<SparseLLT>();
+      solver_->analyzePattern(pat_->structure);
+    }
+    matrix_ = pat_->structure;
+  }
+  ~PooledSolver() {
+    std::lock_guard<std::mutex> lock(pat_->mutex);
+    pat_->pool.push_back(std::move(solver_));
+  }
+  PooledSolver(const PooledSolver&) = delete;
+  PooledSolver& operator=(const PooledSolver&) = delete;
+
+  // Fills scale_j Q + the per-spot diagonal blocks and factorises; false if not SPD.
+  bool factorize(const double* qval, const double* scale, const double* blocks) {
+    const BlockPattern& p = *pat_;
+    double* x = matrix_.valuePtr();
+    for (size_t i = 0; i < p.q_src.size(); ++i)
+      x[i] = (p.q_src[i] >= 0 ? qval[p.q_src[i]] * scale[p.column[i]] : 0.0) +
+             (p.block[i] >= 0 ? blocks[p.block[i]] : 0.0);
+    solver_->factorize(matrix_);
+    return solver_->info() == Eigen::Success;
+  }
+
+  double logdet() const {
+    const SpMat& L = solver_->matrixL().nestedExpression();
+    double sum = 0;
+    // Each column of the simplicial factor starts with its diagonal entry.
+    for (int j = 0; j < L.outerSize(); ++j) sum += std::log(L.valuePtr()[L.outerIndexPtr()[j]]);
+    return 2 * sum;
+  }
+
+  const SparseLLT& solver() const { return *solver_; }
+
+ private:
+  std::shared_ptr<BlockPattern> pat_;
+  std::unique_ptr<SparseLLT> solver_;
+  SpMat matrix_;
+};
+
+void check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val) {
+  for (auto [t, name] :
+       {std::pair{&crow, "crow"}, std::pair{&col, "col"}, std::pair{&val, "val"}}) {
+    check_cpu(*t, name);
+    check_rank(*t, 1, name, "(nnz,) / (n + 1,)");
+  }
+  TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong,
+              "splisosm: `crow` and `col` must be int64");
+  TORCH_CHECK(val.scalar_type() == at::kDouble, "splisosm: `val` must be float64, got ",
+              val.scalar_type());
+  TORCH_CHECK(crow.numel() >= 2, "splisosm: `crow` must have n + 1 >= 2 entries");
+  TORCH_CHECK(col.numel() == val.numel(), "splisosm: `col` and `val` must have nnz entries each");
+  const auto c = crow.contiguous();
+  const int64_t* cr = c.data_ptr<int64_t>();
+  const int64_t n = crow.numel() - 1;
+  TORCH_CHECK(cr[0] == 0 && cr[n] == col.numel(), "splisosm: `crow` must run from 0 to nnz");
+  for (int64_t s = 0; s < n; ++s)
+    TORCH_CHECK(cr[s + 1] >= cr[s], "splisosm: `crow` must be non-decreasing");
+  if (col.numel() > 0)
+    TORCH_CHECK(col.min().item<int64_t>() >= 0 && col.max().item<int64_t>() < n,
+                "splisosm: `col` indices must lie in [0, n)");
+}
+
+std::tuple<at::Tensor, at::Tensor> laplace_sparse_cpu(const at::Tensor& W_in,
+                                                      const at::Tensor& rhs_in,
+                                                      const at::Tensor& crow_in,
+                                                      const at::Tensor& col_in,
+                                                      const at::Tensor& val_in,
+                                                      const at::Tensor& v_in,
+                                                      const at::Tensor& theta_in) {
+  check_W_rhs(W_in, rhs_in);
+  check_csr(crow_in, col_in, val_in);
+  check_dim(crow_in, 0, W_in.size(1) + 1, "crow", "n + 1, with n spots as in W");
+  check_variance(W_in, v_in, theta_in, true);
+  const auto W = to_f64(W_in), rhs = to_f64(rhs_in), v = to_f64(v_in), theta = to_f64(theta_in);
+  const auto crow = crow_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
+  const int64_t G = W.size(0), n = W.size(1), q = W.size(2), R = rhs.size(1);
+  const auto pattern = cached_pattern(crow, col, q);
+  const auto pattern1 = q == 1 ? pattern : cached_pattern(crow, col, 1);
+  auto x = at::empty_like(rhs);
+  auto logdet = at::empty({G}, W.options());
+  GeneFailures failures(G);
+  const double* qval = val.data_ptr<double>();
+  const double* vp = v.data_ptr<double>();
+  const double* tp = theta.data_ptr<double>();
+  double* ldp = logdet.data_ptr<double>();
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    PooledSolver A(pattern), shifted(pattern1);
+    std::vector<double> blocks(n * q * q), minv(n * q * q), one_blocks(n);
+    VecX a(q), tau(q), ld_col(q), b(n * q), u(n * q);
+    MatX M(q, q), Minv(q, q);
+    for (int64_t g = begin; g < end; ++g) {
+      const double* w = W.data_ptr<double>() + g * n * q * q;
+      for (int64_t j = 0; j < q; ++j) {
+        const double vj = vp[g * q + j], tj = tp[g * q + j];
+        a[j] = 1 / (vj * tj);
+        tau[j] = 1 / (vj * (1 - tj));
+      }
+      // Per spot: (T + W_s)^-1, and T - T (T + W_s)^-1 T written as T (T + W_s)^-1 W_s, which
+      // stays accurate when tau is large (theta -> 1).
+      double ld = 0;
+      bool ok = true;
+      for (int64_t s = 0; s < n && ok; ++s) {
+        const Eigen::Map<const MatX> Ws(w + s * q * q, q, q);
+        M = Ws;
+        M.diagonal() += tau;
+        Eigen::LLT<MatX> llt(M);
+        if (llt.info() != Eigen::Success) {
+          failures.set(g, "T + W_s is not positive definite at spot " + std::to_string(s) +
+                              " (is W positive semi-definite?)");
+          ok = false;
+          break;
+        }
+        ld += 2 * llt.matrixLLT().diagonal().array().log().sum();
+        Minv = llt.solve(MatX::Identity(q, q));
+        Eigen::Map<MatX>(minv.data() + s * q * q, q, q) = Minv;
+        const MatX B = tau.asDiagonal() * Minv * Ws;
+        Eigen::Map<MatX>(blocks.data() + s * q * q, q, q) = (B + B.transpose()) / 2;
+      }
+      if (!ok) continue;
+      if (!A.factorize(qval, a.data(), blocks.data())) {
+        failures.set(g, "the eliminated sparse system is not positive definite "
+                        "(sparse Cholesky failed; is the precision Q positive definite?)");
+        continue;
+      }
+      ld += A.logdet();
+      // log det(a_j Q + tau_j I), once per distinct (a_j, tau_j) of the gene.
+      for (int64_t j = 0; j < q && ok; ++j) {
+        ld_col[j] = NAN;
+        for (int64_t k = 0; k < j; ++k)
+          if (a[k] == a[j] && tau[k] == tau[j]) ld_col[j] = ld_col[k];
+        if (std::isnan(ld_col[j])) {
+          std::fill(one_blocks.begin(), one_blocks.end(), tau[j]);
+          ok = shifted.factorize(qval, a.data() + j, one_blocks.data());
+          if (!ok) {
+            failures.set(g, "Q / (v theta) + I / (v (1 - theta)) is not positive definite "
+                            "(is the precision Q positive definite?)");
+            break;
+          }
+          ld_col[j] = shifted.logdet();
+        }
+        ld -= ld_col[j];
+      }
+      if (!ok) continue;
+      ldp[g] = ld;
+      for (int64_t r = 0; r < R; ++r) {
+        const Eigen::Map<const VecX> gv(rhs.data_ptr<double>() + (g * R + r) * n * q, n * q);
+        for (int64_t s = 0; s < n; ++s)
+          b.segment(s * q, q) = tau.asDiagonal() *
+                                (Eigen::Map<const MatX>(minv.data() + s * q * q, q, q) *
+                                 gv.segment(s * q, q));
+        u = A.solver().solve(b);
+        Eigen::Map<VecX> xv(x.data_ptr<double>() + (g * R + r) * n * q, n * q);
+        for (int64_t s = 0; s < n; ++s) {
+          const Eigen::Map<const MatX> Ws(w + s * q * q, q, q);
+          xv.segment(s * q, q) =
+              u.segment(s * q, q) + Eigen::Map<const MatX>(minv.data() + s * q * q, q, q) *
+                                        (gv.segment(s * q, q) - Ws * u.segment(s * q, q));
+        }
+      }
+    }
+  });
+  failures.raise_first("laplace_sparse");
+  return {x.to(rhs_in.scalar_type()), logdet.to(W_in.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_shifted_solve_cpu(const at::Tensor& crow_in,
+                                                            const at::Tensor& col_in,
+                                                            const at::Tensor& val_in,
+                                                            const at::Tensor& scale_in,
+                                                            const at::Tensor& shift_in,
+                                                            const at::Tensor& rhs_in) {
+  check_csr(crow_in, col_in, val_in);
+  const int64_t n = crow_in.numel() - 1;
+  check_float(rhs_in, "rhs");
+  check_cpu(rhs_in, "rhs");
+  check_rank(rhs_in, 3, "rhs", "(G, R, n)");
+  check_dim(rhs_in, 2, n, "rhs", "n, as in crow");
+  const int64_t G = rhs_in.size(0), R = rhs_in.size(1);
+  for (auto [t, name] : {std::pair{&scale_in, "scale"}, std::pair{&shift_in, "shift"}}) {
+    check_float(*t, name);
+    check_cpu(*t, name);
+    check_rank(*t, 1, name, "(G,)");
+    check_dim(*t, 0, G, name, "genes G, as in rhs");
+  }
+  TORCH_CHECK(scale_in.gt(0).all().item<bool>() && shift_in.ge(0).all().item<bool>(),
+              "splisosm: `scale` must be positive and `shift` non-negative");
+  const auto crow = crow_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
+  const auto scale = to_f64(scale_in), shift = to_f64(shift_in), rhs = to_f64(rhs_in);
+  const auto pattern = cached_pattern(crow, col, 1);
+  auto x = at::empty_like(rhs);
+  auto logdet = at::empty({G}, rhs.options());
+  GeneFailures failures(G);
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    PooledSolver M(pattern);
+    std::vector<double> diag(n);
+    for (int64_t g = begin; g < end; ++g) {
+      std::fill(diag.begin(), diag.end(), shift.data_ptr<double>()[g]);
+      if (!M.factorize(val.data_ptr<double>(), scale.data_ptr<double>() + g, diag.data())) {
+        failures.set(g, "scale * Q + shift * I is not positive definite (sparse Cholesky failed)");
+        continue;
+      }
+      logdet.data_ptr<double>()[g] = M.logdet();
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t off = (g * R + r) * n;
+        Eigen::Map<VecX>(x.data_ptr<double>() + off, n) =
+            M.solver().solve(Eigen::Map<const VecX>(rhs.data_ptr<double>() + off, n));
+      }
+    }
+  });
+  failures.raise_first("sparse_shifted_solve");
+  return {x.to(rhs_in.scalar_type()), logdet.to(rhs_in.scalar_type())};
+}
+
+// Takahashi recursions on the Cholesky factor L L^T = P M P^T: Z = (L L^T)^-1 satisfies
+// L^T Z = L^-1, so for i <= j, Z_ij = (delta_ij / L_ii - sum_{k > i} L_ki Z_kj) / L_ii. Columns are
+// processed from last to first; all Z_kj needed lie on the pattern of L (the rows of a column of L
+// form a clique of the filled graph), so Z is stored in L's own arrays.
+at::Tensor sparse_inverse_diagonal_cpu(const at::Tensor& crow_in, const at::Tensor& col_in,
+                                       const at::Tensor& val_in) {
+  check_csr(crow_in, col_in, val_in);
+  const auto crow = crow_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
+  const int64_t n = crow.numel() - 1;
+  PooledSolver M(cached_pattern(crow, col, 1));
+  const double one = 1.0;
+  const std::vector<double> zeros(n, 0.0);
+  TORCH_CHECK(M.factorize(val.data_ptr<double>(), &one, zeros.data()),
+              "splisosm::sparse_inverse_diagonal: the matrix is not positive definite "
+              "(sparse Cholesky failed)");
+  const SpMat& L = M.solver().matrixL().nestedExpression();
+  const int* cp = L.outerIndexPtr();
+  const int* ri = L.innerIndexPtr();
+  const double* lx = L.valuePtr();
+  std::vector<double> Z(L.nonZeros(), 0.0), l_col(n, 0.0), acc(n, 0.0);
+  std::vector<int64_t> mark(n, -1);
+  for (int64_t i = n - 1; i >= 0; --i) {
+    const int first = cp[i] + 1, last = cp[i + 1];  // below-diagonal rows of column i
+    const double lii = lx[cp[i]];
+    for (int p = first; p < last; ++p) {
+      mark[ri[p]] = i;
+      l_col[ri[p]] = lx[p];
+    }
+    // acc_j = sum_{k in S} L_ki Z_kj for j in S, reading column k of Z (rows >= k).
+    for (int p = first; p < last; ++p) {
+      const int k = ri[p];
+      acc[k] += Z[cp[k]] * l_col[k];
+      for (int t = cp[k] + 1; t < cp[k + 1]; ++t) {
+        const int j = ri[t];
+        if (mark[j] != i) continue;
+        acc[j] += Z[t] * l_col[k];
+        acc[k] += Z[t] * l_col[j];
+      }
+    }
+    double diag_sum = 0;
+    for (int p = first; p < last; ++p) {
+      const int j = ri[p];
+      Z[p] = -acc[j] / lii;
+      diag_sum += lx[p] * Z[p];
+      acc[j] = 0;
+    }
+    Z[cp[i]] = (1 / lii - diag_sum) / lii;
+  }
+  auto out = at::empty({n}, val.options());
+  const auto& perm = M.solver().permutationP().indices();
+  for (int64_t s = 0; s < n; ++s) out.data_ptr<double>()[s] = Z[cp[perm[s]]];
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(splisosm, CPU, m) {
+  m.impl("laplace_solve_eig", &laplace_solve_eig_cpu);
+  m.impl("laplace_logdet_eig", &laplace_logdet_eig_cpu);
+  m.impl("laplace_sparse", &laplace_sparse_cpu);
+  m.impl("laplace_lowrank", &laplace_lowrank_cpu);
+  m.impl("sparse_shifted_solve", &sparse_shifted_solve_cpu);
+  m.impl("sparse_inverse_diagonal", &sparse_inverse_diagonal_cpu);
+}
+
+}  // namespace splisosm

@@ -1,0 +1,350 @@
+"""The Laplace system of the GLMM random effects, behind one interface for every kernel form.
+
+Per gene and isoform column ``j`` the random effect ``nu_j`` has prior covariance
+``Sigma_j = v_j (theta_j K + (1 - theta_j) I)``; with the multinomial curvature ``W`` the
+negative Hessian in ``nu`` is ``H = blockdiag_j(Sigma_j^-1) + W`` (SPEC §5.5).
+:class:`LaplaceSystem` provides the prior terms of the joint likelihood, Newton solves with ``H`` and ``log det H`` (the
+Laplace marginal, SPEC §5.7), choosing the cheapest exact route for the kernel it was given.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from splisosm.ops.laplace import (
+    laplace_logdet_eig,
+    laplace_lowrank,
+    laplace_solve_eig,
+    laplace_sparse,
+    sparse_shifted_solve,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import scipy.sparse
+
+__all__ = ["LaplaceSystem", "NULL_THETA"]
+
+#: Below this spatial proportion (for every gene and column) the prior is ``v I`` (SPEC §5.4).
+NULL_THETA = 1e-10
+_CPU = torch.device("cpu")
+# Low-rank solves alone use CG up to this theta (cheaper than the direct factorisation there);
+# above it CG iterations grow quickly while the direct cost does not change.
+CG_THETA_MAX = 0.9
+
+
+class LaplaceSystem:
+    """Prior terms, Newton solves and log-determinants of ``H = I_q (x) Sigma^-1 + W``.
+
+    Parameters
+    ----------
+    n_spots
+        Number of spots ``n``.
+    evals, evecs
+        Kernel eigenpairs ``(r,)`` and ``(n, r)``; ``r == n`` is the exact kernel, ``r < n`` the
+        low-rank model of SPEC §5.3 (residual eigenvalue ``v (1 - theta)`` off ``span(V)``).
+    precision
+        Sparse kernel precision ``K^-1`` (any scipy sparse matrix, converted to float64 CSR).
+    identity
+        ``K = I`` (null-model kernel): every prior is ``v I``.
+
+    Notes
+    -----
+    Routes: ``identity`` (and any call where every ``theta < NULL_THETA``) uses the per-spot
+    closed form; a low-rank eigenbasis uses the direct low-rank op (determinant lemma and
+    Woodbury from one ``rq x rq`` factor), except for a solve alone with every
+    ``theta <= CG_THETA_MAX`` (CG); a full-rank eigenbasis alone uses CG for solves;
+    a full-rank eigenbasis together with ``precision`` solves and factors through the sparse
+    precision (exact and fastest) and uses the eigenpairs for :meth:`prior_terms`; ``precision``
+    alone uses the sparse op everywhere. Inputs may be float32 and on any device: the ops run in
+    float64 on the CPU and results come back in the dtype and device of the input.
+    :meth:`solve`, :meth:`logdet` and :meth:`solve_logdet` are not differentiable (inputs are
+    detached).
+
+    Attributes
+    ----------
+    cg_tol, cg_max_iter
+        Relative residual and iteration cap of the CG solves of the full-rank eigenbasis route
+        (``None``: ``max(100, 2 n q)``).
+    """
+
+    cg_tol: float = 1e-10
+    cg_max_iter: int | None = None
+
+    def __init__(
+        self,
+        n_spots: int,
+        *,
+        evals: Tensor | None = None,
+        evecs: Tensor | None = None,
+        precision: scipy.sparse.spmatrix | None = None,
+        identity: bool = False,
+    ) -> None:
+        if int(n_spots) < 1:
+            raise ValueError(f"`n_spots` must be >= 1, got {n_spots}")
+        self.n = int(n_spots)
+        self.identity = bool(identity)
+        self._evals: Tensor | None = None
+        self._evecs: Tensor | None = None
+        self._csr: tuple[Tensor, Tensor, Tensor] | None = None
+        self._logdet_precision: float | None = None
+        if (evals is None) != (evecs is None):
+            raise ValueError("`evals` and `evecs` must be given together")
+        if evecs is not None:
+            evals = torch.as_tensor(evals)
+            evecs = torch.as_tensor(evecs)
+            if evecs.dim() != 2 or evecs.shape[0] != self.n or not 1 <= evecs.shape[1] <= self.n:
+                raise ValueError(
+                    f"`evecs` must have shape (n_spots, r) with 1 <= r <= {self.n}, "
+                    f"got {tuple(evecs.shape)}"
+                )
+            if tuple(evals.shape) != (evecs.shape[1],):
+                raise ValueError(
+                    f"`evals` must have shape ({evecs.shape[1]},) to match `evecs`, "
+                    f"got {tuple(evals.shape)}"
+                )
+            self._evals = evals.detach().to(_CPU, torch.float64)
+            self._evecs = evecs.detach().to(_CPU, torch.float64).contiguous()
+        if precision is not None:
+            self._csr = _csr_tensors(precision, self.n)
+        if not identity and evecs is None and precision is None:
+            raise ValueError("give eigenpairs (`evals`, `evecs`), a `precision`, or identity=True")
+
+    @property
+    def rank(self) -> int | None:
+        """Kernel eigenpairs ``r`` (``n`` for identity); ``None`` with a precision only."""
+        if self.identity:
+            return self.n
+        return None if self._evecs is None else self._evecs.shape[1]
+
+    @property
+    def route(self) -> str:
+        """Route of :meth:`solve` / :meth:`logdet` when ``theta`` is not null: ``identity``,
+        ``eigen`` or ``sparse``."""
+        if self.identity:
+            return "identity"
+        if self._csr is not None and (self.rank is None or self.rank == self.n):
+            return "sparse"
+        return "eigen"
+
+    # ------------------------------------------------------------------ prior terms
+    def prior_terms(self, nu: Tensor, v: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Quadratic form, log-determinant and precision product of the prior.
+
+        Parameters
+        ----------
+        nu
+            Random effects ``(G, n, q)``.
+        v, theta
+            Total variance and spatial proportion ``(G, q)``.
+
+        Returns
+        -------
+        quad
+            ``(G,)`` ``sum_j nu_j^T Sigma_j^-1 nu_j``.
+        logdet_sigma
+            ``(G,)`` ``sum_j log det Sigma_j`` (low rank: ``sum_k log c_k + (n - r) log d``).
+        prec_nu
+            ``(G, n, q)`` ``Sigma^-1 nu``.
+
+        Notes
+        -----
+        So ``sum_j l_MVN(nu_j) = -1/2 [n q log 2 pi + logdet_sigma + quad]`` (SPEC §5.4, without the
+        clip of the low-rank Hessian of §5.5). ``theta == 1`` is accepted for a full-rank kernel
+        (``Sigma = v K``), where a float32 sigmoid saturates. Differentiable by autograd in the
+        identity and eigenbasis forms; the precision-only form is not (it runs sparse
+        factorisations).
+        """
+        self._check_params(nu, v, theta, "nu", theta_max=1.0)
+        if self._is_null(theta):
+            return _identity_prior(nu, v)
+        if self._evecs is None:
+            return self._sparse_prior(nu, v, theta)
+        V = self._evecs.to(nu.device, nu.dtype)
+        lam = self._evals.to(nu.device, nu.dtype)
+        c = v[:, None, :] * (theta[:, None, :] * lam[None, :, None] + (1 - theta[:, None, :]))
+        z = torch.einsum("sk,gsj->gkj", V, nu)  # (G, r, q)
+        if self.rank == self.n:
+            zc = z / c
+            quad = (z * zc).sum((1, 2))
+            logdet = torch.log(c).sum((1, 2))
+            return quad, logdet, torch.einsum("sk,gkj->gsj", V, zc)
+        d = v * (1 - theta)
+        corr = 1 / c - 1 / d[:, None, :]
+        quad = (nu * nu).sum(1).div(d).sum(1) + (corr * z * z).sum((1, 2))
+        logdet = torch.log(c).sum((1, 2)) + (self.n - self.rank) * torch.log(d).sum(1)
+        prec = nu / d[:, None, :] + torch.einsum("sk,gkj->gsj", V, corr * z)
+        return quad, logdet, prec
+
+    def _sparse_prior(self, nu: Tensor, v: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # Sigma = (a Q)^-1 + tau^-1 I with a = 1/(v theta), tau = 1/(v (1 - theta)):
+        # Sigma^-1 = tau I - tau^2 (a Q + tau I)^-1, log det Sigma = log det(aQ + tau I)
+        #            - log det(a Q) - n log tau.
+        G, n, q = nu.shape
+        v64, t64 = _sparse_params(v, theta)
+        a, tau = 1 / (v64 * t64), 1 / (v64 * (1 - t64))
+        rhs = nu.detach().to(_CPU, torch.float64).permute(0, 2, 1).reshape(G * q, 1, n)
+        y, logdet_shift = sparse_shifted_solve(*self._csr, a.reshape(-1), tau.reshape(-1), rhs)
+        y = y.reshape(G, q, n).permute(0, 2, 1)
+        nu64 = nu.detach().to(_CPU, torch.float64)
+        prec = tau[:, None, :] * nu64 - tau[:, None, :] ** 2 * y
+        logdet_q = self._precision_logdet()
+        logdet_q_u = logdet_q + n * torch.log(a)
+        logdet = (logdet_shift.reshape(G, q) - logdet_q_u - n * torch.log(tau)).sum(1)
+        quad = (nu64 * prec).sum((1, 2))
+        return tuple(t.to(nu.device, nu.dtype) for t in (quad, logdet, prec))
+
+    def _precision_logdet(self) -> float:
+        if self._logdet_precision is None:
+            one = torch.ones(1, dtype=torch.float64)
+            _, ld = sparse_shifted_solve(
+                *self._csr, one, torch.zeros(1, dtype=torch.float64),
+                torch.zeros(1, 0, self.n, dtype=torch.float64),
+            )
+            self._logdet_precision = float(ld[0])
+        return self._logdet_precision
+
+    # ------------------------------------------------------------------ Laplace system
+    def solve(self, W: Tensor, rhs: Tensor, v: Tensor, theta: Tensor) -> Tensor:
+        """``H^-1 rhs`` for ``rhs (G, n, q)`` or ``(G, R, n, q)`` (same shape and dtype back)."""
+        return self._run(W, rhs, v, theta, want_solve=True, want_logdet=False)[0]
+
+    def logdet(self, W: Tensor, v: Tensor, theta: Tensor) -> Tensor:
+        """``log det H`` per gene ``(G,)`` in the dtype of ``W``."""
+        return self._run(W, None, v, theta, want_solve=False, want_logdet=True)[1]
+
+    def solve_logdet(
+        self, W: Tensor, rhs: Tensor, v: Tensor, theta: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`solve` and :meth:`logdet` together (one factorisation on the sparse route)."""
+        return self._run(W, rhs, v, theta, want_solve=True, want_logdet=True)
+
+    def _run(
+        self,
+        W: Tensor,
+        rhs: Tensor | None,
+        v: Tensor,
+        theta: Tensor,
+        *,
+        want_solve: bool,
+        want_logdet: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        if not isinstance(W, Tensor) or W.dim() != 4:
+            raise ValueError(f"`W` must be a (G, n, q, q) tensor, got {getattr(W, 'shape', W)}")
+        self._check_params(W[..., 0], v, theta, "W")
+        if rhs is not None and (
+            not isinstance(rhs, Tensor) or rhs.dim() not in (3, 4) or rhs.shape[-2:] != W.shape[1:3]
+        ):
+            raise ValueError(
+                f"`rhs` must be (G, n, q) or (G, R, n, q) matching `W` {tuple(W.shape)}, "
+                f"got {getattr(rhs, 'shape', rhs)}"
+            )
+        device = W.device
+        W64 = W.detach().to(_CPU, torch.float64)
+        v64 = v.detach().to(_CPU, torch.float64)
+        t64 = theta.detach().to(_CPU, torch.float64)
+        b64 = None if rhs is None else rhs.detach().to(_CPU, torch.float64)
+        if self._is_null(theta):
+            x, ld = _identity_system(W64, b64, v64, want_logdet)
+        elif self.route == "sparse":
+            vs, ts = _sparse_params(v64, t64)
+            x, ld = laplace_sparse(W64, b64, *self._csr, vs, ts)
+        elif self.rank < self.n and (want_logdet or float(t64.max()) > CG_THETA_MAX):
+            x, ld = laplace_lowrank(W64, b64, self._evals, self._evecs, v64, t64)
+        else:
+            x = ld = None
+            if want_solve:
+                x = laplace_solve_eig(
+                    W64, b64, self._evals, self._evecs, v64, t64,
+                    tol=self.cg_tol, max_iter=self.cg_max_iter,
+                )
+            if want_logdet:
+                ld = laplace_logdet_eig(W64, self._evals, self._evecs, v64, t64)
+        x = None if x is None else x.to(device, rhs.dtype)
+        ld = None if ld is None else ld.to(device, W.dtype)
+        return x, ld
+
+    # ------------------------------------------------------------------ helpers
+    def _is_null(self, theta: Tensor) -> bool:
+        return self.identity or bool((theta.detach() < NULL_THETA).all())
+
+    def _check_params(
+        self, x: Tensor, v: Tensor, theta: Tensor, name: str, theta_max: float | None = None
+    ) -> None:
+        """Shapes and ranges; ``theta_max`` admits ``theta == 1`` (a float32 sigmoid saturates)
+        where the formula still holds (full-rank prior terms), else ``0 <= theta < 1``."""
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[1] != self.n:
+            raise ValueError(
+                f"`{name}` must have {self.n} spots in dimension 1, got {getattr(x, 'shape', x)}"
+            )
+        G, q = x.shape[0], x.shape[2]
+        for pname, p in (("v", v), ("theta", theta)):
+            if not isinstance(p, Tensor) or tuple(p.shape) != (G, q):
+                raise ValueError(
+                    f"`{pname}` must have shape (G, q) = {(G, q)}, got {getattr(p, 'shape', p)}"
+                )
+        if not bool((v.detach() > 0).all()):
+            raise ValueError("`v` (total variance) must be positive")
+        t = theta.detach()
+        upper = t <= theta_max if theta_max is not None and self.rank == self.n else t < 1
+        if not bool(((t >= 0) & upper).all()):
+            bound = "<=" if theta_max is not None and self.rank == self.n else "<"
+            raise ValueError(f"`theta` (spatial proportion) must satisfy 0 <= theta {bound} 1")
+
+
+def _csr_tensors(precision: object, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    import scipy.sparse as sp
+
+    if not sp.issparse(precision):
+        raise ValueError(
+            f"`precision` must be a scipy sparse matrix, got {type(precision).__name__}"
+        )
+    csr = sp.csr_matrix(precision, dtype=np.float64)
+    if csr.shape != (n, n):
+        raise ValueError(f"`precision` must have shape ({n}, {n}), got {csr.shape}")
+    csr.sum_duplicates()
+    csr.sort_indices()
+    return (
+        torch.from_numpy(csr.indptr.astype(np.int64)),
+        torch.from_numpy(csr.indices.astype(np.int64)),
+        torch.from_numpy(csr.data.copy()),
+    )
+
+
+def _sparse_params(v: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 CPU ``v, theta`` with ``theta`` kept inside (0, 1), where the sparse split exists.
+
+    A column with theta below ``NULL_THETA`` (others not) then gets an almost white prior, which
+    differs from ``v I`` by ``O(NULL_THETA)``.
+    """
+    t = theta.detach().to(_CPU, torch.float64).clamp(NULL_THETA, 1 - NULL_THETA)
+    return v.detach().to(_CPU, torch.float64), t
+
+
+def _identity_prior(nu: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    n = nu.shape[1]
+    prec = nu / v[:, None, :]
+    return (nu * prec).sum((1, 2)), n * torch.log(v).sum(1), prec
+
+
+def _identity_system(
+    W: Tensor, rhs: Tensor | None, v: Tensor, want_logdet: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Per-spot closed form with ``Sigma_j = v_j I``: ``H_s = diag(1/v) + W_s``."""
+    H = W + torch.diag_embed(1 / v)[:, None]
+    L, info = torch.linalg.cholesky_ex(H)
+    bad = torch.nonzero(info.reshape(W.shape[0], -1).any(1)).flatten()
+    if bad.numel():
+        raise RuntimeError(
+            f"splisosm: gene {int(bad[0])}: the Laplace system H is not positive definite"
+        )
+    x = None
+    if rhs is not None:
+        b = rhs if rhs.dim() == 4 else rhs[:, None]
+        x = torch.cholesky_solve(b[..., None], L[:, None]).squeeze(-1)
+        x = x if rhs.dim() == 4 else x[:, 0]
+    ld = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum((1, 2)) if want_logdet else None
+    return x, ld

@@ -1,0 +1,392 @@
+"""Laplace-system ops: Newton solves and exact log-determinants of ``H = I_q (x) Sigma^-1 + W``.
+
+Per gene, column ``j`` of the random effect has prior covariance
+``Sigma_j = v_j (theta_j K + (1 - theta_j) I)`` and ``W (n, q, q)`` holds the per-spot multinomial
+curvature. Two forms of the kernel are supported (see NUMERICS.md):
+
+* eigenbasis ``K = V diag(lambda) V^T`` (rank ``r <= n``; ``r < n`` is the low-rank model of
+  SPEC §5.3 with residual eigenvalue ``d = v (1 - theta)``): block-Jacobi preconditioned CG for
+  solves (:func:`laplace_solve_eig`, any rank), the determinant lemma for log-determinants
+  (:func:`laplace_logdet_eig`), and for ``r < n`` a direct solve plus log-determinant from one
+  ``rq x rq`` factor (:func:`laplace_lowrank`);
+* sparse precision ``Q = K^-1`` (CSR, float64): one sparse Cholesky factor per gene of the system
+  left after eliminating the white-noise part of the prior, exact at any ``n``.
+
+The wrappers validate inputs (``ValueError`` naming the argument), dispatch to the native kernel
+and fall back to the dense references of :mod:`splisosm.ops.laplace_reference` where there is none.
+Numerical failures (a system that is not positive definite, CG without convergence) raise
+``RuntimeError`` naming the gene.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from splisosm.ops._native import NATIVE_AVAILABLE, has_native_kernel
+from splisosm.ops.laplace_reference import (
+    laplace_logdet_eig_reference,
+    laplace_solve_eig_reference,
+    laplace_sparse_reference,
+    sparse_inverse_diagonal_reference,
+    sparse_shifted_solve_reference,
+)
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _shape(t: object) -> object:
+    return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+
+
+def _check_tensor(t: object, name: str, shape: tuple[int | None, ...], layout: str) -> Tensor:
+    """``t`` is a floating tensor of ``shape`` (``None`` = any size) with finite values."""
+    if not isinstance(t, Tensor) or t.dim() != len(shape):
+        raise ValueError(f"`{name}` must be a {layout} tensor, got {_shape(t)}")
+    if any(want is not None and got != want for got, want in zip(t.shape, shape)):
+        expected = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"`{name}` must have shape {layout} = {expected}, got {tuple(t.shape)}")
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"`{name}` must be float32 or float64, got {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"`{name}` contains NaN or infinite values")
+    return t
+
+
+def _check_W(W: object) -> tuple[int, int, int]:
+    if not isinstance(W, Tensor) or W.dim() != 4 or W.shape[-1] != W.shape[-2]:
+        raise ValueError(f"`W` must be a (G, n, q, q) tensor, got {_shape(W)}")
+    _check_tensor(W, "W", tuple(W.shape), "(G, n, q, q)")
+    G, n, q, _ = W.shape
+    if q < 1:
+        raise ValueError("`W` needs q >= 1 columns")
+    return G, n, q
+
+
+def _check_rhs(rhs: object, W: Tensor) -> tuple[Tensor, bool]:
+    """Validate ``rhs`` ``(G, n, q)`` or ``(G, R, n, q)``; return it 4-D and whether it was 3-D."""
+    G, n, q, _ = W.shape
+    if not isinstance(rhs, Tensor) or rhs.dim() not in (3, 4):
+        raise ValueError(f"`rhs` must be a (G, n, q) or (G, R, n, q) tensor, got {_shape(rhs)}")
+    squeeze = rhs.dim() == 3
+    rhs4 = rhs[:, None] if squeeze else rhs
+    _check_tensor(rhs4, "rhs", (G, None, n, q), "(G, R, n, q)")
+    if rhs.dtype != W.dtype or rhs.device != W.device:
+        raise ValueError(
+            f"`rhs` must match `W` in dtype and device ({W.dtype}, {W.device}), "
+            f"got {rhs.dtype}, {rhs.device}"
+        )
+    return rhs4, squeeze
+
+
+def _check_variance(v: object, theta: object, W: Tensor, *, open_theta: bool) -> None:
+    G, _, q, _ = W.shape
+    _check_tensor(v, "v", (G, q), "(G, q)")
+    _check_tensor(theta, "theta", (G, q), "(G, q)")
+    for name, t in (("v", v), ("theta", theta)):
+        if t.device != W.device:
+            raise ValueError(f"`{name}` must be on the device of `W` ({W.device}), got {t.device}")
+    if not bool((v > 0).all()):
+        raise ValueError("`v` (total variance) must be positive")
+    low_ok = bool((theta > 0).all()) if open_theta else bool((theta >= 0).all())
+    if not low_ok or not bool((theta < 1).all()):
+        bounds = "0 < theta < 1" if open_theta else "0 <= theta < 1"
+        raise ValueError(f"`theta` (spatial proportion) must satisfy {bounds}")
+
+
+def _check_eig(evals: object, evecs: object, W: Tensor, v: Tensor, theta: Tensor) -> None:
+    n = W.shape[1]
+    if not isinstance(evecs, Tensor) or evecs.dim() != 2:
+        raise ValueError(f"`evecs` must be an (n, r) tensor, got {_shape(evecs)}")
+    r = evecs.shape[1]
+    _check_tensor(evecs, "evecs", (n, None), "(n, r)")
+    _check_tensor(evals, "evals", (r,), "(r,) matching evecs")
+    if not 1 <= r <= n:
+        raise ValueError(f"`evecs` must have 1 <= r <= n = {n} columns, got {r}")
+    for name, t in (("evals", evals), ("evecs", evecs)):
+        if t.device != W.device:
+            raise ValueError(f"`{name}` must be on the device of `W` ({W.device}), got {t.device}")
+    _check_variance(v, theta, W, open_theta=False)
+    c_min = theta.to(torch.float64) * float(evals.min()) + (1 - theta.to(torch.float64))
+    if not bool((c_min > 0).all()):
+        raise ValueError(
+            "`evals` too negative: the prior eigenvalues v (theta lambda + 1 - theta) must be > 0"
+        )
+
+
+def check_csr(crow: object, col: object, val: object, n: int | None = None) -> tuple[Tensor, ...]:
+    """Validate a square CSR matrix; return canonical ``(crow int64, col int64, val float64)``."""
+    for name, t in (("crow", crow), ("col", col), ("val", val)):
+        if not isinstance(t, Tensor) or t.dim() != 1:
+            raise ValueError(f"`{name}` must be a 1-D tensor, got {_shape(t)}")
+    if crow.dtype not in (torch.int32, torch.int64) or col.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"`crow` and `col` must be integer tensors, got {crow.dtype}, {col.dtype}")
+    if val.dtype != torch.float64:
+        raise ValueError(f"`val` must be float64 (the sparse precision), got {val.dtype}")
+    size = crow.numel() - 1
+    if size < 1 or (n is not None and size != n):
+        want = "n + 1 >= 2" if n is None else f"n + 1 = {n + 1}"
+        raise ValueError(f"`crow` must have {want} entries, got {crow.numel()}")
+    nnz = col.numel()
+    if val.numel() != nnz:
+        raise ValueError(f"`val` must have nnz = {nnz} entries (as `col`), got {val.numel()}")
+    crow, col = crow.to(torch.int64), col.to(torch.int64)
+    if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow[1:] < crow[:-1]).any()):
+        raise ValueError("`crow` must be non-decreasing from 0 to nnz")
+    if nnz and (int(col.min()) < 0 or int(col.max()) >= size):
+        raise ValueError(f"`col` indices must lie in [0, {size})")
+    if not bool(torch.isfinite(val).all()):
+        raise ValueError("`val` contains NaN or infinite values")
+    return _canonical_csr(crow, col, val)
+
+
+def _canonical_csr(crow: Tensor, col: Tensor, val: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Columns sorted within rows and duplicates summed (what the native kernels require)."""
+    n = crow.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(n, device=crow.device), crow.diff())
+    key = rows * n + col
+    if col.numel() < 2 or bool((key[1:] > key[:-1]).all()):
+        return crow.contiguous(), col.contiguous(), val.contiguous()
+    key, order = torch.sort(key)
+    key, inverse = torch.unique_consecutive(key, return_inverse=True)
+    summed = torch.zeros(key.numel(), dtype=val.dtype, device=val.device)
+    summed.index_add_(0, inverse, val[order])
+    counts = torch.bincount(key // n, minlength=n)
+    crow = torch.cat([crow.new_zeros(1), torch.cumsum(counts, 0)])
+    return crow, key % n, summed
+
+
+def laplace_solve_eig(
+    W: Tensor,
+    rhs: Tensor,
+    evals: Tensor,
+    evecs: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    *,
+    tol: float = 1e-10,
+    max_iter: int | None = None,
+    return_iterations: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Solve ``H x = rhs`` with the eigenbasis prior by block-Jacobi preconditioned CG.
+
+    Parameters
+    ----------
+    W
+        Curvature blocks ``(G, n, q, q)``, symmetric PSD per spot.
+    rhs
+        Right-hand sides ``(G, n, q)`` or ``(G, R, n, q)``.
+    evals, evecs
+        Kernel eigenpairs ``(r,)`` and ``(n, r)``; ``r < n`` is the low-rank prior.
+    v, theta
+        Total variance and spatial proportion per gene and column, ``(G, q)``.
+    tol
+        Relative residual ``||H x - rhs|| <= tol ||rhs||`` per gene and right-hand side.
+    max_iter
+        CG iteration cap (default ``max(100, 2 n q)``); not converging raises ``RuntimeError``.
+    return_iterations
+        Also return the CG iterations used per gene ``(G,)``.
+
+    Returns
+    -------
+    Tensor
+        ``H^-1 rhs`` with the shape and dtype of ``rhs`` (and the iterations if requested).
+    """
+    G, n, q = _check_W(W)
+    rhs4, squeeze = _check_rhs(rhs, W)
+    _check_eig(evals, evecs, W, v, theta)
+    if not tol > 0:
+        raise ValueError(f"`tol` must be positive, got {tol}")
+    max_iter = max(100, 2 * n * q) if max_iter is None else int(max_iter)
+    if max_iter < 1:
+        raise ValueError(f"`max_iter` must be >= 1, got {max_iter}")
+    if has_native_kernel("laplace_solve_eig", W.device):
+        x, iters = torch.ops.splisosm.laplace_solve_eig(
+            W, rhs4, evals, evecs, v, theta, float(tol), max_iter
+        )
+    else:
+        x = laplace_solve_eig_reference(W, rhs4, evals, evecs, v, theta)
+        iters = torch.zeros(G, dtype=torch.int64, device=W.device)
+    x = x[:, 0] if squeeze else x
+    return (x, iters) if return_iterations else x
+
+
+def laplace_logdet_eig(W: Tensor, evals: Tensor, evecs: Tensor, v: Tensor, theta: Tensor) -> Tensor:
+    """``log det H`` per gene ``(G,)`` with the eigenbasis prior (arguments as in
+    :func:`laplace_solve_eig`).
+
+    Low rank uses the matrix determinant lemma on an ``rq x rq`` system; full rank factors the
+    ``n'q x n'q`` matrix ``I + W^1/2 Sigma W^1/2`` over the ``n'`` spots with non-zero ``W``.
+    """
+    _check_W(W)
+    _check_eig(evals, evecs, W, v, theta)
+    if has_native_kernel("laplace_logdet_eig", W.device):
+        return torch.ops.splisosm.laplace_logdet_eig(W, evals, evecs, v, theta)
+    return laplace_logdet_eig_reference(W, evals, evecs, v, theta)
+
+
+def laplace_lowrank(
+    W: Tensor, rhs: Tensor | None, evals: Tensor, evecs: Tensor, v: Tensor, theta: Tensor
+) -> tuple[Tensor | None, Tensor]:
+    """Direct ``H^-1 rhs`` and ``log det H`` for the low-rank eigenbasis prior (``r < n``).
+
+    One ``rq x rq`` factorisation per gene gives both: the determinant lemma for the
+    log-determinant and the Woodbury identity for the solve, with the clipped low-rank precision
+    of SPEC §5.5. Unlike CG its cost does not grow as ``theta -> 1``.
+
+    Parameters
+    ----------
+    W, evals, evecs, v, theta
+        As in :func:`laplace_solve_eig`, with ``r < n`` eigenpairs.
+    rhs
+        ``(G, n, q)``, ``(G, R, n, q)`` or ``None`` (log-determinant only).
+
+    Returns
+    -------
+    x, logdet
+        ``H^-1 rhs`` (shape and dtype of ``rhs``; ``None`` without ``rhs``) and ``(G,)`` in the
+        dtype of ``W``.
+    """
+    G, n, q = _check_W(W)
+    if rhs is None:
+        rhs4, squeeze = W.new_zeros(G, 0, n, q), False
+    else:
+        rhs4, squeeze = _check_rhs(rhs, W)
+    _check_eig(evals, evecs, W, v, theta)
+    if evecs.shape[1] >= n:
+        raise ValueError(f"`evecs` must be low rank (r < n = {n}), got r = {evecs.shape[1]}")
+    if has_native_kernel("laplace_lowrank", W.device):
+        x, logdet = torch.ops.splisosm.laplace_lowrank(W, rhs4, evals, evecs, v, theta)
+    else:
+        x = laplace_solve_eig_reference(W, rhs4, evals, evecs, v, theta)
+        logdet = laplace_logdet_eig_reference(W, evals, evecs, v, theta)
+    if rhs is None:
+        return None, logdet
+    return (x[:, 0] if squeeze else x), logdet
+
+
+def laplace_sparse(
+    W: Tensor,
+    rhs: Tensor | None,
+    crow: Tensor,
+    col: Tensor,
+    val: Tensor,
+    v: Tensor,
+    theta: Tensor,
+) -> tuple[Tensor | None, Tensor]:
+    """``H^-1 rhs`` and ``log det H`` with the sparse kernel precision ``Q = K^-1``.
+
+    Parameters
+    ----------
+    W
+        Curvature blocks ``(G, n, q, q)``.
+    rhs
+        ``(G, n, q)``, ``(G, R, n, q)`` or ``None`` (log-determinant only).
+    crow, col, val
+        CSR arrays of the symmetric positive definite ``Q`` (``val`` float64), shared by all genes.
+    v, theta
+        ``(G, q)`` with ``v > 0`` and ``0 < theta < 1``.
+
+    Returns
+    -------
+    x, logdet
+        ``H^-1 rhs`` (shape and dtype of ``rhs``; ``None`` without ``rhs``) and ``(G,)`` in the
+        dtype of ``W``.
+    """
+    G, n, q = _check_W(W)
+    if rhs is None:
+        rhs4, squeeze = W.new_zeros(G, 0, n, q), False
+    else:
+        rhs4, squeeze = _check_rhs(rhs, W)
+    crow, col, val = check_csr(crow, col, val, n)
+    _check_variance(v, theta, W, open_theta=True)
+    if has_native_kernel("laplace_sparse", W.device):
+        x, logdet = torch.ops.splisosm.laplace_sparse(W, rhs4, crow, col, val, v, theta)
+    else:
+        x, logdet = laplace_sparse_reference(W, rhs4, crow, col, val, v, theta)
+    if rhs is None:
+        return None, logdet
+    return (x[:, 0] if squeeze else x), logdet
+
+
+def sparse_shifted_solve(
+    crow: Tensor, col: Tensor, val: Tensor, scale: Tensor, shift: Tensor, rhs: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Solve ``(scale_g Q + shift_g I) x = rhs_g`` and return ``log det`` of that matrix.
+
+    Parameters
+    ----------
+    crow, col, val
+        CSR arrays of ``Q`` (``val`` float64).
+    scale, shift
+        ``(G,)``, ``scale > 0`` and ``shift >= 0``.
+    rhs
+        ``(G, R, n)`` (``R`` may be 0 for the log-determinant alone).
+
+    Returns
+    -------
+    x, logdet
+        ``(G, R, n)`` and ``(G,)``, both in the dtype of ``rhs``.
+    """
+    crow, col, val = check_csr(crow, col, val)
+    n = crow.numel() - 1
+    if not isinstance(scale, Tensor) or scale.dim() != 1:
+        raise ValueError(f"`scale` must be a (G,) tensor, got {_shape(scale)}")
+    G = scale.shape[0]
+    _check_tensor(scale, "scale", (G,), "(G,)")
+    _check_tensor(shift, "shift", (G,), "(G,) as `scale`")
+    _check_tensor(rhs, "rhs", (G, None, n), "(G, R, n)")
+    if not bool((scale > 0).all()) or not bool((shift >= 0).all()):
+        raise ValueError("`scale` must be positive and `shift` non-negative")
+    scale, shift = scale.to(torch.float64), shift.to(torch.float64)
+    if has_native_kernel("sparse_shifted_solve", val.device):
+        return torch.ops.splisosm.sparse_shifted_solve(crow, col, val, scale, shift, rhs)
+    return sparse_shifted_solve_reference(crow, col, val, scale, shift, rhs)
+
+
+def sparse_inverse_diagonal(crow: Tensor, col: Tensor, val: Tensor) -> Tensor:
+    """``diag(M^-1)`` ``(n,)`` of a sparse symmetric positive definite CSR matrix ``M``.
+
+    Uses one sparse Cholesky factor and the Takahashi recursions (selected inversion on the
+    factor's pattern) instead of ``n`` solves.
+    """
+    crow, col, val = check_csr(crow, col, val)
+    if has_native_kernel("sparse_inverse_diagonal", val.device):
+        return torch.ops.splisosm.sparse_inverse_diagonal(crow, col, val)
+    return sparse_inverse_diagonal_reference(crow, col, val)
+
+
+def _solve_eig_fake(W, rhs, evals, evecs, v, theta, tol, max_iter):
+    return rhs.new_empty(rhs.shape), W.new_empty(W.shape[0], dtype=torch.int64)
+
+
+def _logdet_eig_fake(W, evals, evecs, v, theta):
+    return W.new_empty(W.shape[0])
+
+
+def _lowrank_fake(W, rhs, evals, evecs, v, theta):
+    return rhs.new_empty(rhs.shape), W.new_empty(W.shape[0])
+
+
+def _sparse_fake(W, rhs, crow, col, val, v, theta):
+    return rhs.new_empty(rhs.shape), W.new_empty(W.shape[0])
+
+
+def _shifted_fake(crow, col, val, scale, shift, rhs):
+    return rhs.new_empty(rhs.shape), rhs.new_empty(rhs.shape[0])
+
+
+def _inverse_diagonal_fake(crow, col, val):
+    return val.new_empty(crow.shape[0] - 1)
+
+
+if NATIVE_AVAILABLE:
+    for _name, _fake in (
+        ("laplace_solve_eig", _solve_eig_fake),
+        ("laplace_logdet_eig", _logdet_eig_fake),
+        ("laplace_lowrank", _lowrank_fake),
+        ("laplace_sparse", _sparse_fake),
+        ("sparse_shifted_solve", _shifted_fake),
+        ("sparse_inverse_diagonal", _inverse_diagonal_fake),
+    ):
+        torch.library.register_fake(f"splisosm::{_name}")(_fake)

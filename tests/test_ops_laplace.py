@@ -1,0 +1,357 @@
+"""Laplace-system ops against dense float64 references (SPEC §5.3-5.7, NUMERICS routes 1 and 2)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from splisosm.ops import (
+    laplace_logdet_eig,
+    laplace_lowrank,
+    laplace_solve_eig,
+    laplace_sparse,
+    sparse_inverse_diagonal,
+    sparse_shifted_solve,
+    use_reference,
+)
+from splisosm.ops import laplace_reference as ref
+from splisosm.ops._native import has_native_kernel
+
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------- helpers
+def rook_adjacency(nx: int, ny: int) -> sp.csr_matrix:
+    """Rook-neighbour grid adjacency; an isolated spot gets a self-loop (SPEC §4.1)."""
+    n = nx * ny
+    idx = np.arange(n).reshape(nx, ny)
+    pairs = [(idx[:-1, :], idx[1:, :]), (idx[:, :-1], idx[:, 1:])]
+    rows = np.concatenate([np.concatenate([a.ravel(), b.ravel()]) for a, b in pairs])
+    cols = np.concatenate([np.concatenate([b.ravel(), a.ravel()]) for a, b in pairs])
+    A = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    isolated = np.asarray(A.sum(1)).ravel() == 0
+    return (A + sp.diags(isolated.astype(float))).tocsr()
+
+
+def csr_tensors(M: sp.spmatrix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    M = sp.csr_matrix(M, dtype=np.float64)
+    M.sum_duplicates()
+    M.sort_indices()
+    return (
+        torch.from_numpy(M.indptr.astype(np.int64)),
+        torch.from_numpy(M.indices.astype(np.int64)),
+        torch.from_numpy(M.data.copy()),
+    )
+
+
+def car_kernel(nx: int, ny: int, rho: float = 0.9) -> dict:
+    """Standardised CAR kernel K = S^-1/2 M^-1 S^-1/2 of a rook grid, its sparse precision
+    Q = S^1/2 M S^1/2 and its eigenpairs (descending)."""
+    A = rook_adjacency(nx, ny)
+    n = A.shape[0]
+    deg = np.maximum(np.asarray(A.sum(1)).ravel(), 1e-12)
+    Dm = sp.diags(1 / np.sqrt(deg))
+    M = (sp.eye(n) - rho * Dm @ A @ Dm).tocsr()
+    Minv = np.linalg.inv(M.toarray())
+    s = np.diag(Minv).copy()
+    K = Minv / np.sqrt(np.outer(s, s))
+    K = (K + K.T) / 2
+    Q = sp.diags(np.sqrt(s)) @ M @ sp.diags(np.sqrt(s))
+    lam, V = np.linalg.eigh(K)
+    return {
+        "n": n,
+        "K": torch.from_numpy(K),
+        "M": M,
+        "Q": sp.csr_matrix(Q),
+        "csr": csr_tensors(Q),
+        "evals": torch.from_numpy(lam[::-1].copy()),
+        "evecs": torch.from_numpy(V[:, ::-1].copy()),
+    }
+
+
+GRIDS = {1: (1, 1), 7: (7, 1), 50: (5, 10), 400: (20, 20)}
+_kernels: dict[int, dict] = {}
+
+
+def kernel(n: int) -> dict:
+    if n not in _kernels:
+        _kernels[n] = car_kernel(*GRIDS[n])
+    return _kernels[n]
+
+
+def random_W(G: int, n: int, q: int, gen: torch.Generator, zero_frac: float = 0.25) -> torch.Tensor:
+    """Multinomial curvature blocks N (diag p - p p^T)[:q, :q] with Poisson totals; about
+    `zero_frac` of the spots have no counts (W_s = 0)."""
+    alpha = torch.ones(G, n, q + 1, dtype=F64)
+    p = torch._sample_dirichlet(alpha, generator=gen)
+    N = torch.poisson(torch.full((G, n), 8.0, dtype=F64), generator=gen)
+    N = N * (torch.rand(G, n, dtype=F64, generator=gen) > zero_frac)
+    if n > 1:
+        N[:, 0] = 0.0  # at least one zero-count spot
+    full = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
+    return N[..., None, None] * full[..., :q, :q]
+
+
+def variance(G: int, q: int, theta: float, shared: bool, gen: torch.Generator):
+    cols = 1 if shared else q
+    v = (0.2 + torch.rand(G, cols, dtype=F64, generator=gen)).expand(G, q).contiguous()
+    jitter = 1 + 0.2 * (torch.rand(G, cols, dtype=F64, generator=gen) - 0.5)
+    t = (theta * jitter).clamp(max=0.9995).expand(G, q).contiguous()
+    return v, t
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+# ---------------------------------------------------------------------------------- accuracy
+SMALL = [(1, 1), (1, 2), (7, 1), (7, 2), (7, 4), (50, 1), (50, 2), (50, 4)]
+THETAS = [1e-3, 0.5, 0.999]
+# n = 400 is the slow dense reference: per-isoform variances only (the harder case).
+CASES = [(n, q, t, s) for n, q in SMALL for t in THETAS for s in (True, False)] + [
+    (400, 2, t, False) for t in THETAS
+]
+
+
+@pytest.mark.parametrize("n,q,theta,shared", CASES)
+def test_forms_match_dense_reference(n: int, q: int, theta: float, shared: bool) -> None:
+    gen = torch.Generator().manual_seed(n * 100 + q * 10 + int(theta * 7) + shared)
+    G, R = 3, 2
+    ker = kernel(n)
+    W = random_W(G, n, q, gen)
+    rhs = torch.randn(G, R, n, q, dtype=F64, generator=gen)
+    v, t = variance(G, q, theta, shared, gen)
+    ranks = [n] if n == 1 else [n, max(1, math.ceil(n / 3))]
+    for r in ranks:
+        lam, V = ker["evals"][:r], ker["evecs"][:, :r]
+        x = laplace_solve_eig(W, rhs, lam, V, v, t, tol=1e-13)
+        ld = laplace_logdet_eig(W, lam, V, v, t)
+        x_ref = ref.laplace_solve_eig_reference(W, rhs, lam, V, v, t)
+        ld_ref = ref.laplace_logdet_eig_reference(W, lam, V, v, t)
+        assert rel(x, x_ref) < 1e-8, f"eigen solve, rank {r}"
+        assert rel(ld, ld_ref) < 1e-8, f"eigen logdet, rank {r}"
+        if r < n:
+            x_direct, ld_direct = laplace_lowrank(W, rhs, lam, V, v, t)
+            assert rel(x_direct, x_ref) < 1e-8 and rel(ld_direct, ld_ref) < 1e-8
+    xs, lds = laplace_sparse(W, rhs, *ker["csr"], v, t)
+    xs_ref, lds_ref = ref.laplace_sparse_reference(W, rhs, *ker["csr"], v, t)
+    assert rel(xs, xs_ref) < 1e-8
+    assert rel(lds, lds_ref) < 1e-8
+    # Same full-rank kernel through both forms (K from eigenpairs vs its sparse precision).
+    assert rel(xs, x_ref if n == 1 else ref.laplace_solve_eig_reference(
+        W, rhs, ker["evals"], ker["evecs"], v, t)) < 1e-8
+    full_ld = laplace_logdet_eig(W, ker["evals"], ker["evecs"], v, t)
+    assert rel(lds, full_ld) < 1e-8
+
+
+def test_single_rhs_shape_and_float32() -> None:
+    gen = torch.Generator().manual_seed(1)
+    ker = kernel(50)
+    W = random_W(2, 50, 2, gen)
+    rhs = torch.randn(2, 50, 2, dtype=F64, generator=gen)
+    v, t = variance(2, 2, 0.5, False, gen)
+    x64 = laplace_solve_eig(W, rhs, ker["evals"], ker["evecs"], v, t, tol=1e-12)
+    assert x64.shape == rhs.shape
+    x32 = laplace_solve_eig(
+        W.float(), rhs.float(), ker["evals"].float(), ker["evecs"].float(), v.float(), t.float()
+    )
+    assert x32.dtype == torch.float32 and rel(x32.double(), x64) < 1e-4
+    xs32, ld32 = laplace_sparse(W.float(), rhs.float(), *ker["csr"], v.float(), t.float())
+    assert xs32.dtype == ld32.dtype == torch.float32 and rel(xs32.double(), x64) < 1e-5
+    none, ld = laplace_sparse(W, None, *ker["csr"], v, t)
+    assert none is None and rel(ld, ld32.double()) < 1e-6
+    low = (ker["evals"][:10], ker["evecs"][:, :10])
+    none, ld = laplace_lowrank(W, None, *low, v, t)
+    assert none is None and rel(ld, laplace_logdet_eig(W, *low, v, t)) < 1e-12
+    with pytest.raises(ValueError, match="`evecs` must be low rank"):
+        laplace_lowrank(W, rhs, ker["evals"], ker["evecs"], v, t)
+
+
+def test_iterations_and_nonconvergence_name_the_gene() -> None:
+    gen = torch.Generator().manual_seed(2)
+    ker = kernel(50)
+    W = random_W(3, 50, 2, gen)
+    rhs = torch.randn(3, 50, 2, dtype=F64, generator=gen)
+    v, t = variance(3, 2, 0.5, True, gen)
+    _, iters = laplace_solve_eig(W, rhs, ker["evals"], ker["evecs"], v, t, return_iterations=True)
+    if has_native_kernel("laplace_solve_eig", W.device):
+        assert iters.dtype == torch.int64 and bool((iters > 1).all())
+        with pytest.raises(RuntimeError, match=r"gene 0: CG did not reach"):
+            laplace_solve_eig(W, rhs, ker["evals"], ker["evecs"], v, t, max_iter=2)
+
+
+def test_zero_rhs_gives_zero() -> None:
+    gen = torch.Generator().manual_seed(3)
+    ker = kernel(7)
+    W = random_W(2, 7, 2, gen)
+    v, t = variance(2, 2, 0.5, True, gen)
+    zero = torch.zeros(2, 1, 7, 2, dtype=F64)
+    assert torch.equal(laplace_solve_eig(W, zero, ker["evals"], ker["evecs"], v, t), zero)
+    assert torch.equal(laplace_sparse(W, zero, *ker["csr"], v, t)[0], zero)
+
+
+def test_reference_fallback_matches_native() -> None:
+    gen = torch.Generator().manual_seed(4)
+    ker = kernel(50)
+    W = random_W(2, 50, 2, gen)
+    rhs = torch.randn(2, 1, 50, 2, dtype=F64, generator=gen)
+    v, t = variance(2, 2, 0.5, False, gen)
+    lam, V = ker["evals"][:20], ker["evecs"][:, :20]
+    native = (
+        laplace_solve_eig(W, rhs, lam, V, v, t, tol=1e-13),
+        laplace_logdet_eig(W, lam, V, v, t),
+        *laplace_lowrank(W, rhs, lam, V, v, t),
+        *laplace_sparse(W, rhs, *ker["csr"], v, t),
+    )
+    with use_reference():
+        fallback = (
+            laplace_solve_eig(W, rhs, lam, V, v, t),
+            laplace_logdet_eig(W, lam, V, v, t),
+            *laplace_lowrank(W, rhs, lam, V, v, t),
+            *laplace_sparse(W, rhs, *ker["csr"], v, t),
+        )
+    for a, b in zip(native, fallback):
+        assert rel(a, b) < 1e-9
+
+
+# ---------------------------------------------------------------------------------- sparse helpers
+def test_shifted_solve_and_inverse_diagonal() -> None:
+    gen = torch.Generator().manual_seed(5)
+    ker = kernel(400)
+    scale = 0.5 + torch.rand(3, dtype=F64, generator=gen)
+    shift = torch.rand(3, dtype=F64, generator=gen)
+    shift[0] = 0.0
+    b = torch.randn(3, 2, 400, dtype=F64, generator=gen)
+    x, ld = sparse_shifted_solve(*ker["csr"], scale, shift, b)
+    x_ref, ld_ref = ref.sparse_shifted_solve_reference(*ker["csr"], scale, shift, b)
+    assert rel(x, x_ref) < 1e-10 and rel(ld, ld_ref) < 1e-10
+    M = ker["M"]
+    diag = sparse_inverse_diagonal(*csr_tensors(M))
+    dense = torch.from_numpy(np.diag(np.linalg.inv(M.toarray())).copy())
+    assert rel(diag, dense) < 1e-12
+    # Unsorted columns and duplicate entries (summed) are accepted as scipy would read them.
+    crow, col, val = csr_tensors(M)
+    flip = torch.cat([torch.arange(crow[i + 1] - 1, crow[i] - 1, -1) for i in range(400)])
+    half = val[flip] / 2
+    rows = torch.repeat_interleave(torch.arange(400), crow.diff())
+    dup_crow = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(2 * crow.diff(), 0)])
+    dup_col = torch.stack([col[flip], col[flip]], 1).reshape(-1)
+    dup_val = torch.stack([half, half], 1).reshape(-1)
+    assert bool((rows[flip] == rows).all())
+    assert rel(sparse_inverse_diagonal(dup_crow, dup_col, dup_val), dense) < 1e-12
+    # S = diag(M^-1) standardises K: Q = S^1/2 M S^1/2 has the precision of a unit-diagonal K.
+    assert rel(sparse_inverse_diagonal(*ker["csr"]), torch.ones(400, dtype=F64)) < 1e-12
+
+
+# ---------------------------------------------------------------------------------- errors
+def _small():
+    gen = torch.Generator().manual_seed(6)
+    ker = kernel(7)
+    W = random_W(3, 7, 2, gen, zero_frac=0.0)
+    rhs = torch.randn(3, 1, 7, 2, dtype=F64, generator=gen)
+    v, t = variance(3, 2, 0.5, True, gen)
+    return ker, W, rhs, v, t
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("W", torch.zeros(3, 7, 2), "`W`"),
+        ("rhs", torch.zeros(3, 1, 6, 2, dtype=F64), "`rhs`"),
+        ("v", -torch.ones(3, 2, dtype=F64), "`v`"),
+        ("theta", torch.full((3, 2), 1.0, dtype=F64), "`theta`"),
+        ("evecs", torch.zeros(6, 3, dtype=F64), "`evecs`"),
+        ("evals", torch.zeros(5, dtype=F64), "`evals`"),
+        ("W", torch.full((3, 7, 2, 2), float("nan"), dtype=F64), "`W` contains NaN"),
+    ],
+)
+def test_eig_bad_inputs_name_the_argument(field: str, value, match: str) -> None:
+    ker, W, rhs, v, t = _small()
+    args = {"W": W, "rhs": rhs, "evals": ker["evals"], "evecs": ker["evecs"], "v": v, "theta": t}
+    args[field] = value
+    with pytest.raises(ValueError, match=match):
+        laplace_solve_eig(**args)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("theta", torch.zeros(3, 2, dtype=F64), "`theta`"),
+        ("val", torch.ones(3, dtype=torch.float32), "`val`"),
+        ("crow", torch.arange(5, dtype=torch.int64), "`crow`"),
+        ("col", torch.full((19,), 9, dtype=torch.int64), "`col`"),
+    ],
+)
+def test_sparse_bad_inputs_name_the_argument(field: str, value, match: str) -> None:
+    ker, W, rhs, v, t = _small()
+    crow, col, val = ker["csr"]
+    args = {"W": W, "rhs": rhs, "crow": crow, "col": col, "val": val, "v": v, "theta": t}
+    args[field] = value
+    with pytest.raises(ValueError, match=match):
+        laplace_sparse(**args)
+
+
+def test_native_checks_name_the_argument() -> None:
+    ker, W, rhs, v, t = _small()
+    if not has_native_kernel("laplace_sparse", W.device):
+        pytest.skip("no native kernel in this build")
+    with pytest.raises(RuntimeError, match="`rhs`"):
+        torch.ops.splisosm.laplace_solve_eig(W, rhs[:, :, :5], ker["evals"], ker["evecs"], v, t,
+                                             1e-10, 100)
+    with pytest.raises(RuntimeError, match="`theta`"):
+        torch.ops.splisosm.laplace_sparse(W, rhs, *ker["csr"], v, torch.ones_like(t))
+    crow, col, val = csr_tensors(sp.csr_matrix(np.triu(np.ones((7, 7)))))
+    with pytest.raises(RuntimeError, match="symmetric"):
+        torch.ops.splisosm.laplace_sparse(W, rhs, crow, col, val, v, t)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_non_spd_reports_the_gene(native: bool) -> None:
+    ker, W, rhs, v, t = _small()
+    W = W.clone()
+    W[1, 3] = -1e6 * torch.eye(2, dtype=F64)  # gene 1 is not positive definite
+    low = (ker["evals"][:3], ker["evecs"][:, :3])
+    calls = [
+        lambda: laplace_solve_eig(W, rhs, ker["evals"], ker["evecs"], v, t),
+        lambda: laplace_logdet_eig(W, *low, v, t),
+        lambda: laplace_logdet_eig(W, ker["evals"], ker["evecs"], v, t),
+        lambda: laplace_lowrank(W, rhs, *low, v, t),
+        lambda: laplace_sparse(W, rhs, *ker["csr"], v, t),
+    ]
+    with use_reference(not native):
+        for call in calls:
+            with pytest.raises(RuntimeError, match=r"gene 1\b"):
+                call()
+    # A precision that is not positive definite fails in the sparse factorisation of gene 0.
+    crow, col, val = ker["csr"]
+    match = r"gene 0\b" if native else "not positive definite"
+    with use_reference(not native), pytest.raises(RuntimeError, match=match):
+        laplace_sparse(W[:1], rhs[:1], crow, col, -val, v[:1], t[:1])
+
+
+# ---------------------------------------------------------------------------------- opcheck
+def test_opcheck_every_op() -> None:
+    if not has_native_kernel("laplace_sparse", torch.device("cpu")):
+        pytest.skip("no native kernel in this build")
+    ker, W, rhs, v, t = _small()
+    crow, col, val = ker["csr"]
+    ops = torch.ops.splisosm
+    torch.library.opcheck(ops.laplace_solve_eig, (W, rhs, ker["evals"], ker["evecs"], v, t,
+                                                  1e-10, 200))
+    torch.library.opcheck(ops.laplace_solve_eig, (W, rhs, ker["evals"][:3], ker["evecs"][:, :3],
+                                                  v, t, 1e-10, 200))
+    torch.library.opcheck(ops.laplace_logdet_eig, (W, ker["evals"], ker["evecs"], v, t))
+    torch.library.opcheck(ops.laplace_logdet_eig, (W, ker["evals"][:3], ker["evecs"][:, :3], v, t))
+    torch.library.opcheck(ops.laplace_lowrank, (W, rhs, ker["evals"][:3], ker["evecs"][:, :3],
+                                                v, t))
+    torch.library.opcheck(ops.laplace_sparse, (W, rhs, crow, col, val, v, t))
+    torch.library.opcheck(ops.laplace_sparse, (W.float(), rhs.float(), crow, col, val, v.float(),
+                                               t.float()))
+    scale, shift = torch.ones(2, dtype=F64), torch.full((2,), 0.5, dtype=F64)
+    b = rhs[:2, :, :, 0]
+    torch.library.opcheck(ops.sparse_shifted_solve, (crow, col, val, scale, shift, b))
+    torch.library.opcheck(ops.sparse_inverse_diagonal, (crow, col, val))
