@@ -1,0 +1,352 @@
+"""Fitting configuration, the per-gene patience logger and the shared training loop (SPEC §6).
+
+Kept free of model maths: a model hands the loop a closure computing its per-gene loss and an
+optional method-specific update, and the loop does the bookkeeping (early stopping, best-parameter
+snapshots, warnings, timing).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+GLMM_METHODS = ("joint_gd", "joint_newton", "marginal_gd", "marginal_newton")
+NULL_METHODS = ("joint_gd", "marginal_gd", "marginal_newton")
+GLM_METHODS = ("iwls", "newton", "gd")
+OPTIMIZERS = ("adam", "sgd", "lbfgs")
+PRIOR_MODELS = ("none", "gamma", "inv_gamma")
+INIT_RATIOS = ("uniform", "observed")
+DEVICES = ("cpu", "cuda", "mps")
+
+# Documented defaults (the inverse-gamma values fix quirk Q10 of the reference).
+PRIOR_DEFAULTS: dict[str, dict[str, float]] = {
+    "none": {},
+    "gamma": {"alpha": 2.0, "beta": 0.3},
+    "inv_gamma": {"alpha": 3.0, "beta": 0.5},
+}
+
+_BASE_DEFAULTS = {
+    "lr": 1e-2,
+    "optim": "adam",
+    "tol": 1e-5,
+    "tol_relative": False,
+    "max_epochs": 1000,
+    "patience": 5,
+}
+_METHOD_OVERRIDES: dict[str, dict] = {
+    "joint_gd": {},
+    "joint_newton": {"patience": 2},
+    "marginal_gd": {"lr": 0.1},
+    "marginal_newton": {"lr": 0.1, "patience": 10, "update_nu_every_k": 3},
+    "iwls": {"patience": 2},
+    "newton": {"patience": 2},
+    "gd": {},
+}
+
+
+def _check_choice(name: str, value, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"Invalid {name} {value!r}; valid values are {', '.join(allowed)}.")
+
+
+def check_device(device) -> torch.device:
+    """Accept exactly ``'cpu'``, ``'cuda'`` or ``'mps'`` (SPEC §2)."""
+    if not isinstance(device, str) or device not in DEVICES:
+        raise ValueError(f"Invalid device {device!r}; valid values are {', '.join(DEVICES)}.")
+    return torch.device(device)
+
+
+def resolve_fitting_configs(method: str, user: dict | None) -> dict:
+    """Base defaults, then the method's overrides, then the user's dict (user values win).
+
+    ``max_epochs = -1`` becomes 10000 and ``patience <= 0`` becomes 1 (SPEC §6.1).
+    """
+    configs = {**_BASE_DEFAULTS, **_METHOD_OVERRIDES[method], **(user or {})}
+    _check_choice("optim", configs["optim"], OPTIMIZERS)
+    if int(configs["max_epochs"]) == -1:
+        configs["max_epochs"] = 10000
+    configs["max_epochs"] = int(configs["max_epochs"])
+    configs["patience"] = max(int(configs["patience"]), 1)
+    if "update_nu_every_k" in configs:
+        configs["update_nu_every_k"] = max(int(configs["update_nu_every_k"]), 1)
+    return configs
+
+
+def resolve_prior_params(var_prior_model: str, params: dict | None) -> dict:
+    """Merge user prior parameters over the documented defaults (``{}`` for ``'none'``)."""
+    _check_choice("var_prior_model", var_prior_model, PRIOR_MODELS)
+    if var_prior_model == "none":
+        return {}
+    return {k: float(v) for k, v in {**PRIOR_DEFAULTS[var_prior_model], **(params or {})}.items()}
+
+
+def validate_glmm_config(
+    *,
+    fitting_method: str = "joint_gd",
+    init_ratio: str = "uniform",
+    var_prior_model: str = "none",
+    var_fix_sigma: bool = True,
+    fitting_configs: dict | None = None,
+    null_model: bool = False,
+) -> dict:
+    """Validate a GLMM configuration and return the resolved fitting configs.
+
+    Raises ``ValueError`` naming the valid values for an unknown ``fitting_method``,
+    ``init_ratio``, ``var_prior_model`` or ``optim``, for ``joint_newton`` with
+    ``var_fix_sigma=True`` and for ``joint_newton`` on a null model. Called by the per-gene
+    models at construction and usable by wrappers at theirs.
+    """
+    _check_choice("fitting_method", fitting_method, NULL_METHODS if null_model else GLMM_METHODS)
+    _check_choice("init_ratio", init_ratio, INIT_RATIOS)
+    _check_choice("var_prior_model", var_prior_model, PRIOR_MODELS)
+    if fitting_method == "joint_newton" and var_fix_sigma:
+        raise ValueError(
+            "fitting_method='joint_newton' requires var_fix_sigma=False; valid methods with a "
+            f"fixed sigma are {', '.join(m for m in GLMM_METHODS if m != 'joint_newton')}."
+        )
+    if fitting_configs is not None and not isinstance(fitting_configs, dict):
+        raise ValueError(f"fitting_configs must be a dict or None, got {type(fitting_configs)}")
+    return resolve_fitting_configs(fitting_method, fitting_configs)
+
+
+@dataclass
+class PatienceLogger:
+    """Per-gene early stopping (SPEC §6.2), NaN-safe.
+
+    A non-finite loss is never an improvement; it advances the patience counter, so a diverged
+    gene stops, but it is reported as not converged (``converged`` requires the loss at the
+    stopping epoch to be finite).
+    """
+
+    n_genes: int
+    tol: float
+    patience: int
+    tol_relative: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        g, dev = self.n_genes, self.device
+        self.best_loss = torch.full((g,), float("inf"), dtype=torch.float64, device=dev)
+        self.best_epoch = torch.full((g,), -1, dtype=torch.long, device=dev)
+        self.counter = torch.zeros(g, dtype=torch.long, device=dev)
+        self.stopped = torch.zeros(g, dtype=torch.bool, device=dev)
+        self.converged = torch.zeros(g, dtype=torch.bool, device=dev)
+        self.epoch = 0
+        self._history: list[Tensor] = []
+
+    @property
+    def loss_history(self) -> Tensor:
+        """``(epochs, G)`` losses as logged (NaN shown as +inf)."""
+        if not self._history:
+            return torch.empty(0, self.n_genes, dtype=torch.float64, device=self.device)
+        return torch.stack(self._history)
+
+    def log(self, loss: Tensor) -> Tensor:
+        """Record one epoch's ``(G,)`` losses; return the mask of genes whose best was updated."""
+        loss = loss.detach().to(torch.float64)
+        finite = torch.isfinite(loss)
+        loss = torch.nan_to_num(loss, nan=float("inf"), posinf=float("inf"))
+        self._history.append(loss)
+        best = self.best_loss
+        thr = self.tol * best.abs().clamp(min=1.0) if self.tol_relative else self.tol
+        gap = torch.where(finite, best - loss, torch.full_like(loss, -float("inf")))
+        # best == inf and loss finite gives gap == inf: the first finite loss is a big improvement.
+        big = gap >= thr
+        improved = (gap > 0) & ~self.stopped
+        self.counter = torch.where(big, torch.zeros_like(self.counter), self.counter + 1)
+        self.best_loss = torch.where(improved, loss, best)
+        self.best_epoch = torch.where(improved, torch.full_like(self.best_epoch, self.epoch),
+                                      self.best_epoch)
+        newly = ~self.stopped & (self.counter >= self.patience)
+        self.converged = self.converged | (newly & finite)
+        self.stopped = self.stopped | newly
+        self.epoch += 1
+        return improved
+
+    def summary_rows(self) -> list[dict]:
+        """Per-gene ``converged / best_loss / best_epoch`` as Python values (one host sync)."""
+        conv = self.converged.tolist()
+        loss = self.best_loss.tolist()
+        epoch = self.best_epoch.tolist()
+        return [
+            {"converged": c, "best_loss": l, "best_epoch": e}
+            for c, l, e in zip(conv, loss, epoch)
+        ]
+
+
+def make_logger(params: dict[str, Tensor], configs: dict) -> PatienceLogger:
+    """A patience logger for the genes of ``params`` with the configured tolerances."""
+    first = next(iter(params.values()))
+    return PatienceLogger(first.shape[0], float(configs["tol"]), int(configs["patience"]),
+                          bool(configs.get("tol_relative", False)), first.device)
+
+
+def _gene_where(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """Select along the leading gene axis of ``new``/``old`` with a ``(G,)`` mask."""
+    return torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+@dataclass
+class FitResult:
+    """What :func:`run_training` returns: the logger, the wall time and optional history."""
+
+    logger: PatienceLogger
+    fitting_time: float
+    param_history: list[dict[str, Tensor]] | None = None
+
+
+def run_training(
+    params: dict[str, Tensor],
+    eval_loss: Callable[[], Tensor],
+    epoch_step: Callable[..., bool | None],
+    configs: dict,
+    *,
+    fused: bool = False,
+    store_param_history: bool = False,
+    verbose: bool = False,
+    quiet: bool = False,
+    positive_params: tuple[str, ...] = (),
+    logger: PatienceLogger | None = None,
+) -> FitResult:
+    """The loop of SPEC §6.2, shared by every fitting method.
+
+    Parameters
+    ----------
+    params
+        Name -> parameter tensor (all ``(G, ...)``); best values are snapshotted and restored.
+    eval_loss
+        Returns the current ``(G,)`` loss (``-objective``) without gradients.
+    epoch_step
+        ``epoch_step(epoch, active)`` performs the method's update for the 0-based ``epoch``;
+        ``active`` is the ``(G,)`` mask of genes not yet stopped. With ``fused=True`` it is
+        called as ``epoch_step(epoch, active, record)``: the post-step loss of the previous
+        epoch is the loss the step computes anyway before its own update, so the step passes
+        it to ``record`` (from epoch 1 on; ``record`` returns True when every gene has stopped,
+        and the step must then return True without updating). This saves one objective
+        evaluation per epoch and yields exactly the same log.
+    configs
+        Resolved fitting configs (``tol``, ``tol_relative``, ``patience``, ``max_epochs``).
+    positive_params
+        Parameters replaced by their absolute value after restoring the best values (``sigma``,
+        quirk Q14 fixed: applied after the restore so stored values are non-negative).
+    logger
+        A fresh logger from :func:`make_logger` when the step needs to see it; else made here.
+    """
+    logger = logger if logger is not None else make_logger(params, configs)
+    n_genes = logger.n_genes
+    best = {k: p.detach().clone() for k, p in params.items()}
+    history: list[dict[str, Tensor]] | None = [] if store_param_history else None
+
+    def record(loss: Tensor) -> bool:
+        """Log one epoch's post-step losses at the current parameters; True when all stopped."""
+        loss = loss.detach()
+        epoch = logger.epoch
+        bad = ~torch.isfinite(loss)
+        improved = logger.log(loss)
+        with torch.no_grad():
+            for k, p in params.items():
+                best[k] = _gene_where(improved, p.detach(), best[k])
+        if history is not None:
+            history.append({k: p.detach().clone() for k, p in params.items()})
+        n_bad, all_done = (int(v) for v in torch.stack([bad.sum(), logger.stopped.all()]).tolist())
+        if n_bad:
+            warnings.warn(f"Non-finite loss for {n_bad} gene(s) at epoch {epoch}.", UserWarning,
+                          stacklevel=4)
+        if verbose and not quiet and epoch % 10 == 0:
+            finite_best = logger.best_loss[torch.isfinite(logger.best_loss)]
+            print(f"Epoch {epoch}: mean best loss {finite_best.mean().item():.4f}")
+        return bool(all_done)
+
+    start = time.perf_counter()
+    max_epochs = int(configs["max_epochs"])
+    done = False
+    for epoch in range(max_epochs):
+        if fused:
+            done = bool(epoch_step(epoch, ~logger.stopped, record if epoch > 0 else None))
+        else:
+            epoch_step(epoch, ~logger.stopped)
+            with torch.no_grad():
+                done = record(eval_loss())
+        if done:
+            break
+    if fused and not done and max_epochs > 0:
+        with torch.no_grad():
+            record(eval_loss())
+    fitting_time = time.perf_counter() - start
+    with torch.no_grad():
+        seen = logger.best_epoch >= 0
+        for k, p in params.items():
+            p.copy_(_gene_where(seen, best[k], p.detach()))
+            if k in positive_params:
+                p.abs_()
+    if not quiet:
+        n_conv = int(logger.converged.sum())
+        if n_conv < n_genes:
+            warnings.warn(f"{n_genes - n_conv} of {n_genes} gene(s) did not converge.",
+                          UserWarning, stacklevel=3)
+        finite_best = logger.best_loss[torch.isfinite(logger.best_loss)]
+        mean_best = finite_best.mean().item() if finite_best.numel() else float("nan")
+        print(f"Fitted {n_genes} gene(s) in {fitting_time:.2f}s over {logger.epoch} epochs; "
+              f"mean best loss {mean_best:.4f}.")
+    return FitResult(logger, fitting_time, history)
+
+
+def make_optimizer(params: list[Tensor], configs: dict) -> torch.optim.Optimizer | None:
+    """Adam / SGD (no momentum) / L-BFGS over the trainable parameters (None if there are none)."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return None
+    lr = float(configs["lr"])
+    name = configs["optim"]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    return torch.optim.LBFGS(params, lr=lr, max_iter=20, line_search_fn="strong_wolfe")
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer | None,
+    losses: Callable[[], Tensor],
+    record: Callable[[Tensor], bool] | None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> bool:
+    """One optimiser step on ``reduce(losses())`` (default: the batch mean of the ``(G,)`` loss).
+
+    The per-gene losses at the current parameters are first handed to ``record`` (the previous
+    epoch's post-step log); if it reports that every gene has stopped, no step is taken and True
+    is returned. ``reduce`` is called after that log, so it can look at which genes are still
+    active. L-BFGS re-evaluates its closure as it needs, so it gets a separate evaluation for
+    the log.
+    """
+    def total(loss: Tensor) -> Tensor:
+        return loss.mean() if reduce is None else reduce(loss)
+
+    if isinstance(optimizer, torch.optim.LBFGS):
+        if record is not None:
+            with torch.no_grad():
+                if record(losses()):
+                    return True
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            value = total(losses())
+            value.backward()
+            return value
+
+        optimizer.step(closure)
+        return False
+    loss = losses()
+    if record is not None and record(loss):
+        return True
+    if optimizer is not None:
+        optimizer.zero_grad()
+        total(loss).backward()
+        optimizer.step()
+    return False

@@ -1,0 +1,522 @@
+"""Per-gene multinomial models: the GLM and the spatial GLMM (SPEC §5-6).
+
+Both are batched over ``G`` genes with the same isoform count; the last isoform of each gene is
+the reference category. The multinomial pieces come from the fused ops in :mod:`splisosm.ops`;
+the Gaussian random-effect pieces (quadratic form, log-determinants, structured solves) from a
+``LaplaceSystem`` (eigenbasis, low rank, sparse precision or identity).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from splisosm import _newton
+from splisosm._dense_laplace import DenseLaplaceSystem
+from splisosm._fitting import (
+    GLM_METHODS,
+    check_device,
+    make_logger,
+    make_optimizer,
+    optimizer_step,
+    resolve_fitting_configs,
+    resolve_prior_params,
+    run_training,
+    validate_glmm_config,
+)
+from splisosm._likelihood import (
+    GuardedSystem,
+    gaussian_loglik,
+    log_prior,
+    variance_components,
+)
+from splisosm.ops import fixed_effect_info, multinom_probs, multinom_terms
+
+__all__ = ["MultinomGLM", "MultinomGLMM"]
+
+MARGINAL_METHODS = ("marginal_gd", "marginal_newton")
+DENSE_MARGINAL_WARN_N = 300
+DENSE_PRECISION_MAX_N = 5000
+
+
+def _laplace_class():
+    """The structured ``LaplaceSystem`` when available, else the dense stand-in."""
+    try:
+        from splisosm.laplace import LaplaceSystem
+    except ImportError:
+        return DenseLaplaceSystem
+    return LaplaceSystem
+
+
+def _as_tensor(x, dtype: torch.dtype, device: torch.device, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        t = x.to_dense() if x.is_sparse else x
+    elif hasattr(x, "toarray"):
+        t = torch.from_numpy(np.asarray(x.toarray()))
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"`{name}` must be array-like, got {type(x)}") from exc
+    return t.to(device=device, dtype=dtype)
+
+
+def _prepare_counts(counts, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Counts as a dense ``(G, n, m)`` tensor; ``m = 1`` is not supported (SPEC §5.6)."""
+    Y = _as_tensor(counts, dtype, device, "counts")
+    if Y.dim() == 2:
+        Y = Y.unsqueeze(0)
+    if Y.dim() != 3:
+        raise ValueError(f"`counts` must be 2-D (n, m) or 3-D (G, n, m), got {Y.dim()}-D")
+    if Y.shape[-1] < 2:
+        raise NotImplementedError("A gene needs at least two isoforms; got one.")
+    return Y.contiguous()
+
+
+def _prepare_design(design, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Design ``(n, P)`` (``(1, n, P)`` accepted); ``None`` gives ``P = 0``."""
+    if design is None:
+        return torch.zeros(n, 0, dtype=dtype, device=device)
+    X = _as_tensor(design, dtype, device, "design_mtx")
+    if X.dim() == 3:
+        if X.shape[0] != 1:
+            raise ValueError("A batched design matrix (first dimension != 1) is not supported.")
+        X = X[0]
+    if X.dim() == 1:
+        X = X[:, None]
+    if X.dim() != 2 or X.shape[0] != n:
+        raise ValueError(f"`design_mtx` must have shape ({n}, P), got {tuple(X.shape)}")
+    return X.contiguous()
+
+
+def _omega(beta: Tensor, bias: Tensor) -> Tensor:
+    """Fixed effects flattened isoform-major with the intercept last: ``(G, q (P + 1))``."""
+    return torch.cat([beta.transpose(1, 2), bias[..., None]], dim=-1).flatten(1)
+
+
+def _split_omega(omega: Tensor, P: int, q: int) -> tuple[Tensor, Tensor]:
+    w = omega.reshape(omega.shape[0], q, P + 1)
+    return w[..., :P].transpose(1, 2), w[..., P]
+
+
+def _fixed_effect_newton(X: Tensor, W: Tensor, grad: Tensor) -> Tensor:
+    """Newton direction for the fixed effects, ``(X~^T W X~ + 1e-5 I)^-1 X~^T r``."""
+    info, score = fixed_effect_info(X, W, grad)
+    eye = torch.eye(info.shape[-1], dtype=info.dtype, device=info.device)
+    return torch.linalg.solve(info + 1e-5 * eye, score)
+
+
+class _CountModel(nn.Module):
+    """Shared data handling of the GLM and the GLMM."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.n_genes = self.n_spots = self.n_isos = self.n_factors = None
+        self.logger = None
+        self.fitting_time = 0.0
+
+    def _set_data(self, counts, design_mtx, device) -> None:
+        self.device = check_device(device)
+        self.counts = _prepare_counts(counts, self.dtype, self.device)
+        self.n_genes, self.n_spots, self.n_isos = self.counts.shape
+        self.X = _prepare_design(design_mtx, self.n_spots, self.dtype, self.device)
+        self.n_factors = self.X.shape[1]
+
+    @property
+    def design_mtx(self) -> Tensor:
+        return self.X
+
+    def _fixed_eta(self) -> Tensor:
+        return torch.matmul(self.X, self.beta) + self.bias_eta[:, None, :]
+
+    def get_isoform_ratio(self) -> Tensor:
+        """Fitted isoform ratios ``(G, n, m)``."""
+        with torch.no_grad():
+            return multinom_probs(self._eta())
+
+    def update_params_from_dict(self, params: dict) -> None:
+        """Overwrite a subset of parameters (by name) in place."""
+        own = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in params.items():
+                if name not in own:
+                    raise KeyError(f"Unknown parameter {name!r}; known: {', '.join(own)}")
+                own[name].copy_(torch.as_tensor(value).to(own[name]))
+
+    def _fit_report(self, result, store_param_history: bool):
+        self.logger = result.logger
+        self.fitting_time = result.fitting_time
+        if store_param_history:
+            return {"loss": result.logger.loss_history, "params": result.param_history}
+        return None
+
+
+class MultinomGLM(_CountModel):
+    """Multinomial GLM ``eta = X beta + 1 bias^T`` (SPEC §5.1, §6.6).
+
+    Parameters
+    ----------
+    fitting_method
+        ``'iwls'`` (default), ``'newton'`` or ``'gd'``.
+    fitting_configs
+        Overrides of ``lr, optim, tol, tol_relative, max_epochs, patience``.
+    dtype
+        Parameter dtype (float32 by default; float64 for tests).
+    """
+
+    def __init__(self, fitting_method: str = "iwls", fitting_configs: dict | None = None, *,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(dtype)
+        if fitting_method not in GLM_METHODS:
+            raise ValueError(f"Invalid fitting_method {fitting_method!r}; valid values are "
+                             f"{', '.join(GLM_METHODS)}.")
+        self.fitting_method = fitting_method
+        self.fitting_configs = resolve_fitting_configs(fitting_method, fitting_configs)
+
+    def setup_data(self, counts, design_mtx=None, device: str = "cpu") -> None:
+        """Attach counts ``(G, n, m)`` or ``(n, m)`` and an optional design ``(n, P)``."""
+        self._set_data(counts, design_mtx, device)
+        G, q, P = self.n_genes, self.n_isos - 1, self.n_factors
+        opts = {"dtype": self.dtype, "device": self.device}
+        self.beta = nn.Parameter(torch.zeros(G, P, q, **opts))
+        self.bias_eta = nn.Parameter(torch.zeros(G, q, **opts))
+
+    def _eta(self) -> Tensor:
+        return self._fixed_eta()
+
+    def forward(self) -> Tensor:
+        """Per-gene multinomial log-likelihood ``(G,)``."""
+        return multinom_terms(self._eta(), self.counts)[0]
+
+    def clone(self) -> MultinomGLM:
+        new = MultinomGLM(self.fitting_method, dict(self.fitting_configs), dtype=self.dtype)
+        new.setup_data(self.counts, self.X, self.device.type)
+        new.load_state_dict(self.state_dict())
+        return new
+
+    def _newton_epoch(self, active: Tensor, scale: float, iwls: bool) -> None:
+        with torch.no_grad():
+            eta = self._eta()
+            _, grad, W = multinom_terms(eta, self.counts)
+            omega = _omega(self.beta, self.bias_eta)
+            if iwls:
+                eye = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device)
+                y_work = eta + torch.linalg.solve(W + 1e-5 * eye, grad.unsqueeze(-1))[..., 0]
+                info, rhs = fixed_effect_info(self.X, W, torch.einsum("gsjk,gsk->gsj", W, y_work))
+                eye_f = torch.eye(info.shape[-1], dtype=W.dtype, device=W.device)
+                new = torch.linalg.solve(info + 1e-5 * eye_f, rhs)
+            else:
+                new = omega + scale * _fixed_effect_newton(self.X, W, grad)
+            new = torch.where(active[:, None], new, omega)
+            beta, bias = _split_omega(new, self.n_factors, self.n_isos - 1)
+            self.beta.copy_(beta)
+            self.bias_eta.copy_(bias)
+
+    def fit(self, store_param_history: bool = False, verbose: bool = False, quiet: bool = False,
+            random_seed: int | None = None, diagnose: bool | None = None):
+        """Fit by IWLS, Newton or gradient descent with per-gene early stopping (SPEC §6.6)."""
+        store_param_history = _resolve_diagnose(store_param_history, diagnose)
+        if random_seed is not None:
+            torch.manual_seed(random_seed)
+        params = dict(self.named_parameters())
+        logger = make_logger(params, self.fitting_configs)
+        fused = self.fitting_method == "gd"
+        if fused:
+            optimizer = make_optimizer(list(params.values()), self.fitting_configs)
+
+            def step(epoch: int, active: Tensor, record) -> bool:
+                # summed over the genes still active once this epoch's loss has been logged
+                return optimizer_step(
+                    optimizer, lambda: -self.forward(), record,
+                    reduce=lambda loss: (loss * (~logger.stopped).to(loss.dtype)).sum())
+        else:
+            def step(epoch: int, active: Tensor) -> None:
+                self._newton_epoch(active, 0.9, self.fitting_method == "iwls")
+
+        result = run_training(params, lambda: -self.forward(), step, self.fitting_configs,
+                              fused=fused, store_param_history=store_param_history,
+                              verbose=verbose, quiet=quiet, logger=logger)
+        return self._fit_report(result, store_param_history)
+
+    def __str__(self) -> str:
+        return (f"MultinomGLM(n_genes={self.n_genes}, n_spots={self.n_spots}, "
+                f"n_isos={self.n_isos}, n_factors={self.n_factors}, "
+                f"fitting_method={self.fitting_method!r})")
+
+
+def _resolve_diagnose(store_param_history: bool, diagnose: bool | None) -> bool:
+    if diagnose is not None:
+        warnings.warn("`diagnose` is deprecated; use `store_param_history`.", DeprecationWarning,
+                      stacklevel=3)
+        return bool(diagnose)
+    return bool(store_param_history)
+
+
+class MultinomGLMM(_CountModel):
+    """Multinomial GLMM with a spatial Gaussian random effect per isoform (SPEC §5.2-5.8).
+
+    Parameters
+    ----------
+    share_variance
+        One variance component for all isoforms (``C = 1``) or one per isoform (``C = q``).
+    var_fix_sigma
+        Keep ``sigma`` at its Fano initial value (only ``theta_logit`` is learned).
+    var_prior_model, var_prior_model_params
+        ``'none'``, ``'gamma'`` or ``'inv_gamma'``; parameters merged over the documented
+        defaults (gamma ``alpha=2, beta=0.3``; inverse gamma ``alpha=3, beta=0.5``).
+    init_ratio
+        ``'uniform'`` (``nu = 0``) or ``'observed'`` (empirical log-ratios).
+    fitting_method
+        ``'joint_gd'``, ``'joint_newton'``, ``'marginal_gd'`` or ``'marginal_newton'``.
+    fitting_configs
+        Overrides of the method's defaults (SPEC §6.1); validated here, at construction.
+    dtype
+        Parameter dtype (float32 by default; float64 for tests).
+    """
+
+    _null_model = False
+
+    def __init__(self, share_variance: bool = True, var_fix_sigma: bool = True,
+                 var_prior_model: str = "none", var_prior_model_params: dict | None = None,
+                 init_ratio: str = "uniform", fitting_method: str = "joint_gd",
+                 fitting_configs: dict | None = None, *, dtype: torch.dtype = torch.float32
+                 ) -> None:
+        super().__init__(dtype)
+        self.fitting_configs = validate_glmm_config(
+            fitting_method=fitting_method, init_ratio=init_ratio,
+            var_prior_model=var_prior_model, var_fix_sigma=var_fix_sigma,
+            fitting_configs=fitting_configs, null_model=self._null_model)
+        self.share_variance = bool(share_variance)
+        self.var_fix_sigma = bool(var_fix_sigma)
+        self.var_prior_model = var_prior_model
+        self.var_prior_model_params = resolve_prior_params(var_prior_model,
+                                                           var_prior_model_params)
+        self.init_ratio = init_ratio
+        self.fitting_method = fitting_method
+        self._user_fitting_configs = dict(fitting_configs or {})
+        self.corr_sp_eigvals = self.corr_sp_eigvecs = self.corr_sp_precision = None
+
+    # ----------------------------------------------------------------- data and parameters
+    def setup_data(self, counts, corr_sp=None, design_mtx=None, device: str = "cpu",
+                   corr_sp_eigvals=None, corr_sp_eigvecs=None, corr_sp_precision=None) -> None:
+        """Attach counts, design and the spatial covariance; initialise parameters (SPEC §5.6).
+
+        The covariance is a dense ``corr_sp`` (eigendecomposed here, full rank), eigenpairs
+        ``corr_sp_eigvals (r,)`` / ``corr_sp_eigvecs (n, r)``, or (extension) a scipy sparse
+        ``corr_sp_precision`` ``K^-1`` for the exact sparse route.
+        """
+        self._set_data(counts, design_mtx, device)
+        self._set_spatial(corr_sp, corr_sp_eigvals, corr_sp_eigvecs, corr_sp_precision)
+        self._init_params()
+        if self.fitting_method == "marginal_gd" and self.n_spots > DENSE_MARGINAL_WARN_N:
+            warnings.warn(
+                f"marginal_gd forms the dense (nq x nq) Hessian for the log-determinant gradient; "
+                f"n = {self.n_spots} > {DENSE_MARGINAL_WARN_N} makes this slow.", UserWarning,
+                stacklevel=2)
+
+    def _set_spatial(self, corr_sp, eigvals, eigvecs, precision) -> None:
+        n = self.n_spots
+        if corr_sp is not None:
+            if eigvals is not None or eigvecs is not None:
+                warnings.warn("Both corr_sp and its eigenpairs were given; the eigenpairs are "
+                              "ignored.", UserWarning, stacklevel=3)
+            K = _as_tensor(corr_sp, torch.float64, torch.device("cpu"), "corr_sp")
+            if K.shape != (n, n):
+                raise ValueError(f"`corr_sp` must be ({n}, {n}), got {tuple(K.shape)}")
+            lam, vec = torch.linalg.eigh((K + K.T) / 2)
+            eigvals, eigvecs = lam.flip(0), vec.flip(1)
+        if eigvals is not None or eigvecs is not None:
+            if eigvals is None or eigvecs is None:
+                raise ValueError("Both corr_sp_eigvals and corr_sp_eigvecs are required.")
+            eigvals = _as_tensor(eigvals, self.dtype, self.device, "corr_sp_eigvals").reshape(-1)
+            eigvecs = _as_tensor(eigvecs, self.dtype, self.device, "corr_sp_eigvecs")
+            if eigvecs.dim() != 2 or eigvecs.shape != (n, eigvals.shape[0]):
+                raise ValueError(f"`corr_sp_eigvecs` must be ({n}, {eigvals.shape[0]}) to match "
+                                 f"the eigenvalues, got {tuple(eigvecs.shape)}")
+            self.corr_sp_eigvals, self.corr_sp_eigvecs = eigvals, eigvecs
+            self.corr_sp_precision = precision
+        elif precision is not None:
+            self.corr_sp_eigvals = self.corr_sp_eigvecs = None
+            self.corr_sp_precision = precision
+        else:
+            raise ValueError("A spatial covariance is required: pass corr_sp, both "
+                             "corr_sp_eigvals and corr_sp_eigvecs, or corr_sp_precision.")
+        self._system = None
+        self._dense_system = None
+
+    @property
+    def system(self):
+        """The structured Laplace system for this model's spatial covariance."""
+        if self._system is None:
+            self._system = GuardedSystem(self._build_system(_laplace_class()))
+        return self._system
+
+    @property
+    def dense_system(self) -> GuardedSystem:
+        """Dense system with autograd-friendly log-determinants (marginal_gd, small n)."""
+        if self._dense_system is None:
+            self._dense_system = GuardedSystem(self._build_system(DenseLaplaceSystem))
+        return self._dense_system
+
+    def prior_system(self):
+        """System for the prior terms: the dense one where autograd is needed but the structured
+        one (a sparse precision without eigenpairs) cannot provide it."""
+        if self.corr_sp_eigvecs is None and torch.is_grad_enabled():
+            return self.dense_system
+        return self.system
+
+    def _build_system(self, cls):
+        return cls(self.n_spots, evals=self.corr_sp_eigvals, evecs=self.corr_sp_eigvecs,
+                   precision=self.corr_sp_precision)
+
+    def _init_params(self) -> None:
+        G, n, m = self.counts.shape
+        q, P = m - 1, self.n_factors
+        C = 1 if self.share_variance else q
+        opts = {"dtype": self.dtype, "device": self.device}
+        Y = self.counts
+        if self.init_ratio == "observed":
+            p = Y / (Y.sum(-1, keepdim=True) + 1e-5)
+            nu = torch.log((p[..., :q] + 1e-5) / (p[..., q:] + 1e-5))
+        else:
+            nu = torch.zeros(G, n, q, **opts)
+        var = Y.var(dim=1) if n > 1 else torch.zeros(G, m, **opts)
+        fano = var.mean(-1) / Y.sum(-1).mean(-1).clamp(min=1.0)
+        sigma = fano.clamp(1e-4, 0.9).sqrt()[:, None].expand(G, C)
+        self.nu = nn.Parameter(nu.contiguous())
+        self.beta = nn.Parameter(torch.zeros(G, P, q, **opts))
+        self.bias_eta = nn.Parameter(torch.zeros(G, q, **opts))
+        self.sigma = nn.Parameter(sigma.contiguous(), requires_grad=not self.var_fix_sigma)
+        self.theta_logit = nn.Parameter(torch.full((G, C), -3.0, **opts))
+        self._freeze_null()
+
+    def _freeze_null(self) -> None:
+        """Hook for null models (theta pinned at zero)."""
+
+    # ----------------------------------------------------------------------- likelihoods
+    def _eta(self) -> Tensor:
+        return self.nu + self._fixed_eta()
+
+    def _variance(self, warn: bool = True) -> tuple[Tensor, Tensor]:
+        return variance_components(self.sigma, self.theta_logit, self.n_isos - 1, warn=warn)
+
+    def _log_prior(self) -> Tensor:
+        return log_prior(self.sigma, self.var_prior_model, self.var_prior_model_params)
+
+    def _joint_parts(self, nu: Tensor | None = None) -> dict[str, Tensor]:
+        """Joint log-likelihood and its multinomial/Gaussian pieces at ``nu``."""
+        nu = self.nu if nu is None else nu
+        eta = nu + self._fixed_eta()
+        l_mult, grad, W = multinom_terms(eta, self.counts)
+        v, theta = self._variance()
+        quad, logdet_sigma, prec_nu = self.prior_system().prior_terms(nu, v, theta)
+        l_mvn = gaussian_loglik(quad, logdet_sigma, self.n_spots, self.n_isos - 1)
+        l_joint = l_mult + l_mvn + self._log_prior()
+        return {"joint": l_joint, "grad": grad, "W": W, "prec_nu": prec_nu, "v": v,
+                "theta": theta}
+
+    def joint_loglik(self) -> Tensor:
+        """Per-gene joint log-likelihood ``l_J`` ``(G,)`` (SPEC §5.4)."""
+        return self._joint_parts()["joint"]
+
+    def marginal_loglik(self) -> Tensor:
+        """Per-gene Laplace marginal ``l_J - 1/2 log det(Sigma^-1 + W)`` at the current ``nu``.
+
+        Differentiable (through the dense system) when gradients are enabled, structured
+        otherwise.
+        """
+        parts = self._joint_parts()
+        if torch.is_grad_enabled():
+            return parts["joint"] - 0.5 * self.dense_system.logdet(parts["W"], parts["v"],
+                                                                   parts["theta"])
+        # float64 curvature: float32 blocks of spots with extreme probabilities can be
+        # numerically indefinite
+        eta = self._eta().to(torch.float64)
+        W = multinom_terms(eta, self.counts.to(torch.float64))[2]
+        v, theta = parts["v"].to(torch.float64), parts["theta"].to(torch.float64)
+        return parts["joint"] - 0.5 * self.system.logdet(W, v, theta).to(parts["joint"].dtype)
+
+    def forward(self) -> Tensor:
+        """``l_M`` for marginal methods, ``l_J`` otherwise (SPEC §5.8)."""
+        if self.fitting_method in MARGINAL_METHODS:
+            return self.marginal_loglik()
+        return self.joint_loglik()
+
+    # ---------------------------------------------------------------------------- fitting
+    def fit(self, store_param_history: bool = False, verbose: bool = False, quiet: bool = False,
+            random_seed: int | None = None, diagnose: bool | None = None):
+        """Fit with the configured method and per-gene early stopping (SPEC §6.2).
+
+        Returns ``{'loss': (epochs, G), 'params': [...]}`` when history is requested.
+        """
+        store_param_history = _resolve_diagnose(store_param_history, diagnose)
+        method = self.fitting_method
+        if (self.corr_sp_eigvecs is None and method != "marginal_newton"
+                and self.n_spots > DENSE_PRECISION_MAX_N):
+            raise ValueError(f"fitting_method={method!r} needs autograd through the prior, which "
+                             "with only corr_sp_precision means a dense kernel; for n = "
+                             f"{self.n_spots} > {DENSE_PRECISION_MAX_N} give eigenpairs or use "
+                             "'marginal_newton'.")
+        if random_seed is not None:
+            torch.manual_seed(random_seed)
+        params = dict(self.named_parameters())
+        fused = method in ("joint_gd", "marginal_gd")
+        if fused:
+            optimizer = make_optimizer(list(params.values()), self.fitting_configs)
+
+            def step(epoch: int, active: Tensor, record) -> bool:
+                return optimizer_step(optimizer, lambda: -self.forward(), record)
+        elif method == "joint_newton":
+            step = _newton.JointNewton(self).step
+        else:
+            fitter = _newton.MarginalNewton(self)
+            step = fitter.step
+
+            def loss() -> Tensor:  # the step already evaluated l_M at the new state
+                return -fitter.objective
+        if method != "marginal_newton":
+            def loss() -> Tensor:
+                return -self.forward()
+        result = run_training(params, loss, step, self.fitting_configs, fused=fused,
+                              store_param_history=store_param_history, verbose=verbose,
+                              quiet=quiet, positive_params=("sigma",))
+        return self._fit_report(result, store_param_history)
+
+    # ------------------------------------------------------------------------- utilities
+    def _config_kwargs(self) -> dict:
+        return {"share_variance": self.share_variance, "var_fix_sigma": self.var_fix_sigma,
+                "var_prior_model": self.var_prior_model,
+                "var_prior_model_params": dict(self.var_prior_model_params),
+                "init_ratio": self.init_ratio, "fitting_method": self.fitting_method,
+                "fitting_configs": dict(self._user_fitting_configs), "dtype": self.dtype}
+
+    def _copy_data_from(self, other: MultinomGLMM) -> None:
+        """Share ``other``'s counts, design and spatial inputs and copy its parameters."""
+        self.device = other.device
+        self.counts, self.X = other.counts, other.X
+        self.n_genes, self.n_spots, self.n_isos = other.n_genes, other.n_spots, other.n_isos
+        self.n_factors = other.n_factors
+        self.corr_sp_eigvals, self.corr_sp_eigvecs = other.corr_sp_eigvals, other.corr_sp_eigvecs
+        self.corr_sp_precision = other.corr_sp_precision
+        self._system, self._dense_system = other.system, other._dense_system
+        self._init_params()
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(getattr(other, name).detach())
+
+    def clone(self) -> MultinomGLMM:
+        """Same configuration, data, spatial inputs and parameters (no fit state)."""
+        new = type(self)(**self._config_kwargs())
+        new._copy_data_from(self)
+        return new
+
+    def __str__(self) -> str:
+        return (f"{type(self).__name__}(n_genes={self.n_genes}, n_spots={self.n_spots}, "
+                f"n_isos={self.n_isos}, n_factors={self.n_factors}, "
+                f"share_variance={self.share_variance}, var_fix_sigma={self.var_fix_sigma}, "
+                f"var_prior_model={self.var_prior_model!r}, init_ratio={self.init_ratio!r}, "
+                f"fitting_method={self.fitting_method!r}, fitting_configs={self.fitting_configs})")
