@@ -165,3 +165,15 @@ def test_saturated_theta_in_prior_terms() -> None:
     assert rel(prec, torch.einsum("gjst,gtj->gsj", torch.linalg.inv(sigma), nu)) < 1e-8
     with pytest.raises(ValueError, match="`theta`"):
         SYSTEMS["eigen_low"].prior_terms(nu, v, t)
+
+
+@pytest.mark.parametrize("name", list(SYSTEMS))
+def test_prior_terms_without_precision_product(name: str) -> None:
+    _, _, nu, v, t = inputs(11)
+    full = SYSTEMS[name].prior_terms(nu, v, t)
+    quad, logdet, prec = SYSTEMS[name].prior_terms(nu, v, t, with_precision=False)
+    assert rel(quad, full[0]) < 1e-12 and rel(logdet, full[1]) < 1e-12
+    if SYSTEMS[name].rank is not None and name != "identity":
+        assert prec is None  # eigenbasis prior: skipped, it would cost a product with V
+    else:
+        assert rel(prec, full[2]) < 1e-12  # free by-product of the other routes

@@ -44,8 +44,13 @@ class DenseLaplaceSystem:
         d = v * (1 - theta)  # (G, q)
         return U, c, d
 
-    def prior_terms(self, nu: Tensor, v: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(quad, logdet_sigma, Sigma^-1 nu)`` per gene, differentiable."""
+    def prior_terms(
+        self, nu: Tensor, v: Tensor, theta: Tensor, with_precision: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(quad, logdet_sigma, Sigma^-1 nu)`` per gene, differentiable.
+
+        ``with_precision`` is accepted for interface parity; this dense system always returns
+        the precision product (it needs it for ``quad``)."""
         n = self.n
         if self._is_null(theta):
             prec_nu = nu / v[:, None, :]

@@ -92,11 +92,14 @@ class GuardedSystem:
     def _poison(bad: Tensor, x: Tensor) -> Tensor:
         return torch.where(_gene_mask(bad, x), torch.full_like(x, float("nan")), x)
 
-    def prior_terms(self, nu: Tensor, v: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def prior_terms(
+        self, nu: Tensor, v: Tensor, theta: Tensor, with_precision: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         bad = _nonfinite_genes(nu, v, theta)
         v, theta = self._clean(bad, v, theta)
         nu = torch.where(_gene_mask(bad, nu), torch.zeros_like(nu), nu)
-        return tuple(self._poison(bad, x) for x in self.inner.prior_terms(nu, v, theta))
+        terms = self.inner.prior_terms(nu, v, theta, with_precision=with_precision)
+        return tuple(None if x is None else self._poison(bad, x) for x in terms)
 
     def _clean_w(self, W: Tensor, v: Tensor, theta: Tensor):
         bad = _nonfinite_genes(W, v, theta)

@@ -131,7 +131,9 @@ class LaplaceSystem:
         return "eigen"
 
     # ------------------------------------------------------------------ prior terms
-    def prior_terms(self, nu: Tensor, v: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def prior_terms(
+        self, nu: Tensor, v: Tensor, theta: Tensor, with_precision: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Quadratic form, log-determinant and precision product of the prior.
 
         Parameters
@@ -140,6 +142,9 @@ class LaplaceSystem:
             Random effects ``(G, n, q)``.
         v, theta
             Total variance and spatial proportion ``(G, q)``.
+        with_precision
+            Whether to return ``Sigma^-1 nu``. Gradient-descent fitters differentiate ``quad``
+            instead and skip it: in the eigenbasis it costs one of the two products with ``V``.
 
         Returns
         -------
@@ -148,7 +153,7 @@ class LaplaceSystem:
         logdet_sigma
             ``(G,)`` ``sum_j log det Sigma_j`` (low rank: ``sum_k log c_k + (n - r) log d``).
         prec_nu
-            ``(G, n, q)`` ``Sigma^-1 nu``.
+            ``(G, n, q)`` ``Sigma^-1 nu``, or None when ``with_precision`` is False.
 
         Notes
         -----
@@ -171,12 +176,15 @@ class LaplaceSystem:
             zc = z / c
             quad = (z * zc).sum((1, 2))
             logdet = torch.log(c).sum((1, 2))
-            return quad, logdet, torch.einsum("sk,gkj->gsj", V, zc)
+            prec = torch.einsum("sk,gkj->gsj", V, zc) if with_precision else None
+            return quad, logdet, prec
         d = v * (1 - theta)
         corr = 1 / c - 1 / d[:, None, :]
         quad = (nu * nu).sum(1).div(d).sum(1) + (corr * z * z).sum((1, 2))
         logdet = torch.log(c).sum((1, 2)) + (self.n - self.rank) * torch.log(d).sum(1)
-        prec = nu / d[:, None, :] + torch.einsum("sk,gkj->gsj", V, corr * z)
+        prec = (
+            nu / d[:, None, :] + torch.einsum("sk,gkj->gsj", V, corr * z) if with_precision else None
+        )
         return quad, logdet, prec
 
     def _sparse_prior(self, nu: Tensor, v: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:

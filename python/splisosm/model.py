@@ -413,11 +413,10 @@ class MultinomGLMM(_CountModel):
         eta = nu + self._fixed_eta()
         l_mult, grad, W = multinom_terms(eta, self.counts)
         v, theta = self._variance()
-        quad, logdet_sigma, prec_nu = self.prior_system().prior_terms(nu, v, theta)
+        quad, logdet_sigma, _ = self.prior_system().prior_terms(nu, v, theta, with_precision=False)
         l_mvn = gaussian_loglik(quad, logdet_sigma, self.n_spots, self.n_isos - 1)
         l_joint = l_mult + l_mvn + self._log_prior()
-        return {"joint": l_joint, "grad": grad, "W": W, "prec_nu": prec_nu, "v": v,
-                "theta": theta}
+        return {"joint": l_joint, "grad": grad, "W": W, "v": v, "theta": theta}
 
     def joint_loglik(self) -> Tensor:
         """Per-gene joint log-likelihood ``l_J`` ``(G,)`` (SPEC §5.4)."""
