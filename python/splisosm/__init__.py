@@ -11,4 +11,13 @@ try:
 except PackageNotFoundError:  # pragma: no cover
     __version__ = "0.0.0+unknown"
 
-__all__ = ["ops", "__version__"]
+__all__ = ["SplisosmGLMM", "ops", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: the wrapper pulls in pandas/anndata, which plain op users don't need.
+    if name == "SplisosmGLMM":
+        from splisosm.hyptest_glmm import SplisosmGLMM
+
+        return SplisosmGLMM
+    raise AttributeError(f"module 'splisosm' has no attribute {name!r}")
