@@ -102,11 +102,21 @@ def _split_omega(omega: Tensor, P: int, q: int) -> tuple[Tensor, Tensor]:
     return w[..., :P].transpose(1, 2), w[..., P]
 
 
+def _ridge_solve(A: Tensor, b: Tensor) -> Tensor:
+    """``(A + 1e-5 I)^-1 b`` in float64, returned in ``b``'s dtype.
+
+    A design that one-hot encodes every level of a factor is collinear with the intercept
+    (SPEC §3.7 keeps all levels), so only the 1e-5 ridge makes the information invertible; in
+    float32 that is below round-off and the solve fails as singular.
+    """
+    eye = torch.eye(A.shape[-1], dtype=torch.float64, device=A.device)
+    return torch.linalg.solve(A.double() + 1e-5 * eye, b.double()).to(b.dtype)
+
+
 def _fixed_effect_newton(X: Tensor, W: Tensor, grad: Tensor) -> Tensor:
     """Newton direction for the fixed effects, ``(X~^T W X~ + 1e-5 I)^-1 X~^T r``."""
     info, score = fixed_effect_info(X, W, grad)
-    eye = torch.eye(info.shape[-1], dtype=info.dtype, device=info.device)
-    return torch.linalg.solve(info + 1e-5 * eye, score)
+    return _ridge_solve(info, score)
 
 
 class _CountModel(nn.Module):
@@ -204,11 +214,9 @@ class MultinomGLM(_CountModel):
             _, grad, W = multinom_terms(eta, self.counts)
             omega = _omega(self.beta, self.bias_eta)
             if iwls:
-                eye = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device)
-                y_work = eta + torch.linalg.solve(W + 1e-5 * eye, grad.unsqueeze(-1))[..., 0]
+                y_work = eta + _ridge_solve(W, grad.unsqueeze(-1))[..., 0]
                 info, rhs = fixed_effect_info(self.X, W, torch.einsum("gsjk,gsk->gsj", W, y_work))
-                eye_f = torch.eye(info.shape[-1], dtype=W.dtype, device=W.device)
-                new = torch.linalg.solve(info + 1e-5 * eye_f, rhs)
+                new = _ridge_solve(info, rhs)
             else:
                 new = omega + scale * _fixed_effect_newton(self.X, W, grad)
             new = torch.where(active[:, None], new, omega)
