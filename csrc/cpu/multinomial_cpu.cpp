@@ -190,6 +190,17 @@ std::tuple<at::Tensor, at::Tensor> fixed_effect_info_cpu(const at::Tensor& X_in,
       for (int64_t f = 0; f < P1; ++f)
         for (int64_t h = 0; h < P1; ++h) op(s, f * P1 + h) = xt(s, f) * xt(s, h);
     at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      if (q == 1) {
+        // One logit per spot: W and resid of a gene range are plain (genes x spots) matrices and
+        // the outputs are (genes x P1^2) and (genes x P1), so the range is two GEMMs rather than
+        // many products with a single row.
+        using OutMap = Eigen::Map<RowMat<scalar_t>>;
+        const Map wr(W.data_ptr<scalar_t>() + begin * n, end - begin, n);
+        const Map rr(r.data_ptr<scalar_t>() + begin * n, end - begin, n);
+        OutMap(info.data_ptr<scalar_t>() + begin * P1 * P1, end - begin, P1 * P1).noalias() = wr * op;
+        OutMap(score.data_ptr<scalar_t>() + begin * P1, end - begin, P1).noalias() = rr * xt;
+        return;
+      }
       for (int64_t g = begin; g < end; ++g) {
         const Map wg(W.data_ptr<scalar_t>() + g * n * q * q, n, q * q);
         const Map rg(r.data_ptr<scalar_t>() + g * n * q, n, q);
