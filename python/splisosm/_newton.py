@@ -7,6 +7,7 @@ method's objective, so a gene never accepts a step that lowers it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -52,6 +53,12 @@ class _ModeSolver:
         self.counts = model.counts.to(self.WORK)
         self.P1 = self.Xt.shape[1]
         self.q = model.n_isos - 1
+
+    def for_genes(self, genes: Tensor) -> _ModeSolver:
+        """The same solver restricted to the given genes of the batch (index tensor)."""
+        sub = copy.copy(self)
+        sub.counts = self.counts[genes]
+        return sub
 
     def state(self) -> tuple[Tensor, Tensor]:
         """Current ``nu`` and fixed effects ``omega`` ``(G, q, P + 1)`` (intercept last)."""
@@ -200,10 +207,11 @@ class MarginalNewton:
     quadratic through the three values proposes a step, and each gene keeps the best of the
     four points. ``l_M`` uses the structured log-determinant, so a variance coordinate costs six
     factorisations of the Laplace system per epoch, plus two for the mode step, which is skipped
-    when every gene has just moved (its state was then refined as a candidate). Once no gene has moved its
-    variance parameters for two epochs in a row the state is treated as a fixed point and later
-    epochs do nothing, so the patience epochs cost nothing. Moves gaining less than the fitting
-    ``tol`` are not taken. ``update_nu_every_k`` (a setting of the reference's optimiser-based
+    for genes that have just moved (their state was then refined as a candidate). Genes are
+    independent, so a gene that has not moved its variance parameters for two epochs in a row is
+    at a fixed point and drops out of later epochs' work: a batch no longer runs every gene
+    until its slowest one settles, and the patience epochs cost nothing. Moves gaining less than
+    the fitting ``tol`` are not taken. ``update_nu_every_k`` (a setting of the reference's optimiser-based
     method) is accepted but unused: the mode is refined in every epoch.
     """
 
@@ -212,8 +220,10 @@ class MarginalNewton:
     def __init__(self, model) -> None:
         self.model = model
         self.solver = _ModeSolver(model)
-        self.still = 0
-        self.refine_next = True
+        genes = model.n_genes
+        device = model.nu.device
+        self.still = torch.zeros(genes, dtype=torch.long, device=device)  # epochs without a move
+        self.moved = torch.zeros(genes, dtype=torch.bool, device=device)  # in the last epoch
         self.objective: Tensor | None = None
 
     def _threshold(self, f: Tensor) -> Tensor:
@@ -232,38 +242,52 @@ class MarginalNewton:
             coords += [("sigma", c) for c in range(m.sigma.shape[-1])]
         return coords
 
-    def _profile(self, nu, omega, psi: dict) -> tuple[Tensor, Tensor, Tensor]:
-        nu, omega, parts = self.solver.refine(nu, omega, psi["sigma"], psi["theta_logit"],
-                                              steps=1, halving=False)
-        return nu, omega, self.solver.marginal(parts)
+    @staticmethod
+    def _profile(solver: _ModeSolver, nu, omega, psi: dict) -> tuple[Tensor, Tensor, Tensor]:
+        nu, omega, parts = solver.refine(nu, omega, psi["sigma"], psi["theta_logit"],
+                                         steps=1, halving=False)
+        return nu, omega, solver.marginal(parts)
 
     def step(self, epoch: int, active: Tensor) -> None:
-        if self.still >= self.SETTLE_EPOCHS:
-            return  # fixed point: the objective is unchanged and the patience counter runs
-        m, s = self.model, self.solver
+        working = self.still < self.SETTLE_EPOCHS
+        if not bool(working.any()):
+            return  # every gene at its fixed point: the patience counter runs
+        m = self.model
         with torch.no_grad():
-            nu, omega = s.state()
-            psi = {"sigma": m.sigma.detach().to(s.WORK, copy=True),
-                   "theta_logit": m.theta_logit.detach().to(s.WORK, copy=True)}
-            if self.objective is None or self.refine_next:
-                nu, omega, parts = s.refine(nu, omega, psi["sigma"], psi["theta_logit"],
-                                            steps=1, halving=True)
-                f = s.marginal(parts)
-            else:  # every gene's state was just refined (and evaluated) as a profile candidate
-                f = self.objective
-            moved = torch.zeros_like(f, dtype=torch.bool)
+            nu, omega = self.solver.state()
+            psi = {"sigma": m.sigma.detach().to(_ModeSolver.WORK, copy=True),
+                   "theta_logit": m.theta_logit.detach().to(_ModeSolver.WORK, copy=True)}
+            genes = torch.nonzero(working).flatten()
+            solver = self.solver if bool(working.all()) else self.solver.for_genes(genes)
+            nu_w, omega_w = nu[genes], omega[genes]
+            psi_w = {key: value[genes] for key, value in psi.items()}
+            # genes that just moved were refined (and evaluated) as profile candidates
+            if self.objective is None or not bool(self.moved[genes].all()):
+                nu_w, omega_w, parts = solver.refine(nu_w, omega_w, psi_w["sigma"],
+                                                     psi_w["theta_logit"], steps=1, halving=True)
+                f_w = solver.marginal(parts)
+            else:
+                f_w = self.objective[genes]
+            moved = torch.zeros_like(f_w, dtype=torch.bool)
             for name, c in self._coordinates():
-                nu, omega, f, picked = self._coordinate_step(nu, omega, psi, f, name, c)
+                nu_w, omega_w, f_w, picked = self._coordinate_step(solver, nu_w, omega_w, psi_w,
+                                                                   f_w, name, c)
                 moved = moved | picked
-            any_moved, all_moved = (bool(b) for b in torch.stack([moved.any(), moved.all()]))
-            self.still = 0 if any_moved else self.still + 1
-            self.refine_next = not all_moved
-            s.write(nu, omega)
+            self.still[genes] = torch.where(moved, 0, self.still[genes] + 1)
+            self.moved[genes] = moved
+            nu[genes], omega[genes] = nu_w, omega_w
+            for key in psi:
+                psi[key][genes] = psi_w[key]
+            if self.objective is None:  # first epoch: every gene works
+                self.objective = f_w.clone()
+            else:
+                self.objective[genes] = f_w
+            self.solver.write(nu, omega)
             m.sigma.copy_(psi["sigma"])
             m.theta_logit.copy_(psi["theta_logit"])
-            self.objective = f
 
-    def _coordinate_step(self, nu, omega, psi: dict, f0: Tensor, name: str, c: int):
+    def _coordinate_step(self, solver: _ModeSolver, nu, omega, psi: dict, f0: Tensor, name: str,
+                         c: int):
         x0 = psi[name][:, c].clone()
         h = torch.full_like(x0, 0.1) if name == "theta_logit" else 0.05 * x0.abs().clamp(min=0.1)
 
@@ -275,14 +299,14 @@ class MarginalNewton:
             return new
 
         points = [shifted(x0 - h), shifted(x0 + h)]
-        results = [self._profile(nu, omega, p) for p in points]
+        results = [self._profile(solver, nu, omega, p) for p in points]
         f_lo, f_hi = results[0][2], results[1][2]
         slope = (f_hi - f_lo) / (2 * h)
         curv = (f_hi - 2 * f0 + f_lo) / (h * h)
         newton = -slope / curv.clamp(max=-1e-12)
         jump = torch.where(curv < 0, newton, torch.sign(slope) * MAX_VARIANCE_STEP)
         points.append(shifted(x0 + jump.clamp(-MAX_VARIANCE_STEP, MAX_VARIANCE_STEP)))
-        results.append(self._profile(nu, omega, points[-1]))
+        results.append(self._profile(solver, nu, omega, points[-1]))
         # per gene keep the best of: current, minus, plus, proposed
         values = torch.nan_to_num(torch.stack([f0] + [r[2] for r in results]), nan=-float("inf"))
         best = values.argmax(0)
