@@ -117,7 +117,7 @@ def _multinom_backward(ctx, d_loglik: Tensor, d_grad: Tensor, d_W: Tensor):
     eta, counts, grad, W = ctx.saved_tensors
     d_eta = torch.zeros_like(eta)
     if d_loglik is not None:
-        d_eta = d_eta + d_loglik[:, None, None] * grad
+        d_eta = torch.addcmul(d_eta, d_loglik[:, None, None], grad)
     if d_grad is not None:
         d_eta = d_eta - torch.einsum("gsjk,gsk->gsj", W, d_grad)
     if d_W is not None:
@@ -135,6 +135,9 @@ def _multinom_setup_context(ctx, inputs, output) -> None:
     eta, counts = inputs
     _, grad, W = output
     ctx.save_for_backward(eta, counts, grad, W)
+    # Fitters usually differentiate the log-likelihood alone: leave the other outputs' gradients
+    # as None instead of zero tensors, so backward skips their (softmax and einsum) terms.
+    ctx.set_materialize_grads(False)
 
 
 def _fixed_effect_info_fake(X: Tensor, W: Tensor, resid: Tensor) -> tuple[Tensor, Tensor]:
