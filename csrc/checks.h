@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <utility>
+
 namespace splisosm {
 
 inline void check_float(const at::Tensor& t, const char* name) {
@@ -29,8 +31,23 @@ inline void check_dim(const at::Tensor& t, int64_t d, int64_t expected, const ch
               ") must be ", expected, ", got ", t.size(d));
 }
 
+// The dispatcher picks one kernel from the highest-priority device among all tensor arguments,
+// so a kernel can still be handed tensors of another device type, or of another GPU.
+inline void check_device_type(const at::Tensor& t, const char* name, c10::DeviceType device) {
+  TORCH_CHECK(t.device().type() == device, "splisosm: `", name, "` must be a ",
+              c10::DeviceTypeName(device), " tensor for the ", c10::DeviceTypeName(device),
+              " kernel, got ", t.device());
+}
+
+// The Laplace ops take their device (and the CUDA device guard) from `W`; the rest must follow.
+inline void check_device_of_W(const at::Tensor& t, const char* name, const at::Tensor& W) {
+  TORCH_CHECK(t.device() == W.device(), "splisosm: `", name, "` must be on the device of `W` (",
+              W.device(), "), got ", t.device());
+}
+
 // Shape contract of the multinomial ops: eta (G, n, q), counts (G, n, q + 1).
-inline void check_multinom_inputs(const at::Tensor& eta, const at::Tensor& counts) {
+inline void check_multinom_inputs(const at::Tensor& eta, const at::Tensor& counts,
+                                  c10::DeviceType device) {
   check_float(eta, "eta");
   check_rank(eta, 3, "eta", "(G, n, q)");
   check_rank(counts, 3, "counts", "(G, n, m)");
@@ -39,6 +56,7 @@ inline void check_multinom_inputs(const at::Tensor& eta, const at::Tensor& count
   check_dim(counts, 1, eta.size(1), "counts", "spots n, as in eta");
   check_dim(counts, 2, eta.size(2) + 1, "counts", "isoforms m = q + 1, eta has q columns");
   TORCH_CHECK(eta.size(2) >= 1, "splisosm: `eta` needs q >= 1 (genes with at least 2 isoforms)");
+  check_device_type(eta, "eta", device);
 }
 
 // W (G, n, q, q) and a per-spot vector argument (G, n, q).
@@ -48,6 +66,86 @@ inline void check_blocks(const at::Tensor& W, const at::Tensor& r, const char* r
   check_same(W, "W", r, rname);
   TORCH_CHECK(W.size(2) == W.size(3), "splisosm: `W` blocks must be square (G, n, q, q), got ",
               W.sizes());
+}
+
+// fixed_effect_info: X (n, P), W (G, n, q, q), resid (G, n, q).
+inline void check_fixed_effect_inputs(const at::Tensor& X, const at::Tensor& W,
+                                      const at::Tensor& resid, c10::DeviceType device) {
+  check_blocks(W, resid, "resid");
+  check_rank(X, 2, "X", "(n, P)");
+  check_same(W, "W", X, "X");
+  check_rank(resid, 3, "resid", "(G, n, q)");
+  check_device_type(W, "W", device);
+  check_dim(X, 0, W.size(1), "X", "spots n, as in W");
+  check_dim(resid, 0, W.size(0), "resid", "genes G, as in W");
+  check_dim(resid, 1, W.size(1), "resid", "spots n, as in W");
+  check_dim(resid, 2, W.size(2), "resid", "q, as in W");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Laplace ops. Inputs are converted to float64, so their dtypes may differ; their device may not,
+// and `W` sets it.
+// ---------------------------------------------------------------------------------------------
+
+// W (G, n, q, q) with q >= 1.
+inline void check_laplace_W(const at::Tensor& W, c10::DeviceType device) {
+  check_float(W, "W");
+  check_device_type(W, "W", device);
+  check_rank(W, 4, "W", "(G, n, q, q)");
+  TORCH_CHECK(W.size(2) == W.size(3) && W.size(2) >= 1,
+              "splisosm: `W` blocks must be square (G, n, q, q) with q >= 1, got ", W.sizes());
+}
+
+// rhs (G, R, n, q) for a checked W.
+inline void check_laplace_rhs(const at::Tensor& W, const at::Tensor& rhs) {
+  check_float(rhs, "rhs");
+  check_device_of_W(rhs, "rhs", W);
+  check_rank(rhs, 4, "rhs", "(G, R, n, q)");
+  check_dim(rhs, 0, W.size(0), "rhs", "genes G, as in W");
+  check_dim(rhs, 2, W.size(1), "rhs", "spots n, as in W");
+  check_dim(rhs, 3, W.size(2), "rhs", "columns q, as in W");
+}
+
+// Eigenpairs of the kernel K: evecs (n, r), evals (r,), 1 <= r <= n.
+inline void check_eig(const at::Tensor& W, const at::Tensor& evals, const at::Tensor& evecs) {
+  check_float(evals, "evals");
+  check_float(evecs, "evecs");
+  check_device_of_W(evals, "evals", W);
+  check_device_of_W(evecs, "evecs", W);
+  check_rank(evecs, 2, "evecs", "(n, r)");
+  check_rank(evals, 1, "evals", "(r,)");
+  check_dim(evecs, 0, W.size(1), "evecs", "spots n, as in W");
+  check_dim(evals, 0, evecs.size(1), "evals", "rank r, as in evecs");
+  TORCH_CHECK(evecs.size(1) >= 1 && evecs.size(1) <= evecs.size(0),
+              "splisosm: `evecs` must have 1 <= r <= n columns, got ", evecs.sizes());
+}
+
+// The direct route of laplace_lowrank rests on the residual eigenvalue, which only r < n has.
+inline void check_low_rank(const at::Tensor& evecs) {
+  TORCH_CHECK(evecs.size(1) < evecs.size(0), "splisosm: `evecs` must be low rank (r < n) "
+              "for laplace_lowrank, got ", evecs.sizes());
+}
+
+// Stopping rule of the CG solver of laplace_solve_eig.
+inline void check_cg_controls(double tol, int64_t max_iter) {
+  TORCH_CHECK(tol > 0, "splisosm: `tol` must be positive, got ", tol);
+  TORCH_CHECK(max_iter >= 1, "splisosm: `max_iter` must be >= 1, got ", max_iter);
+}
+
+// v and theta (G, q). The sparse form divides by theta, so it needs theta > 0 (`open_theta`).
+inline void check_variance(const at::Tensor& W, const at::Tensor& v, const at::Tensor& theta,
+                           bool open_theta) {
+  for (auto [t, name] : {std::pair{&v, "v"}, std::pair{&theta, "theta"}}) {
+    check_float(*t, name);
+    check_device_of_W(*t, name, W);
+    check_rank(*t, 2, name, "(G, q)");
+    check_dim(*t, 0, W.size(0), name, "genes G, as in W");
+    check_dim(*t, 1, W.size(2), name, "columns q, as in W");
+  }
+  TORCH_CHECK(v.gt(0).all().item<bool>(), "splisosm: `v` (total variance) must be positive");
+  const bool low_ok = open_theta ? theta.gt(0).all().item<bool>() : theta.ge(0).all().item<bool>();
+  TORCH_CHECK(low_ok && theta.lt(1).all().item<bool>(), "splisosm: `theta` must satisfy ",
+              open_theta ? "0 < theta < 1" : "0 <= theta < 1");
 }
 
 }  // namespace splisosm

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "laplace_prior.h"
 
 namespace splisosm {
 namespace {
@@ -31,9 +32,6 @@ using VecX = Eigen::VectorXd;
 using RowMatX = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using SpMat = Eigen::SparseMatrix<double, Eigen::ColMajor, int>;
 using SparseLLT = Eigen::SimplicialLLT<SpMat, Eigen::Lower, Eigen::AMDOrdering<int>>;
-
-// Bound on the low-rank correction 1/c - 1/d of the prior precision (SPEC §5.5).
-constexpr double kLowRankClip = 1e6;
 
 at::Tensor to_f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
 
@@ -50,77 +48,6 @@ class GeneFailures {
  private:
   std::vector<std::string> reason_;  // each gene is written by one thread only
 };
-
-// ------------------------------------------------------------------------------------------
-// Input checks
-// ------------------------------------------------------------------------------------------
-
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "splisosm: `", name,
-              "` must be a CPU tensor for the CPU kernel");
-}
-
-// W (G, n, q, q), v and theta (G, q); theta in [0, 1) or (0, 1) for the sparse form.
-void check_variance(const at::Tensor& W, const at::Tensor& v, const at::Tensor& theta,
-                    bool open_theta) {
-  for (auto [t, name] : {std::pair{&v, "v"}, std::pair{&theta, "theta"}}) {
-    check_float(*t, name);
-    check_cpu(*t, name);
-    check_rank(*t, 2, name, "(G, q)");
-    check_dim(*t, 0, W.size(0), name, "genes G, as in W");
-    check_dim(*t, 1, W.size(2), name, "columns q, as in W");
-  }
-  TORCH_CHECK(v.gt(0).all().item<bool>(), "splisosm: `v` (total variance) must be positive");
-  const bool low_ok = open_theta ? theta.gt(0).all().item<bool>() : theta.ge(0).all().item<bool>();
-  TORCH_CHECK(low_ok && theta.lt(1).all().item<bool>(), "splisosm: `theta` must satisfy ",
-              open_theta ? "0 < theta < 1" : "0 <= theta < 1");
-}
-
-void check_W_rhs(const at::Tensor& W, const at::Tensor& rhs) {
-  check_float(W, "W");
-  check_cpu(W, "W");
-  check_rank(W, 4, "W", "(G, n, q, q)");
-  TORCH_CHECK(W.size(2) == W.size(3), "splisosm: `W` blocks must be square (G, n, q, q), got ",
-              W.sizes());
-  TORCH_CHECK(W.size(2) >= 1, "splisosm: `W` needs q >= 1 columns");
-  check_float(rhs, "rhs");
-  check_cpu(rhs, "rhs");
-  check_rank(rhs, 4, "rhs", "(G, R, n, q)");
-  check_dim(rhs, 0, W.size(0), "rhs", "genes G, as in W");
-  check_dim(rhs, 2, W.size(1), "rhs", "spots n, as in W");
-  check_dim(rhs, 3, W.size(2), "rhs", "columns q, as in W");
-}
-
-void check_eig(const at::Tensor& W, const at::Tensor& evals, const at::Tensor& evecs) {
-  check_float(evals, "evals");
-  check_float(evecs, "evecs");
-  check_cpu(evals, "evals");
-  check_cpu(evecs, "evecs");
-  check_rank(evecs, 2, "evecs", "(n, r)");
-  check_rank(evals, 1, "evals", "(r,)");
-  check_dim(evecs, 0, W.size(1), "evecs", "spots n, as in W");
-  check_dim(evals, 0, evecs.size(1), "evals", "rank r, as in evecs");
-  TORCH_CHECK(evecs.size(1) >= 1 && evecs.size(1) <= evecs.size(0),
-              "splisosm: `evecs` must have 1 <= r <= n columns, got ", evecs.sizes());
-}
-
-// Prior eigenvalues c (G, q, r) and the eigenbasis precision: full rank V diag(e) V^T with
-// e = 1/c and dinv = 0; low rank dinv I + V diag(e) V^T with e = clip(1/c - 1/d).
-struct EigPrior {
-  at::Tensor c, e, dinv;  // (G, q, r), (G, q, r), (G, q)
-};
-
-EigPrior eig_prior(const at::Tensor& lam, int64_t n, const at::Tensor& v, const at::Tensor& theta) {
-  const auto vv = v.unsqueeze(-1), tt = theta.unsqueeze(-1);
-  auto c = vv * (tt * lam.view({1, 1, -1}) + (1 - tt));
-  TORCH_CHECK(c.gt(0).all().item<bool>(),
-              "splisosm: prior eigenvalues v (theta lambda + 1 - theta) must be positive; "
-              "`evals` is too negative");
-  if (lam.size(0) == n) return {c, c.reciprocal(), at::zeros_like(v)};
-  auto dinv = (v * (1 - theta)).reciprocal();
-  auto e = (c.reciprocal() - dinv.unsqueeze(-1)).clamp(-kLowRankClip, kLowRankClip);
-  return {c, e, dinv};
-}
 
 // ------------------------------------------------------------------------------------------
 // Eigenbasis form: preconditioned CG
@@ -216,11 +143,11 @@ std::tuple<at::Tensor, at::Tensor> laplace_solve_eig_cpu(const at::Tensor& W_in,
                                                          const at::Tensor& v_in,
                                                          const at::Tensor& theta_in, double tol,
                                                          int64_t max_iter) {
-  check_W_rhs(W_in, rhs_in);
+  check_laplace_W(W_in, c10::DeviceType::CPU);
+  check_laplace_rhs(W_in, rhs_in);
   check_eig(W_in, evals_in, evecs_in);
   check_variance(W_in, v_in, theta_in, false);
-  TORCH_CHECK(tol > 0, "splisosm: `tol` must be positive, got ", tol);
-  TORCH_CHECK(max_iter >= 1, "splisosm: `max_iter` must be >= 1, got ", max_iter);
+  check_cg_controls(tol, max_iter);
   const auto W = to_f64(W_in), V = to_f64(evecs_in), v = to_f64(v_in), theta = to_f64(theta_in);
   const int64_t G = W.size(0), n = W.size(1), q = W.size(2), R = rhs_in.size(1);
   auto iters = at::zeros({G}, W.options().dtype(at::kLong));
@@ -485,11 +412,7 @@ at::Tensor logdet_eig_full_rank(const at::Tensor& W, const at::Tensor& V, const 
 at::Tensor laplace_logdet_eig_cpu(const at::Tensor& W_in, const at::Tensor& evals_in,
                                   const at::Tensor& evecs_in, const at::Tensor& v_in,
                                   const at::Tensor& theta_in) {
-  check_float(W_in, "W");
-  check_cpu(W_in, "W");
-  check_rank(W_in, 4, "W", "(G, n, q, q)");
-  TORCH_CHECK(W_in.size(2) == W_in.size(3) && W_in.size(2) >= 1,
-              "splisosm: `W` blocks must be square (G, n, q, q) with q >= 1, got ", W_in.sizes());
+  check_laplace_W(W_in, c10::DeviceType::CPU);
   check_eig(W_in, evals_in, evecs_in);
   check_variance(W_in, v_in, theta_in, false);
   const auto W = to_f64(W_in), V = to_f64(evecs_in), lam = to_f64(evals_in);
@@ -509,10 +432,10 @@ std::tuple<at::Tensor, at::Tensor> laplace_lowrank_cpu(const at::Tensor& W_in,
                                                        const at::Tensor& evecs_in,
                                                        const at::Tensor& v_in,
                                                        const at::Tensor& theta_in) {
-  check_W_rhs(W_in, rhs_in);
+  check_laplace_W(W_in, c10::DeviceType::CPU);
+  check_laplace_rhs(W_in, rhs_in);
   check_eig(W_in, evals_in, evecs_in);
-  TORCH_CHECK(evecs_in.size(1) < evecs_in.size(0), "splisosm: `evecs` must be low rank (r < n) "
-              "for laplace_lowrank, got ", evecs_in.sizes());
+  check_low_rank(evecs_in);
   check_variance(W_in, v_in, theta_in, false);
   const auto W = to_f64(W_in), V = to_f64(evecs_in), v = to_f64(v_in), theta = to_f64(theta_in);
   const auto prior = eig_prior(to_f64(evals_in), W.size(1), v, theta);
@@ -676,7 +599,7 @@ class PooledSolver {
 void check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val) {
   for (auto [t, name] :
        {std::pair{&crow, "crow"}, std::pair{&col, "col"}, std::pair{&val, "val"}}) {
-    check_cpu(*t, name);
+    check_device_type(*t, name, c10::DeviceType::CPU);
     check_rank(*t, 1, name, "(nnz,) / (n + 1,)");
   }
   TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong,
@@ -703,7 +626,8 @@ std::tuple<at::Tensor, at::Tensor> laplace_sparse_cpu(const at::Tensor& W_in,
                                                       const at::Tensor& val_in,
                                                       const at::Tensor& v_in,
                                                       const at::Tensor& theta_in) {
-  check_W_rhs(W_in, rhs_in);
+  check_laplace_W(W_in, c10::DeviceType::CPU);
+  check_laplace_rhs(W_in, rhs_in);
   check_csr(crow_in, col_in, val_in);
   check_dim(crow_in, 0, W_in.size(1) + 1, "crow", "n + 1, with n spots as in W");
   check_variance(W_in, v_in, theta_in, true);
@@ -808,13 +732,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_shifted_solve_cpu(const at::Tensor& cr
   check_csr(crow_in, col_in, val_in);
   const int64_t n = crow_in.numel() - 1;
   check_float(rhs_in, "rhs");
-  check_cpu(rhs_in, "rhs");
+  check_device_type(rhs_in, "rhs", c10::DeviceType::CPU);
   check_rank(rhs_in, 3, "rhs", "(G, R, n)");
   check_dim(rhs_in, 2, n, "rhs", "n, as in crow");
   const int64_t G = rhs_in.size(0), R = rhs_in.size(1);
   for (auto [t, name] : {std::pair{&scale_in, "scale"}, std::pair{&shift_in, "shift"}}) {
     check_float(*t, name);
-    check_cpu(*t, name);
+    check_device_type(*t, name, c10::DeviceType::CPU);
     check_rank(*t, 1, name, "(G,)");
     check_dim(*t, 0, G, name, "genes G, as in rhs");
   }

@@ -137,8 +137,7 @@ void multinom_dispatch_q(const T* eta, const T* counts, int64_t spots, int64_t q
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multinom_terms_cpu(const at::Tensor& eta_in,
                                                                   const at::Tensor& counts_in) {
-  check_multinom_inputs(eta_in, counts_in);
-  TORCH_CHECK(eta_in.device().is_cpu(), "splisosm: `eta` must be a CPU tensor for the CPU kernel");
+  check_multinom_inputs(eta_in, counts_in, c10::DeviceType::CPU);
   const auto eta = eta_in.contiguous();
   const auto counts = counts_in.contiguous();
   const int64_t G = eta.size(0), n = eta.size(1), q = eta.size(2);
@@ -162,16 +161,8 @@ using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>
 std::tuple<at::Tensor, at::Tensor> fixed_effect_info_cpu(const at::Tensor& X_in,
                                                          const at::Tensor& W_in,
                                                          const at::Tensor& r_in) {
-  check_blocks(W_in, r_in, "resid");
-  check_rank(X_in, 2, "X", "(n, P)");
-  check_same(W_in, "W", X_in, "X");
-  check_rank(r_in, 3, "resid", "(G, n, q)");
-  TORCH_CHECK(W_in.device().is_cpu(), "splisosm: `W` must be a CPU tensor for the CPU kernel");
+  check_fixed_effect_inputs(X_in, W_in, r_in, c10::DeviceType::CPU);
   const int64_t G = W_in.size(0), n = W_in.size(1), q = W_in.size(2), P1 = X_in.size(1) + 1;
-  check_dim(X_in, 0, n, "X", "spots n, as in W");
-  check_dim(r_in, 0, G, "resid", "genes G, as in W");
-  check_dim(r_in, 1, n, "resid", "spots n, as in W");
-  check_dim(r_in, 2, q, "resid", "q, as in W");
   const auto W = W_in.contiguous();
   const auto r = r_in.contiguous();
   const auto X = X_in.contiguous();

@@ -1,6 +1,7 @@
 // CUDA implementations of the splisosm ops: input checks, allocations and streams around the
 // plain-CUDA launchers of kernels.cuh. Schemas live in registration.cpp; semantics follow the CPU
-// kernels (csrc/cpu/*.cpp), including their error messages where the failure is the same.
+// kernels (csrc/cpu/*.cpp), with which the input checks (checks.h) and the eigenbasis prior
+// (laplace_prior.h) are shared, so both devices reject the same inputs with the same messages.
 //
 // Laplace ops work in float64 whatever the input dtype, like the CPU kernels, so both devices
 // agree to round-off. Host synchronisations: one per multinomial call (the counts flag), and in
@@ -23,12 +24,11 @@
 
 #include "checks.h"
 #include "cuda/kernels.cuh"
+#include "laplace_prior.h"
 
 namespace splisosm {
 namespace {
 
-// Bound on the low-rank correction 1/c - 1/d of the prior precision (SPEC §5.5).
-constexpr double kLowRankClip = 1e6;
 // CG iterations between two reads of the active-system count (each read syncs the stream).
 constexpr int64_t kCheckEvery = 8;
 // Elements of the largest temporary of the dense log-determinant routes (1 GiB of float64);
@@ -36,16 +36,6 @@ constexpr int64_t kCheckEvery = 8;
 constexpr int64_t kDenseBudget = int64_t{1} << 27;
 
 constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
-
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "splisosm: `", name, "` must be a CUDA tensor for the CUDA kernel, got ",
-              t.device());
-}
-
-void check_device(const at::Tensor& t, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), "splisosm: `", name, "` must be on the device of `W` (",
-              ref.device(), "), got ", t.device());
-}
 
 at::Tensor to_f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
 
@@ -61,8 +51,7 @@ int64_t first_true(const at::Tensor& flags) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multinom_terms_cuda(const at::Tensor& eta_in,
                                                                    const at::Tensor& counts_in) {
-  check_multinom_inputs(eta_in, counts_in);
-  check_cuda(eta_in, "eta");
+  check_multinom_inputs(eta_in, counts_in, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(eta_in.device());
   const auto eta = eta_in.contiguous();
   const auto counts = counts_in.contiguous();
@@ -90,16 +79,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multinom_terms_cuda(const at::Ten
 std::tuple<at::Tensor, at::Tensor> fixed_effect_info_cuda(const at::Tensor& X_in,
                                                           const at::Tensor& W_in,
                                                           const at::Tensor& r_in) {
-  check_blocks(W_in, r_in, "resid");
-  check_rank(X_in, 2, "X", "(n, P)");
-  check_same(W_in, "W", X_in, "X");
-  check_rank(r_in, 3, "resid", "(G, n, q)");
-  check_cuda(W_in, "W");
+  check_fixed_effect_inputs(X_in, W_in, r_in, c10::DeviceType::CUDA);
   const int64_t G = W_in.size(0), n = W_in.size(1), q = W_in.size(2), P = X_in.size(1);
-  check_dim(X_in, 0, n, "X", "spots n, as in W");
-  check_dim(r_in, 0, G, "resid", "genes G, as in W");
-  check_dim(r_in, 1, n, "resid", "spots n, as in W");
-  check_dim(r_in, 2, q, "resid", "q, as in W");
   TORCH_CHECK(G <= kMaxInt, "splisosm: `W` has too many genes for one launch (", G, ")");
   const c10::cuda::CUDAGuard guard(W_in.device());
   const auto W = W_in.contiguous();
@@ -121,66 +102,10 @@ std::tuple<at::Tensor, at::Tensor> fixed_effect_info_cuda(const at::Tensor& X_in
 // Eigenbasis Laplace ops
 // ---------------------------------------------------------------------------------------------
 
+// The kernels index genes with int.
 void check_W(const at::Tensor& W) {
-  check_float(W, "W");
-  check_cuda(W, "W");
-  check_rank(W, 4, "W", "(G, n, q, q)");
-  TORCH_CHECK(W.size(2) == W.size(3) && W.size(2) >= 1,
-              "splisosm: `W` blocks must be square (G, n, q, q) with q >= 1, got ", W.sizes());
+  check_laplace_W(W, c10::DeviceType::CUDA);
   TORCH_CHECK(W.size(0) <= kMaxInt, "splisosm: `W` has too many genes (", W.size(0), ")");
-}
-
-void check_rhs(const at::Tensor& W, const at::Tensor& rhs) {
-  check_float(rhs, "rhs");
-  check_device(rhs, "rhs", W);
-  check_rank(rhs, 4, "rhs", "(G, R, n, q)");
-  check_dim(rhs, 0, W.size(0), "rhs", "genes G, as in W");
-  check_dim(rhs, 2, W.size(1), "rhs", "spots n, as in W");
-  check_dim(rhs, 3, W.size(2), "rhs", "columns q, as in W");
-}
-
-void check_eig(const at::Tensor& W, const at::Tensor& evals, const at::Tensor& evecs) {
-  check_float(evals, "evals");
-  check_float(evecs, "evecs");
-  check_device(evals, "evals", W);
-  check_device(evecs, "evecs", W);
-  check_rank(evecs, 2, "evecs", "(n, r)");
-  check_rank(evals, 1, "evals", "(r,)");
-  check_dim(evecs, 0, W.size(1), "evecs", "spots n, as in W");
-  check_dim(evals, 0, evecs.size(1), "evals", "rank r, as in evecs");
-  TORCH_CHECK(evecs.size(1) >= 1 && evecs.size(1) <= evecs.size(0),
-              "splisosm: `evecs` must have 1 <= r <= n columns, got ", evecs.sizes());
-}
-
-void check_variance(const at::Tensor& W, const at::Tensor& v, const at::Tensor& theta) {
-  for (auto [t, name] : {std::pair{&v, "v"}, std::pair{&theta, "theta"}}) {
-    check_float(*t, name);
-    check_device(*t, name, W);
-    check_rank(*t, 2, name, "(G, q)");
-    check_dim(*t, 0, W.size(0), name, "genes G, as in W");
-    check_dim(*t, 1, W.size(2), name, "columns q, as in W");
-  }
-  TORCH_CHECK(v.gt(0).all().item<bool>(), "splisosm: `v` (total variance) must be positive");
-  TORCH_CHECK(theta.ge(0).all().item<bool>() && theta.lt(1).all().item<bool>(),
-              "splisosm: `theta` must satisfy 0 <= theta < 1");
-}
-
-// Prior eigenvalues c (G, q, r) and the eigenbasis precision: full rank V diag(e) V^T with
-// e = 1/c and dinv = 0; low rank dinv I + V diag(e) V^T with e = clip(1/c - 1/d).
-struct EigPrior {
-  at::Tensor c, e, dinv;  // (G, q, r), (G, q, r), (G, q); float64, contiguous
-};
-
-EigPrior eig_prior(const at::Tensor& lam, int64_t n, const at::Tensor& v, const at::Tensor& theta) {
-  const auto vv = v.unsqueeze(-1), tt = theta.unsqueeze(-1);
-  auto c = (vv * (tt * lam.view({1, 1, -1}) + (1 - tt))).contiguous();
-  TORCH_CHECK(c.gt(0).all().item<bool>(),
-              "splisosm: prior eigenvalues v (theta lambda + 1 - theta) must be positive; "
-              "`evals` is too negative");
-  if (lam.size(0) == n) return {c, c.reciprocal(), at::zeros_like(v)};
-  auto dinv = (v * (1 - theta)).reciprocal();
-  auto e = (c.reciprocal() - dinv.unsqueeze(-1)).clamp(-kLowRankClip, kLowRankClip);
-  return {c, e.contiguous(), dinv.contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor> laplace_solve_eig_cuda(const at::Tensor& W_in,
@@ -191,11 +116,10 @@ std::tuple<at::Tensor, at::Tensor> laplace_solve_eig_cuda(const at::Tensor& W_in
                                                           const at::Tensor& theta_in, double tol,
                                                           int64_t max_iter) {
   check_W(W_in);
-  check_rhs(W_in, rhs_in);
+  check_laplace_rhs(W_in, rhs_in);
   check_eig(W_in, evals_in, evecs_in);
-  check_variance(W_in, v_in, theta_in);
-  TORCH_CHECK(tol > 0, "splisosm: `tol` must be positive, got ", tol);
-  TORCH_CHECK(max_iter >= 1, "splisosm: `max_iter` must be >= 1, got ", max_iter);
+  check_variance(W_in, v_in, theta_in, false);
+  check_cg_controls(tol, max_iter);
   const c10::cuda::CUDAGuard guard(W_in.device());
   const auto W = to_f64(W_in), V = to_f64(evecs_in), v = to_f64(v_in), theta = to_f64(theta_in);
   const int64_t G = W.size(0), n = W.size(1), q = W.size(2), R = rhs_in.size(1), r = V.size(1);
@@ -382,7 +306,7 @@ at::Tensor laplace_logdet_eig_cuda(const at::Tensor& W_in, const at::Tensor& eva
                                    const at::Tensor& theta_in) {
   check_W(W_in);
   check_eig(W_in, evals_in, evecs_in);
-  check_variance(W_in, v_in, theta_in);
+  check_variance(W_in, v_in, theta_in, false);
   const c10::cuda::CUDAGuard guard(W_in.device());
   const auto W = to_f64(W_in), V = to_f64(evecs_in), lam = to_f64(evals_in);
   const auto prior = eig_prior(lam, W.size(1), to_f64(v_in), to_f64(theta_in));
@@ -402,11 +326,10 @@ std::tuple<at::Tensor, at::Tensor> laplace_lowrank_cuda(const at::Tensor& W_in,
                                                         const at::Tensor& v_in,
                                                         const at::Tensor& theta_in) {
   check_W(W_in);
-  check_rhs(W_in, rhs_in);
+  check_laplace_rhs(W_in, rhs_in);
   check_eig(W_in, evals_in, evecs_in);
-  TORCH_CHECK(evecs_in.size(1) < evecs_in.size(0), "splisosm: `evecs` must be low rank (r < n) "
-              "for laplace_lowrank, got ", evecs_in.sizes());
-  check_variance(W_in, v_in, theta_in);
+  check_low_rank(evecs_in);
+  check_variance(W_in, v_in, theta_in, false);
   const c10::cuda::CUDAGuard guard(W_in.device());
   const auto W = to_f64(W_in), V = to_f64(evecs_in);
   const auto prior = eig_prior(to_f64(evals_in), W.size(1), to_f64(v_in), to_f64(theta_in));
