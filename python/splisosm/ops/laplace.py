@@ -79,6 +79,21 @@ def _check_rhs(rhs: object, W: Tensor) -> tuple[Tensor, bool]:
     return rhs4, squeeze
 
 
+def _optional_rhs(rhs: object, W: Tensor) -> tuple[Tensor, bool]:
+    """Like :func:`_check_rhs`, with ``None`` (log-determinant only) as zero right-hand sides."""
+    if rhs is None:
+        G, n, q, _ = W.shape
+        return W.new_zeros(G, 0, n, q), False
+    return _check_rhs(rhs, W)
+
+
+def _solution_as_given(x: Tensor, rhs: Tensor | None, squeeze: bool) -> Tensor | None:
+    """The solution in the layout the caller passed ``rhs`` in (``None`` without ``rhs``)."""
+    if rhs is None:
+        return None
+    return x[:, 0] if squeeze else x
+
+
 def _check_variance(v: object, theta: object, W: Tensor, *, open_theta: bool) -> None:
     G, _, q, _ = W.shape
     _check_tensor(v, "v", (G, q), "(G, q)")
@@ -248,10 +263,7 @@ def laplace_lowrank(
         dtype of ``W``.
     """
     G, n, q = _check_W(W)
-    if rhs is None:
-        rhs4, squeeze = W.new_zeros(G, 0, n, q), False
-    else:
-        rhs4, squeeze = _check_rhs(rhs, W)
+    rhs4, squeeze = _optional_rhs(rhs, W)
     _check_eig(evals, evecs, W, v, theta)
     if evecs.shape[1] >= n:
         raise ValueError(f"`evecs` must be low rank (r < n = {n}), got r = {evecs.shape[1]}")
@@ -260,9 +272,7 @@ def laplace_lowrank(
     else:
         x = laplace_solve_eig_reference(W, rhs4, evals, evecs, v, theta)
         logdet = laplace_logdet_eig_reference(W, evals, evecs, v, theta)
-    if rhs is None:
-        return None, logdet
-    return (x[:, 0] if squeeze else x), logdet
+    return _solution_as_given(x, rhs, squeeze), logdet
 
 
 def laplace_sparse(
@@ -294,19 +304,14 @@ def laplace_sparse(
         dtype of ``W``.
     """
     G, n, q = _check_W(W)
-    if rhs is None:
-        rhs4, squeeze = W.new_zeros(G, 0, n, q), False
-    else:
-        rhs4, squeeze = _check_rhs(rhs, W)
+    rhs4, squeeze = _optional_rhs(rhs, W)
     crow, col, val = check_csr(crow, col, val, n)
     _check_variance(v, theta, W, open_theta=True)
     if has_native_kernel("laplace_sparse", W.device):
         x, logdet = torch.ops.splisosm.laplace_sparse(W, rhs4, crow, col, val, v, theta)
     else:
         x, logdet = laplace_sparse_reference(W, rhs4, crow, col, val, v, theta)
-    if rhs is None:
-        return None, logdet
-    return (x[:, 0] if squeeze else x), logdet
+    return _solution_as_given(x, rhs, squeeze), logdet
 
 
 def sparse_shifted_solve(
