@@ -247,6 +247,21 @@ def test_shifted_solve_and_inverse_diagonal() -> None:
     assert rel(sparse_inverse_diagonal(*ker["csr"]), torch.ones(400, dtype=F64)) < 1e-12
 
 
+@pytest.mark.parametrize("n", [1, 7, 50])
+def test_shifted_solve_and_inverse_diagonal_small_sizes(n: int) -> None:
+    """One spot (a lone self-loop graph), and small grids, against the dense references."""
+    gen = torch.Generator().manual_seed(n)
+    ker = kernel(n)
+    scale = 0.5 + torch.rand(2, dtype=F64, generator=gen)
+    shift = torch.tensor([0.0, 0.7], dtype=F64)  # no shift: log det of the scaled Q alone
+    b = torch.randn(2, 3, n, dtype=F64, generator=gen)
+    x, ld = sparse_shifted_solve(*ker["csr"], scale, shift, b)
+    x_ref, ld_ref = ref.sparse_shifted_solve_reference(*ker["csr"], scale, shift, b)
+    assert rel(x, x_ref) < 1e-10 and rel(ld, ld_ref) < 1e-10
+    M = csr_tensors(ker["M"])
+    assert rel(sparse_inverse_diagonal(*M), ref.sparse_inverse_diagonal_reference(*M)) < 1e-12
+
+
 # ---------------------------------------------------------------------------------- errors
 def _small():
     gen = torch.Generator().manual_seed(6)
