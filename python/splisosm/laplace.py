@@ -194,10 +194,10 @@ class LaplaceSystem:
         G, n, q = nu.shape
         v64, t64 = _sparse_params(v, theta)
         a, tau = 1 / (v64 * t64), 1 / (v64 * (1 - t64))
-        rhs = nu.detach().to(_CPU, torch.float64).permute(0, 2, 1).reshape(G * q, 1, n)
+        nu64 = nu.detach().to(_CPU, torch.float64)
+        rhs = nu64.permute(0, 2, 1).reshape(G * q, 1, n)
         y, logdet_shift = sparse_shifted_solve(*self._csr, a.reshape(-1), tau.reshape(-1), rhs)
         y = y.reshape(G, q, n).permute(0, 2, 1)
-        nu64 = nu.detach().to(_CPU, torch.float64)
         prec = tau[:, None, :] * nu64 - tau[:, None, :] ** 2 * y
         logdet_q = self._precision_logdet()
         logdet_q_u = logdet_q + n * torch.log(a)
