@@ -33,6 +33,7 @@ from splisosm._likelihood import (
     log_prior,
     variance_components,
 )
+from splisosm.laplace import LaplaceSystem
 from splisosm.ops import fixed_effect_info, multinom_probs, multinom_terms
 
 __all__ = ["MultinomGLM", "MultinomGLMM"]
@@ -40,15 +41,6 @@ __all__ = ["MultinomGLM", "MultinomGLMM"]
 MARGINAL_METHODS = ("marginal_gd", "marginal_newton")
 DENSE_MARGINAL_WARN_N = 300
 DENSE_PRECISION_MAX_N = 5000
-
-
-def _laplace_class():
-    """The structured ``LaplaceSystem`` when available, else the dense stand-in."""
-    try:
-        from splisosm.laplace import LaplaceSystem
-    except ImportError:
-        return DenseLaplaceSystem
-    return LaplaceSystem
 
 
 def _as_tensor(x, dtype: torch.dtype, device: torch.device, name: str) -> Tensor:
@@ -360,7 +352,7 @@ class MultinomGLMM(_CountModel):
     def system(self):
         """The structured Laplace system for this model's spatial covariance."""
         if self._system is None:
-            self._system = GuardedSystem(self._build_system(_laplace_class()))
+            self._system = GuardedSystem(self._build_system(LaplaceSystem))
         return self._system
 
     @property
