@@ -31,7 +31,6 @@ def test_demo_small(tmp_path, capsys) -> None:
 def h5ad(tmp_path):
     adata = simulate_isoform_data(n_genes=6, n_isoforms=[2, 3] * 3, grid_size=(8, 8), du_fraction=0.5, seed=4)
     adata.var["label"] = [f"L_{g}" for g in adata.var["gene_symbol"]]
-    del adata.uns["simulation"]  # ragged per-gene truth lists cannot be written to h5ad
     path = tmp_path / "data.h5ad"
     adata.write_h5ad(path)
     return path

@@ -33,7 +33,11 @@ _COVARIATE_PATTERNS = ("random", "spatial")
 
 
 def _plain(value: Any) -> Any:
-    """JSON-able copy of an argument (numpy scalars and sequences become Python objects)."""
+    """Copy of an argument that both JSON and h5ad can store.
+
+    Numpy scalars become Python scalars; arrays, lists and tuples become lists (h5ad has no
+    encoding for tuples).
+    """
     if isinstance(value, (np.generic, np.ndarray, tuple, list)):
         return np.asarray(value).tolist()
     return value
@@ -168,21 +172,38 @@ def simulate_isoform_data(
     Returns
     -------
     anndata.AnnData
-        ``n_spots x sum(n_isoforms)``:
+        ``n_spots x sum(n_isoforms)``, writable with ``write_h5ad`` as returned:
 
         * ``X`` and ``layers['counts']``: dense float32 counts (two separate arrays);
-        * ``var``: index ``gene_0007_iso_1`` etc. (unique), columns ``gene_symbol``
-          (``gene_0007``) and ``transcript_id`` (same as the index); a gene's isoforms are
-          contiguous and its last one is the reference;
         * ``obs``: index ``spot_0000`` etc.; covariates as float columns named ``covariate``
-          (one covariate) or ``covariate_1``, ..., ``covariate_P``;
+          (one covariate) or ``covariate_1``, ..., ``covariate_P`` (no columns when ``P = 0``);
         * ``obsm['spatial']``: ``(n, 2)`` float64 coordinates;
-        * ``uns['simulation']``: the truth as plain Python: ``params`` (the arguments),
-          ``covariate_names`` and ``genes``, a dict of per-gene lists in gene order:
-          ``gene_symbol``, ``n_isoforms``, ``is_sv``, ``is_du``, ``theta``, ``depth_scale``,
-          ``intercept`` (``q_j`` floats each) and ``beta`` (``P x q_j`` nested lists each).
+        * ``var``: one row per isoform, index ``gene_0007_iso_1`` etc. (unique); a gene's
+          isoforms are contiguous, in gene order, and its last one is the reference. Columns:
+
+          - ``gene_symbol`` (``gene_0007``) and ``transcript_id`` (same as the index);
+          - ``true_intercept``: the simulated intercept ``b_j`` of each non-reference isoform;
+          - ``true_beta_<name>`` for each covariate column ``<name>`` of ``obs`` (e.g.
+            ``true_beta_covariate``): that covariate's simulated effect on each non-reference
+            isoform, ``+-effect_size`` for DU genes and 0 otherwise.
+
+          The truth columns are float64 and NaN on every reference isoform, whose logit is
+          fixed at 0 by the model.
+        * ``uns['simulation']``: the rest of the truth as plain Python (scalars, strings and
+          flat lists of one type, nothing ragged):
+
+          - ``params``: the arguments of the call. Arguments left at None (``grid_size``,
+            ``n_spots``) are omitted, since h5ad cannot store None portably, so
+            ``simulate_isoform_data(**params)`` reproduces the data; tuples and numpy
+            values are stored as lists and Python scalars.
+          - ``covariate_names``: the covariate column names, in order (empty when ``P = 0``).
+          - ``genes``: per-gene lists, in gene order: ``gene_symbol``, ``n_isoforms``,
+            ``is_sv``, ``is_du``, ``theta`` (``theta_j``) and ``depth_scale``.
+
+        After a ``write_h5ad`` / ``anndata.read_h5ad`` round trip anndata returns the lists of
+        ``uns`` as numpy arrays (an empty list as an empty float array) with the same values.
     """
-    params = {key: _plain(value) for key, value in locals().items()}
+    params = {key: _plain(value) for key, value in locals().items() if value is not None}
     if covariate not in _COVARIATE_KINDS:
         raise ValueError(f"`covariate` must be one of {_COVARIATE_KINDS}, got {covariate!r}")
     if covariate_pattern not in _COVARIATE_PATTERNS:
@@ -237,19 +258,29 @@ def simulate_isoform_data(
         for g, draw in zip(genes, draws):
             counts[:, iso_start[g] : iso_start[g + 1]] = draw
 
+    cov_names = [f"covariate_{p + 1}" for p in range(n_covariates)]
+    if n_covariates == 1:
+        cov_names = ["covariate"]
+    obs = pd.DataFrame(design, columns=cov_names, index=[f"spot_{s:04d}" for s in range(n)])
+
     symbols = [f"gene_{g:04d}" for g in range(n_genes)]
     iso_names = [f"{symbols[g]}_iso_{i}" for g in range(n_genes) for i in range(m_per_gene[g])]
     var = pd.DataFrame(
         {"gene_symbol": np.repeat(symbols, m_per_gene), "transcript_id": iso_names},
         index=pd.Index(iso_names),
     )
-    cov_names = [f"covariate_{p + 1}" for p in range(n_covariates)]
-    if n_covariates == 1:
-        cov_names = ["covariate"]
-    obs = pd.DataFrame(design, columns=cov_names, index=[f"spot_{s:04d}" for s in range(n)])
+    # the simulated columns are exactly the non-reference isoforms, in the same order
+    non_reference = np.ones(len(iso_names), dtype=bool)
+    non_reference[iso_start[1:] - 1] = False
 
-    def per_gene(values: np.ndarray) -> list:
-        return [values[..., col_start[g] : col_start[g + 1]].tolist() for g in range(n_genes)]
+    def per_isoform(values: np.ndarray) -> np.ndarray:
+        out = np.full(len(iso_names), np.nan)
+        out[non_reference] = values
+        return out
+
+    var["true_intercept"] = per_isoform(intercepts)
+    for name, row in zip(cov_names, beta):
+        var[f"true_beta_{name}"] = per_isoform(row)
 
     truth: dict[str, Any] = {
         "params": params,
@@ -261,8 +292,6 @@ def simulate_isoform_data(
             "is_du": is_du.tolist(),
             "theta": gene_theta.tolist(),
             "depth_scale": depth_scale.tolist(),
-            "intercept": per_gene(intercepts),
-            "beta": per_gene(beta),
         },
     }
     adata = ad.AnnData(X=counts, obs=obs, var=var)
