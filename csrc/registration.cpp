@@ -42,10 +42,14 @@ TORCH_LIBRARY(splisosm, m) {
   //   rhs (G, R, n, q) -> (H^-1 rhs (G, R, n, q), log det H (G,))
   m.def("laplace_sparse(Tensor W, Tensor rhs, Tensor crow, Tensor col, Tensor val, Tensor v, "
         "Tensor theta) -> (Tensor, Tensor)");
+  //   -> (log det H (G,), and its gradients w.r.t. W (G, n, q, q), v (G, q) and theta (G, q))
+  m.def("laplace_sparse_logdet_grad(Tensor W, Tensor crow, Tensor col, Tensor val, Tensor v, "
+        "Tensor theta) -> (Tensor, Tensor, Tensor, Tensor)");
   // Shifted sparse precision M_g = scale_g Q + shift_g I (Q as above; scale, shift (G,) float64):
-  //   rhs (G, R, n) -> (M_g^-1 rhs (G, R, n), log det M_g (G,))
+  //   rhs (G, R, n) -> (M_g^-1 rhs (G, R, n), log det M_g (G,),
+  //                     tr M_g^-1 (G,) if trace_inverse else (0,))
   m.def("sparse_shifted_solve(Tensor crow, Tensor col, Tensor val, Tensor scale, Tensor shift, "
-        "Tensor rhs) -> (Tensor, Tensor)");
+        "Tensor rhs, bool trace_inverse=False) -> (Tensor, Tensor, Tensor)");
   // diag(M^-1) of a sparse SPD CSR matrix (float64) by selected inversion of its Cholesky factor.
   m.def("sparse_inverse_diagonal(Tensor crow, Tensor col, Tensor val) -> Tensor");
 }

@@ -32,29 +32,60 @@ def _model(data, method="joint_gd", cls=IsoFullModel, genes=slice(None), **kw):
     return model
 
 
-def _ref_batch_objective(model, marginal: bool, K):
+def _ref_batch_objective(model, marginal: bool, **kernel):
     fn = ref.marginal_loglik if marginal else ref.joint_loglik
 
     def objective(p):
         vals = [fn(model.counts[g], model.X, p["nu"][g], p["beta"][g], p["bias_eta"][g],
-                   p["sigma"][g], p["theta_logit"][g], K=K, prior=model.var_prior_model,
+                   p["sigma"][g], p["theta_logit"][g], **kernel, prior=model.var_prior_model,
                    prior_params=model.var_prior_model_params)
                 for g in range(model.n_genes)]
         return torch.stack(vals).mean()
     return objective
 
 
+LOW_RANK = 6
+
+
+def _setup_form(model, data, form: str) -> dict:
+    """Attach the data with the kernel in one of its forms; return the reference's kernel
+    arguments. ``sparse``: full-rank eigenpairs plus the sparse precision (what SplisosmGLMM
+    passes for n <= 5,000); ``precision``: the precision alone (its route above 5,000 spots)."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    K, Y, X = data
+    lam, V = np.linalg.eigh(K)
+    lam, V = lam[::-1].copy(), V[:, ::-1].copy()
+    Q = sp.csr_matrix(np.linalg.inv(K))
+    if form == "dense":
+        model.setup_data(Y, corr_sp=K, design_mtx=X)
+    elif form == "sparse":
+        model.setup_data(Y, corr_sp_eigvals=lam, corr_sp_eigvecs=V, corr_sp_precision=Q,
+                         design_mtx=X)
+    elif form == "precision":
+        model.setup_data(Y, corr_sp_precision=Q, design_mtx=X)
+    else:
+        model.setup_data(Y, corr_sp_eigvals=lam[:LOW_RANK], corr_sp_eigvecs=V[:, :LOW_RANK],
+                         design_mtx=X)
+        return {"U": torch.from_numpy(V[:, :LOW_RANK]), "lam": torch.from_numpy(lam[:LOW_RANK])}
+    return {"K": torch.from_numpy(K)}
+
+
 @pytest.mark.parametrize("method,epochs", [("joint_gd", 12), ("marginal_gd", 3)])
 @pytest.mark.parametrize("fix_sigma", [True, False])
-def test_gd_trajectory_matches_reference(data, method, epochs, fix_sigma):
-    model = _model(data, method, var_fix_sigma=fix_sigma, var_prior_model="gamma",
-                   fitting_configs={"max_epochs": epochs, "patience": 10**6})
+@pytest.mark.parametrize("form", ["dense", "sparse", "precision", "low_rank"])
+def test_gd_trajectory_matches_reference(data, method, epochs, fix_sigma, form):
+    model = IsoFullModel(fitting_method=method, dtype=D, var_fix_sigma=fix_sigma,
+                         var_prior_model="gamma",
+                         fitting_configs={"max_epochs": epochs, "patience": 10**6})
+    kernel_kw = _setup_form(model, data, form)
     start = {k: p.detach().clone() for k, p in model.named_parameters()}
     trainable = [k for k, p in model.named_parameters() if p.requires_grad]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         history = model.fit(store_param_history=True, quiet=True)["params"]
-    objective = _ref_batch_objective(model, method == "marginal_gd", torch.from_numpy(data[0]))
+    objective = _ref_batch_objective(model, method == "marginal_gd", **kernel_kw)
     expected = ref.fit_gd(objective, start, trainable, lr=model.fitting_configs["lr"],
                           epochs=epochs)
     for k in NAMES:
@@ -295,3 +326,24 @@ def test_single_spot_fit():
         warnings.simplefilter("ignore")
         model.fit(quiet=True)
     assert model.logger.converged.all() and torch.isfinite(model.forward()).all()
+
+
+def test_kernel_form_limits_are_explicit(data):
+    import numpy as np
+    import scipy.sparse as sp
+
+    K, Y, X = data
+    model = IsoFullModel(fitting_method="joint_newton", var_fix_sigma=False, dtype=D)
+    model.setup_data(Y, corr_sp_precision=sp.csr_matrix(np.linalg.inv(K)), design_mtx=X)
+    with pytest.raises(ValueError, match="second derivatives.*eigenpairs"):
+        model.fit(quiet=True)
+    # marginal_gd warns only where its log-determinant gradient is dense: a full-rank kernel
+    # given without its sparse precision
+    big = ref.car_kernel(18)
+    Yb = ref.simulate_counts(big, 1, 3, seed=2)
+    with pytest.warns(UserWarning, match="dense"):
+        IsoFullModel(fitting_method="marginal_gd", dtype=D).setup_data(Yb, corr_sp=big)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        IsoFullModel(fitting_method="marginal_gd", dtype=D).setup_data(
+            Yb, corr_sp_precision=sp.csr_matrix(np.linalg.inv(big)))

@@ -14,6 +14,8 @@ from splisosm.ops import (
     laplace_lowrank,
     laplace_solve_eig,
     laplace_sparse,
+    laplace_sparse_logdet,
+    laplace_sparse_logdet_grad,
     sparse_inverse_diagonal,
     sparse_shifted_solve,
     use_reference,
@@ -148,6 +150,79 @@ def test_forms_match_dense_reference(n: int, q: int, theta: float, shared: bool)
     assert rel(lds, full_ld) < 1e-8
 
 
+def assert_grads_close(got, want, label: str) -> None:
+    """Gradients to 1e-8 relative to the scale of each reference output: a gradient that is
+    zero by symmetry (theta with a single spot) is compared to rounding noise, not to itself."""
+    for name, a, b in zip(("logdet", "W", "v", "theta"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"{label}: {name}"
+        scale = max(float(b.abs().max()), 1.0)
+        assert float((a - b).abs().max()) <= 1e-8 * scale, f"{label}: gradient w.r.t. {name}"
+
+
+# n = 400 only with q = 2: the dense autograd reference is slow.
+GRAD_CASES = [(n, q, t, s) for n, q in SMALL for t in THETAS for s in (True, False)] + [
+    (400, 2, t, False) for t in (1e-3, 0.999)
+]
+
+
+@pytest.mark.parametrize("n,q,theta,shared", GRAD_CASES)
+def test_sparse_logdet_gradients_match_dense_autograd(n, q, theta, shared) -> None:
+    gen = torch.Generator().manual_seed(n * 100 + q * 10 + int(theta * 7) + shared + 1)
+    ker = kernel(n)
+    W = random_W(3, n, q, gen)
+    v, t = variance(3, q, theta, shared, gen)
+    got = laplace_sparse_logdet_grad(W, *ker["csr"], v, t)
+    want = ref.laplace_sparse_logdet_grad_reference(W, *ker["csr"], v, t)
+    assert_grads_close(got, want, f"n={n} q={q} theta={theta}")
+    # the same log-determinant as the solve op, and a symmetric d/dW
+    assert rel(got[0], laplace_sparse(W, None, *ker["csr"], v, t)[1]) < 1e-12
+    assert torch.equal(got[1], got[1].transpose(-1, -2)) or rel(
+        got[1], got[1].transpose(-1, -2)) < 1e-14
+
+
+def test_sparse_logdet_autograd_and_float32() -> None:
+    gen = torch.Generator().manual_seed(21)
+    ker = kernel(7)
+    W = random_W(2, 7, 2, gen, zero_frac=0.0)
+    v, t = variance(2, 2, 0.5, False, gen)
+    W, v, t = (x.clone().requires_grad_(True) for x in (W, v, t))
+    # W enters H only through its symmetric part; perturb it symmetrically
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: laplace_sparse_logdet((a + a.transpose(-1, -2)) / 2, *ker["csr"], b, c),
+        (W, v, t))
+    # first derivatives only: a second derivative must not be silently wrong
+    (g,) = torch.autograd.grad(laplace_sparse_logdet(W, *ker["csr"], v, t).sum(), v,
+                               create_graph=True)
+    assert not g.requires_grad
+    out32 = laplace_sparse_logdet_grad(W.detach().float(), *ker["csr"], v.detach().float(),
+                                       t.detach())
+    assert [x.dtype for x in out32] == [torch.float32, torch.float32, torch.float32, F64]
+    with use_reference():
+        fallback = laplace_sparse_logdet_grad(W.detach(), *ker["csr"], v.detach(), t.detach())
+    assert_grads_close(laplace_sparse_logdet_grad(W.detach(), *ker["csr"], v.detach(),
+                                                  t.detach()), fallback, "fallback")
+
+
+def test_sparse_logdet_grad_errors_name_the_argument() -> None:
+    gen = torch.Generator().manual_seed(22)
+    ker = kernel(7)
+    W = random_W(2, 7, 2, gen)
+    v, t = variance(2, 2, 0.5, False, gen)
+    with pytest.raises(ValueError, match="`theta`"):
+        laplace_sparse_logdet_grad(W, *ker["csr"], v, torch.zeros_like(t))
+    with pytest.raises(ValueError, match="`v`"):
+        laplace_sparse_logdet_grad(W, *ker["csr"], v[:, :1], t)
+    with pytest.raises(ValueError, match="`crow`"):
+        laplace_sparse_logdet_grad(W[:, :6], *ker["csr"], v, t)
+    if has_native_kernel("laplace_sparse_logdet_grad", W.device):
+        with pytest.raises(RuntimeError, match="`W`"):
+            torch.ops.splisosm.laplace_sparse_logdet_grad(W[0], *ker["csr"], v, t)
+        bad = W.clone()
+        bad[1, 3] = -torch.eye(2, dtype=F64) * 100
+        with pytest.raises(RuntimeError, match="gene 1"):
+            laplace_sparse_logdet_grad(bad, *ker["csr"], v, t)
+
+
 def test_single_rhs_shape_and_float32() -> None:
     gen = torch.Generator().manual_seed(1)
     ker = kernel(50)
@@ -227,8 +302,10 @@ def test_shifted_solve_and_inverse_diagonal() -> None:
     shift[0] = 0.0
     b = torch.randn(3, 2, 400, dtype=F64, generator=gen)
     x, ld = sparse_shifted_solve(*ker["csr"], scale, shift, b)
-    x_ref, ld_ref = ref.sparse_shifted_solve_reference(*ker["csr"], scale, shift, b)
+    x_ref, ld_ref, tr_ref = ref.sparse_shifted_solve_reference(*ker["csr"], scale, shift, b, True)
     assert rel(x, x_ref) < 1e-10 and rel(ld, ld_ref) < 1e-10
+    x_tr, ld_tr, tr = sparse_shifted_solve(*ker["csr"], scale, shift, b, trace_inverse=True)
+    assert torch.equal(x_tr, x) and torch.equal(ld_tr, ld) and rel(tr, tr_ref) < 1e-12
     M = ker["M"]
     diag = sparse_inverse_diagonal(*csr_tensors(M))
     dense = torch.from_numpy(np.diag(np.linalg.inv(M.toarray())).copy())
@@ -255,9 +332,9 @@ def test_shifted_solve_and_inverse_diagonal_small_sizes(n: int) -> None:
     scale = 0.5 + torch.rand(2, dtype=F64, generator=gen)
     shift = torch.tensor([0.0, 0.7], dtype=F64)  # no shift: log det of the scaled Q alone
     b = torch.randn(2, 3, n, dtype=F64, generator=gen)
-    x, ld = sparse_shifted_solve(*ker["csr"], scale, shift, b)
-    x_ref, ld_ref = ref.sparse_shifted_solve_reference(*ker["csr"], scale, shift, b)
-    assert rel(x, x_ref) < 1e-10 and rel(ld, ld_ref) < 1e-10
+    x, ld, tr = sparse_shifted_solve(*ker["csr"], scale, shift, b, trace_inverse=True)
+    x_ref, ld_ref, tr_ref = ref.sparse_shifted_solve_reference(*ker["csr"], scale, shift, b, True)
+    assert rel(x, x_ref) < 1e-10 and rel(ld, ld_ref) < 1e-10 and rel(tr, tr_ref) < 1e-12
     M = csr_tensors(ker["M"])
     assert rel(sparse_inverse_diagonal(*M), ref.sparse_inverse_diagonal_reference(*M)) < 1e-12
 
@@ -369,4 +446,8 @@ def test_opcheck_every_op() -> None:
     scale, shift = torch.ones(2, dtype=F64), torch.full((2,), 0.5, dtype=F64)
     b = rhs[:2, :, :, 0]
     torch.library.opcheck(ops.sparse_shifted_solve, (crow, col, val, scale, shift, b))
+    torch.library.opcheck(ops.sparse_shifted_solve, (crow, col, val, scale, shift, b, True))
+    torch.library.opcheck(ops.laplace_sparse_logdet_grad, (W, crow, col, val, v, t))
+    torch.library.opcheck(ops.laplace_sparse_logdet_grad, (W.float(), crow, col, val, v.float(),
+                                                           t.float()))
     torch.library.opcheck(ops.sparse_inverse_diagonal, (crow, col, val))

@@ -619,6 +619,193 @@ void check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& 
                 "splisosm: `col` indices must lie in [0, n)");
 }
 
+// The kernel precision Q as read by the kernels (contiguous CSR, checked by check_csr).
+struct Csr {
+  const int64_t* crow;
+  const int64_t* col;
+  const double* val;
+  int64_t n;
+};
+
+// Entries of M^-1 on the pattern of the Cholesky factor L L^T = P M P^T of a factorised solver.
+// Takahashi recursions: Z = (L L^T)^-1 satisfies L^T Z = L^-1, so for i <= j,
+// Z_ij = (delta_ij / L_ii - sum_{k > i} L_ki Z_kj) / L_ii. Columns are processed from last to
+// first; every Z_kj needed lies on the pattern of L (the rows of a column of L form a clique of
+// the filled graph), so Z is stored in L's own arrays. That pattern contains M's, hence every
+// entry the gradients below read.
+class SelectedInverse {
+ public:
+  explicit SelectedInverse(const SparseLLT& llt)
+      : L_(llt.matrixL().nestedExpression()), perm_(llt.permutationP().indices().data()) {
+    const int64_t n = L_.outerSize();
+    const int* cp = L_.outerIndexPtr();
+    const int* ri = L_.innerIndexPtr();
+    const double* lx = L_.valuePtr();
+    Z_.assign(L_.nonZeros(), 0.0);
+    std::vector<double> l_col(n, 0.0), acc(n, 0.0);
+    std::vector<int64_t> mark(n, -1);
+    for (int64_t i = n - 1; i >= 0; --i) {
+      const int first = cp[i] + 1, last = cp[i + 1];  // below-diagonal rows of column i
+      const double lii = lx[cp[i]];
+      for (int p = first; p < last; ++p) {
+        mark[ri[p]] = i;
+        l_col[ri[p]] = lx[p];
+      }
+      // acc_j = sum_{k in S} L_ki Z_kj for j in S, reading column k of Z (rows >= k).
+      for (int p = first; p < last; ++p) {
+        const int k = ri[p];
+        acc[k] += Z_[cp[k]] * l_col[k];
+        for (int t = cp[k] + 1; t < cp[k + 1]; ++t) {
+          const int j = ri[t];
+          if (mark[j] != i) continue;
+          acc[j] += Z_[t] * l_col[k];
+          acc[k] += Z_[t] * l_col[j];
+        }
+      }
+      double diag_sum = 0;
+      for (int p = first; p < last; ++p) {
+        const int j = ri[p];
+        Z_[p] = -acc[j] / lii;
+        diag_sum += lx[p] * Z_[p];
+        acc[j] = 0;
+      }
+      Z_[cp[i]] = (1 / lii - diag_sum) / lii;
+    }
+  }
+
+  // (M^-1)_ik in M's own numbering; (i, k) must lie on the filled pattern. The simplicial
+  // factorisation appends rows in increasing order, so each column of L is sorted.
+  double operator()(int64_t i, int64_t k) const {
+    const int a = perm_[i], b = perm_[k];
+    const int c = std::min(a, b), r = std::max(a, b);
+    const int* cp = L_.outerIndexPtr();
+    if (r == c) return Z_[cp[c]];
+    const int* lo = L_.innerIndexPtr() + cp[c] + 1;
+    const int* hi = L_.innerIndexPtr() + cp[c + 1];
+    const int* it = std::lower_bound(lo, hi, r);
+    TORCH_CHECK(it != hi && *it == r, "splisosm: internal error: entry (", i, ", ", k,
+                ") is not on the pattern of the Cholesky factor");
+    return Z_[cp[c] + (it - L_.innerIndexPtr() - cp[c])];
+  }
+
+  // sum_st Q_st (M^-1)_{s stride + j, t stride + j}: tr(M^-1 Q) restricted to one column j of an
+  // unknown layout with `stride` unknowns per spot.
+  double trace_with(const Csr& Q, int64_t stride, int64_t j) const {
+    double sum = 0;
+    for (int64_t s = 0; s < Q.n; ++s)
+      for (int64_t p = Q.crow[s]; p < Q.crow[s + 1]; ++p)
+        sum += Q.val[p] * (*this)(s * stride + j, Q.col[p] * stride + j);
+    return sum;
+  }
+
+  double trace() const {
+    double sum = 0;
+    for (int64_t i = 0; i < L_.outerSize(); ++i) sum += (*this)(i, i);
+    return sum;
+  }
+
+ private:
+  const SpMat& L_;
+  const int* perm_;
+  std::vector<double> Z_;
+};
+
+// Per gene, the white-noise part of the prior is eliminated spot by spot. With
+// a_j = 1 / (v_j theta_j), tau_j = 1 / (v_j (1 - theta_j)) and T = diag(tau):
+//   Sigma_j = (a_j Q)^-1 + I / tau_j,  and the joint precision of (u, nu), nu = u + white noise,
+//   P = [[a Q + T, -T], [-T, T + W]]  has  log det P = log det(a Q + T) + log det H.
+// Eliminating nu leaves A = a Q + T (T + W)^-1 W (pattern of I_q (x) Q with full q x q spot
+// blocks), so log det H = sum_s log det(T + W_s) + log det A - sum_j log det(a_j Q + tau_j I).
+class SparseGene {
+ public:
+  SparseGene(std::shared_ptr<BlockPattern> pattern, std::shared_ptr<BlockPattern> pattern1,
+             int64_t q)
+      : A(std::move(pattern)),
+        a(q),
+        tau(q),
+        shifted_(std::move(pattern1)),
+        ld_col_(q),
+        M_(q, q) {}
+
+  // Factorises gene g; false (with `why`) if a system is not positive definite. With
+  // `column_traces`, also tr((a_j Q + tau_j I)^-1) and tr((a_j Q + tau_j I)^-1 Q) per column.
+  bool factorize(const double* w, const double* v, const double* theta, const Csr& Q,
+                 bool column_traces, std::string& why) {
+    const int64_t n = Q.n, q = a.size();
+    minv.resize(n * q * q);
+    blocks_.resize(n * q * q);
+    for (int64_t j = 0; j < q; ++j) {
+      a[j] = 1 / (v[j] * theta[j]);
+      tau[j] = 1 / (v[j] * (1 - theta[j]));
+    }
+    // Per spot: (T + W_s)^-1, and T - T (T + W_s)^-1 T written as T (T + W_s)^-1 W_s, which
+    // stays accurate when tau is large (theta -> 1).
+    logdet = 0;
+    for (int64_t s = 0; s < n; ++s) {
+      const Eigen::Map<const MatX> Ws(w + s * q * q, q, q);
+      M_ = Ws;
+      M_.diagonal() += tau;
+      Eigen::LLT<MatX> llt(M_);
+      if (llt.info() != Eigen::Success) {
+        why = "T + W_s is not positive definite at spot " + std::to_string(s) +
+              " (is W positive semi-definite?)";
+        return false;
+      }
+      logdet += 2 * llt.matrixLLT().diagonal().array().log().sum();
+      Eigen::Map<MatX> Minv(minv.data() + s * q * q, q, q);
+      Minv = llt.solve(MatX::Identity(q, q));
+      const MatX B = tau.asDiagonal() * Minv * Ws;
+      Eigen::Map<MatX>(blocks_.data() + s * q * q, q, q) = (B + B.transpose()) / 2;
+    }
+    if (!A.factorize(Q.val, a.data(), blocks_.data())) {
+      why = "the eliminated sparse system is not positive definite "
+            "(sparse Cholesky failed; is the precision Q positive definite?)";
+      return false;
+    }
+    logdet += A.logdet();
+    trace_inv.setConstant(q, NAN);
+    trace_inv_q.setConstant(q, NAN);
+    // Once per distinct (a_j, tau_j) of the gene.
+    for (int64_t j = 0; j < q; ++j) {
+      int64_t same = j;
+      for (int64_t k = 0; k < j && same == j; ++k)
+        if (a[k] == a[j] && tau[k] == tau[j]) same = k;
+      if (same < j) {
+        ld_col_[j] = ld_col_[same];
+        trace_inv[j] = trace_inv[same];
+        trace_inv_q[j] = trace_inv_q[same];
+      } else {
+        one_blocks_.assign(n, tau[j]);
+        if (!shifted_.factorize(Q.val, a.data() + j, one_blocks_.data())) {
+          why = "Q / (v theta) + I / (v (1 - theta)) is not positive definite "
+                "(is the precision Q positive definite?)";
+          return false;
+        }
+        ld_col_[j] = shifted_.logdet();
+        if (column_traces) {
+          const SelectedInverse Z(shifted_.solver());
+          trace_inv[j] = Z.trace();
+          trace_inv_q[j] = Z.trace_with(Q, 1, 0);
+        }
+      }
+      logdet -= ld_col_[j];
+    }
+    return true;
+  }
+
+  PooledSolver A;             // the eliminated system, factorised
+  VecX a, tau;                // prior split of the gene
+  std::vector<double> minv;   // (T + W_s)^-1 per spot, (n, q, q)
+  double logdet = 0;          // log det H
+  VecX trace_inv, trace_inv_q;
+
+ private:
+  PooledSolver shifted_;
+  VecX ld_col_;
+  MatX M_;
+  std::vector<double> blocks_, one_blocks_;
+};
+
 std::tuple<at::Tensor, at::Tensor> laplace_sparse_cpu(const at::Tensor& W_in,
                                                       const at::Tensor& rhs_in,
                                                       const at::Tensor& crow_in,
@@ -634,86 +821,37 @@ std::tuple<at::Tensor, at::Tensor> laplace_sparse_cpu(const at::Tensor& W_in,
   const auto W = to_f64(W_in), rhs = to_f64(rhs_in), v = to_f64(v_in), theta = to_f64(theta_in);
   const auto crow = crow_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
   const int64_t G = W.size(0), n = W.size(1), q = W.size(2), R = rhs.size(1);
+  const Csr Q{crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), val.data_ptr<double>(), n};
   const auto pattern = cached_pattern(crow, col, q);
   const auto pattern1 = q == 1 ? pattern : cached_pattern(crow, col, 1);
   auto x = at::empty_like(rhs);
   auto logdet = at::empty({G}, W.options());
   GeneFailures failures(G);
-  const double* qval = val.data_ptr<double>();
-  const double* vp = v.data_ptr<double>();
-  const double* tp = theta.data_ptr<double>();
-  double* ldp = logdet.data_ptr<double>();
   at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
-    PooledSolver A(pattern), shifted(pattern1);
-    std::vector<double> blocks(n * q * q), minv(n * q * q), one_blocks(n);
-    VecX a(q), tau(q), ld_col(q), b(n * q), u(n * q);
-    MatX M(q, q), Minv(q, q);
+    SparseGene gene(pattern, pattern1, q);
+    VecX b(n * q), u(n * q);
+    std::string why;
     for (int64_t g = begin; g < end; ++g) {
       const double* w = W.data_ptr<double>() + g * n * q * q;
-      for (int64_t j = 0; j < q; ++j) {
-        const double vj = vp[g * q + j], tj = tp[g * q + j];
-        a[j] = 1 / (vj * tj);
-        tau[j] = 1 / (vj * (1 - tj));
-      }
-      // Per spot: (T + W_s)^-1, and T - T (T + W_s)^-1 T written as T (T + W_s)^-1 W_s, which
-      // stays accurate when tau is large (theta -> 1).
-      double ld = 0;
-      bool ok = true;
-      for (int64_t s = 0; s < n && ok; ++s) {
-        const Eigen::Map<const MatX> Ws(w + s * q * q, q, q);
-        M = Ws;
-        M.diagonal() += tau;
-        Eigen::LLT<MatX> llt(M);
-        if (llt.info() != Eigen::Success) {
-          failures.set(g, "T + W_s is not positive definite at spot " + std::to_string(s) +
-                              " (is W positive semi-definite?)");
-          ok = false;
-          break;
-        }
-        ld += 2 * llt.matrixLLT().diagonal().array().log().sum();
-        Minv = llt.solve(MatX::Identity(q, q));
-        Eigen::Map<MatX>(minv.data() + s * q * q, q, q) = Minv;
-        const MatX B = tau.asDiagonal() * Minv * Ws;
-        Eigen::Map<MatX>(blocks.data() + s * q * q, q, q) = (B + B.transpose()) / 2;
-      }
-      if (!ok) continue;
-      if (!A.factorize(qval, a.data(), blocks.data())) {
-        failures.set(g, "the eliminated sparse system is not positive definite "
-                        "(sparse Cholesky failed; is the precision Q positive definite?)");
+      if (!gene.factorize(w, v.data_ptr<double>() + g * q, theta.data_ptr<double>() + g * q, Q,
+                          false, why)) {
+        failures.set(g, why);
         continue;
       }
-      ld += A.logdet();
-      // log det(a_j Q + tau_j I), once per distinct (a_j, tau_j) of the gene.
-      for (int64_t j = 0; j < q && ok; ++j) {
-        ld_col[j] = NAN;
-        for (int64_t k = 0; k < j; ++k)
-          if (a[k] == a[j] && tau[k] == tau[j]) ld_col[j] = ld_col[k];
-        if (std::isnan(ld_col[j])) {
-          std::fill(one_blocks.begin(), one_blocks.end(), tau[j]);
-          ok = shifted.factorize(qval, a.data() + j, one_blocks.data());
-          if (!ok) {
-            failures.set(g, "Q / (v theta) + I / (v (1 - theta)) is not positive definite "
-                            "(is the precision Q positive definite?)");
-            break;
-          }
-          ld_col[j] = shifted.logdet();
-        }
-        ld -= ld_col[j];
-      }
-      if (!ok) continue;
-      ldp[g] = ld;
+      logdet.data_ptr<double>()[g] = gene.logdet;
+      // H^-1 g: u = A^-1 T (T + W)^-1 g, then nu = (T + W)^-1 (g + T u) = u + (T + W)^-1 (g - W u).
       for (int64_t r = 0; r < R; ++r) {
         const Eigen::Map<const VecX> gv(rhs.data_ptr<double>() + (g * R + r) * n * q, n * q);
         for (int64_t s = 0; s < n; ++s)
-          b.segment(s * q, q) = tau.asDiagonal() *
-                                (Eigen::Map<const MatX>(minv.data() + s * q * q, q, q) *
+          b.segment(s * q, q) = gene.tau.asDiagonal() *
+                                (Eigen::Map<const MatX>(gene.minv.data() + s * q * q, q, q) *
                                  gv.segment(s * q, q));
-        u = A.solver().solve(b);
+        u = gene.A.solver().solve(b);
         Eigen::Map<VecX> xv(x.data_ptr<double>() + (g * R + r) * n * q, n * q);
         for (int64_t s = 0; s < n; ++s) {
           const Eigen::Map<const MatX> Ws(w + s * q * q, q, q);
           xv.segment(s * q, q) =
-              u.segment(s * q, q) + Eigen::Map<const MatX>(minv.data() + s * q * q, q, q) *
+              u.segment(s * q, q) + Eigen::Map<const MatX>(gene.minv.data() + s * q * q, q, q) *
                                         (gv.segment(s * q, q) - Ws * u.segment(s * q, q));
         }
       }
@@ -723,12 +861,76 @@ std::tuple<at::Tensor, at::Tensor> laplace_sparse_cpu(const at::Tensor& W_in,
   return {x.to(rhs_in.scalar_type()), logdet.to(W_in.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_shifted_solve_cpu(const at::Tensor& crow_in,
-                                                            const at::Tensor& col_in,
-                                                            const at::Tensor& val_in,
-                                                            const at::Tensor& scale_in,
-                                                            const at::Tensor& shift_in,
-                                                            const at::Tensor& rhs_in) {
+// Gradients of log det H (see SparseGene) from d log det P = tr(P^-1 dP) - d log det(a Q + T),
+// with the blocks of P^-1 = Cov(u, nu): Cov(u) = A^-1, nu = M u + xi where M_s = (T + W_s)^-1 T
+// and Cov(xi) = (T + W)^-1. Per spot, with A_ss the q x q diagonal block of A^-1:
+//   d/dW_s     = (H^-1)_ss = (T + W_s)^-1 + M_s A_ss M_s^T,
+//   d/dtau_j   = tr_j Cov(u - nu) - tr (a_j Q + tau_j I)^-1,
+//                Cov(u - nu)_ss = N_s A_ss N_s^T + (T + W_s)^-1 with N_s = I - M_s = (T + W_s)^-1 W_s
+//                (formed directly: no cancellation as tau grows),
+//   d/da_j     = tr(A^-1_jj Q) - tr((a_j Q + tau_j I)^-1 Q),
+// and the chain rule to (v, theta) through a = 1/(v theta), tau = 1/(v (1 - theta)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> laplace_sparse_logdet_grad_cpu(
+    const at::Tensor& W_in, const at::Tensor& crow_in, const at::Tensor& col_in,
+    const at::Tensor& val_in, const at::Tensor& v_in, const at::Tensor& theta_in) {
+  check_laplace_W(W_in, c10::DeviceType::CPU);
+  check_csr(crow_in, col_in, val_in);
+  check_dim(crow_in, 0, W_in.size(1) + 1, "crow", "n + 1, with n spots as in W");
+  check_variance(W_in, v_in, theta_in, true);
+  const auto W = to_f64(W_in), v = to_f64(v_in), theta = to_f64(theta_in);
+  const auto crow = crow_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
+  const int64_t G = W.size(0), n = W.size(1), q = W.size(2);
+  const Csr Q{crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), val.data_ptr<double>(), n};
+  const auto pattern = cached_pattern(crow, col, q);
+  const auto pattern1 = q == 1 ? pattern : cached_pattern(crow, col, 1);
+  auto logdet = at::empty({G}, W.options());
+  auto grad_W = at::empty_like(W);
+  auto grad_v = at::empty_like(v), grad_theta = at::empty_like(theta);
+  GeneFailures failures(G);
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    SparseGene gene(pattern, pattern1, q);
+    MatX Ass(q, q), Ms(q, q), Ns(q, q);
+    VecX d_a(q), d_tau(q);
+    std::string why;
+    for (int64_t g = begin; g < end; ++g) {
+      const double* w = W.data_ptr<double>() + g * n * q * q;
+      const double* vg = v.data_ptr<double>() + g * q;
+      const double* tg = theta.data_ptr<double>() + g * q;
+      if (!gene.factorize(w, vg, tg, Q, true, why)) {
+        failures.set(g, why);
+        continue;
+      }
+      logdet.data_ptr<double>()[g] = gene.logdet;
+      const SelectedInverse Z(gene.A.solver());
+      d_tau = -gene.trace_inv;
+      for (int64_t s = 0; s < n; ++s) {
+        for (int64_t j = 0; j < q; ++j)
+          for (int64_t k = 0; k < q; ++k) Ass(j, k) = Z(s * q + j, s * q + k);
+        const Eigen::Map<const MatX> Minv(gene.minv.data() + s * q * q, q, q);
+        const Eigen::Map<const MatX> Ws(w + s * q * q, q, q);
+        Ms = Minv * gene.tau.asDiagonal();
+        Ns = Minv * Ws;
+        Eigen::Map<MatX>(grad_W.data_ptr<double>() + (g * n + s) * q * q, q, q) =
+            Minv + Ms * Ass * Ms.transpose();
+        d_tau += (Ns * Ass * Ns.transpose()).diagonal() + Minv.diagonal();
+      }
+      for (int64_t j = 0; j < q; ++j) d_a[j] = Z.trace_with(Q, q, j) - gene.trace_inv_q[j];
+      for (int64_t j = 0; j < q; ++j) {
+        const double a = gene.a[j], tau = gene.tau[j];
+        grad_v.data_ptr<double>()[g * q + j] = -(a * d_a[j] + tau * d_tau[j]) / vg[j];
+        grad_theta.data_ptr<double>()[g * q + j] = -a * d_a[j] / tg[j] + tau * d_tau[j] / (1 - tg[j]);
+      }
+    }
+  });
+  failures.raise_first("laplace_sparse_logdet_grad");
+  return {logdet.to(W_in.scalar_type()), grad_W.to(W_in.scalar_type()),
+          grad_v.to(v_in.scalar_type()), grad_theta.to(theta_in.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_shifted_solve_cpu(
+    const at::Tensor& crow_in, const at::Tensor& col_in, const at::Tensor& val_in,
+    const at::Tensor& scale_in, const at::Tensor& shift_in, const at::Tensor& rhs_in,
+    bool trace_inverse) {
   check_csr(crow_in, col_in, val_in);
   const int64_t n = crow_in.numel() - 1;
   check_float(rhs_in, "rhs");
@@ -749,6 +951,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_shifted_solve_cpu(const at::Tensor& cr
   const auto pattern = cached_pattern(crow, col, 1);
   auto x = at::empty_like(rhs);
   auto logdet = at::empty({G}, rhs.options());
+  auto trace = at::empty({trace_inverse ? G : 0}, rhs.options());
   GeneFailures failures(G);
   at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
     PooledSolver M(pattern);
@@ -760,6 +963,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_shifted_solve_cpu(const at::Tensor& cr
         continue;
       }
       logdet.data_ptr<double>()[g] = M.logdet();
+      if (trace_inverse) trace.data_ptr<double>()[g] = SelectedInverse(M.solver()).trace();
       for (int64_t r = 0; r < R; ++r) {
         const int64_t off = (g * R + r) * n;
         Eigen::Map<VecX>(x.data_ptr<double>() + off, n) =
@@ -768,13 +972,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_shifted_solve_cpu(const at::Tensor& cr
     }
   });
   failures.raise_first("sparse_shifted_solve");
-  return {x.to(rhs_in.scalar_type()), logdet.to(rhs_in.scalar_type())};
+  return {x.to(rhs_in.scalar_type()), logdet.to(rhs_in.scalar_type()),
+          trace.to(rhs_in.scalar_type())};
 }
 
-// Takahashi recursions on the Cholesky factor L L^T = P M P^T: Z = (L L^T)^-1 satisfies
-// L^T Z = L^-1, so for i <= j, Z_ij = (delta_ij / L_ii - sum_{k > i} L_ki Z_kj) / L_ii. Columns are
-// processed from last to first; all Z_kj needed lie on the pattern of L (the rows of a column of L
-// form a clique of the filled graph), so Z is stored in L's own arrays.
 at::Tensor sparse_inverse_diagonal_cpu(const at::Tensor& crow_in, const at::Tensor& col_in,
                                        const at::Tensor& val_in) {
   check_csr(crow_in, col_in, val_in);
@@ -786,42 +987,9 @@ at::Tensor sparse_inverse_diagonal_cpu(const at::Tensor& crow_in, const at::Tens
   TORCH_CHECK(M.factorize(val.data_ptr<double>(), &one, zeros.data()),
               "splisosm::sparse_inverse_diagonal: the matrix is not positive definite "
               "(sparse Cholesky failed)");
-  const SpMat& L = M.solver().matrixL().nestedExpression();
-  const int* cp = L.outerIndexPtr();
-  const int* ri = L.innerIndexPtr();
-  const double* lx = L.valuePtr();
-  std::vector<double> Z(L.nonZeros(), 0.0), l_col(n, 0.0), acc(n, 0.0);
-  std::vector<int64_t> mark(n, -1);
-  for (int64_t i = n - 1; i >= 0; --i) {
-    const int first = cp[i] + 1, last = cp[i + 1];  // below-diagonal rows of column i
-    const double lii = lx[cp[i]];
-    for (int p = first; p < last; ++p) {
-      mark[ri[p]] = i;
-      l_col[ri[p]] = lx[p];
-    }
-    // acc_j = sum_{k in S} L_ki Z_kj for j in S, reading column k of Z (rows >= k).
-    for (int p = first; p < last; ++p) {
-      const int k = ri[p];
-      acc[k] += Z[cp[k]] * l_col[k];
-      for (int t = cp[k] + 1; t < cp[k + 1]; ++t) {
-        const int j = ri[t];
-        if (mark[j] != i) continue;
-        acc[j] += Z[t] * l_col[k];
-        acc[k] += Z[t] * l_col[j];
-      }
-    }
-    double diag_sum = 0;
-    for (int p = first; p < last; ++p) {
-      const int j = ri[p];
-      Z[p] = -acc[j] / lii;
-      diag_sum += lx[p] * Z[p];
-      acc[j] = 0;
-    }
-    Z[cp[i]] = (1 / lii - diag_sum) / lii;
-  }
+  const SelectedInverse Z(M.solver());
   auto out = at::empty({n}, val.options());
-  const auto& perm = M.solver().permutationP().indices();
-  for (int64_t s = 0; s < n; ++s) out.data_ptr<double>()[s] = Z[cp[perm[s]]];
+  for (int64_t s = 0; s < n; ++s) out.data_ptr<double>()[s] = Z(s, s);
   return out;
 }
 
@@ -832,6 +1000,7 @@ TORCH_LIBRARY_IMPL(splisosm, CPU, m) {
   m.impl("laplace_logdet_eig", &laplace_logdet_eig_cpu);
   m.impl("laplace_sparse", &laplace_sparse_cpu);
   m.impl("laplace_lowrank", &laplace_lowrank_cpu);
+  m.impl("laplace_sparse_logdet_grad", &laplace_sparse_logdet_grad_cpu);
   m.impl("sparse_shifted_solve", &sparse_shifted_solve_cpu);
   m.impl("sparse_inverse_diagonal", &sparse_inverse_diagonal_cpu);
 }

@@ -363,11 +363,24 @@ TT laplace_sparse_cuda(CT W, CT rhs, CT crow, CT col, CT val, CT v, CT theta) {
   return {x.to(W.device()), logdet.to(W.device())};
 }
 
-TT sparse_shifted_solve_cuda(CT crow, CT col, CT val, CT scale, CT shift, CT rhs) {
-  static const auto op = find_op<TT(CT, CT, CT, CT, CT, CT)>("splisosm::sparse_shifted_solve");
-  const auto [x, logdet] =
-      op.call(crow.cpu(), col.cpu(), val.cpu(), scale.cpu(), shift.cpu(), rhs.cpu());
-  return {x.to(rhs.device()), logdet.to(rhs.device())};
+using T3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using T4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+T4 laplace_sparse_logdet_grad_cuda(CT W, CT crow, CT col, CT val, CT v, CT theta) {
+  static const auto op =
+      find_op<T4(CT, CT, CT, CT, CT, CT)>("splisosm::laplace_sparse_logdet_grad");
+  const auto [logdet, gW, gv, gt] =
+      op.call(W.cpu(), crow.cpu(), col.cpu(), val.cpu(), v.cpu(), theta.cpu());
+  return {logdet.to(W.device()), gW.to(W.device()), gv.to(W.device()), gt.to(W.device())};
+}
+
+T3 sparse_shifted_solve_cuda(CT crow, CT col, CT val, CT scale, CT shift, CT rhs,
+                             bool trace_inverse) {
+  static const auto op =
+      find_op<T3(CT, CT, CT, CT, CT, CT, bool)>("splisosm::sparse_shifted_solve");
+  const auto [x, logdet, trace] = op.call(crow.cpu(), col.cpu(), val.cpu(), scale.cpu(),
+                                          shift.cpu(), rhs.cpu(), trace_inverse);
+  return {x.to(rhs.device()), logdet.to(rhs.device()), trace.to(rhs.device())};
 }
 
 at::Tensor sparse_inverse_diagonal_cuda(CT crow, CT col, CT val) {
@@ -384,6 +397,7 @@ TORCH_LIBRARY_IMPL(splisosm, CUDA, m) {
   m.impl("laplace_logdet_eig", &laplace_logdet_eig_cuda);
   m.impl("laplace_lowrank", &laplace_lowrank_cuda);
   m.impl("laplace_sparse", &laplace_sparse_cuda);
+  m.impl("laplace_sparse_logdet_grad", &laplace_sparse_logdet_grad_cuda);
   m.impl("sparse_shifted_solve", &sparse_shifted_solve_cuda);
   m.impl("sparse_inverse_diagonal", &sparse_inverse_diagonal_cuda);
 }

@@ -83,6 +83,10 @@ class GuardedSystem:
     def rank(self) -> int | None:
         return self.inner.rank
 
+    @property
+    def route(self) -> str:
+        return self.inner.route
+
     @staticmethod
     def _clean(bad: Tensor, v: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
         return (torch.where(_gene_mask(bad, v), torch.ones_like(v), v),

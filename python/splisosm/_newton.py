@@ -158,7 +158,7 @@ class JointNewton:
         m = self.model
         q = m.n_isos - 1
         v, theta = variance_components(sigma, theta_logit, q, warn=False)
-        quad, logdet_sigma, _ = m.prior_system().prior_terms(nu, v, theta)
+        quad, logdet_sigma, _ = m.system.prior_terms(nu, v, theta)
         return (gaussian_loglik(quad, logdet_sigma, m.n_spots, q)
                 + log_prior(sigma, m.var_prior_model, m.var_prior_model_params))
 

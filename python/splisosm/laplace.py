@@ -20,8 +20,10 @@ from splisosm.ops.laplace import (
     laplace_lowrank,
     laplace_solve_eig,
     laplace_sparse,
+    laplace_sparse_logdet,
     sparse_shifted_solve,
 )
+from splisosm.ops.laplace_reference import LOW_RANK_CLIP
 
 if TYPE_CHECKING:  # pragma: no cover
     import scipy.sparse
@@ -61,7 +63,8 @@ class LaplaceSystem:
     precision (exact and fastest) and uses the eigenpairs for :meth:`prior_terms`; ``precision``
     alone uses the sparse op everywhere. Inputs may be float32 and on any device: the ops run in
     float64 on the CPU and results come back in the dtype and device of the input.
-    :meth:`solve`, :meth:`logdet` and :meth:`solve_logdet` are not differentiable (inputs are
+    :meth:`prior_terms` and :meth:`logdet` are differentiable (first derivatives; the eigenbasis
+    and identity forms to any order); :meth:`solve` and :meth:`solve_logdet` are not (inputs are
     detached).
 
     Attributes
@@ -159,9 +162,9 @@ class LaplaceSystem:
         -----
         So ``sum_j l_MVN(nu_j) = -1/2 [n q log 2 pi + logdet_sigma + quad]`` (SPEC §5.4, without the
         clip of the low-rank Hessian of §5.5). ``theta == 1`` is accepted for a full-rank kernel
-        (``Sigma = v K``), where a float32 sigmoid saturates. Differentiable by autograd in the
-        identity and eigenbasis forms; the precision-only form is not (it runs sparse
-        factorisations).
+        (``Sigma = v K``), where a float32 sigmoid saturates. Differentiable by autograd; the
+        precision-only form gives first derivatives of ``quad`` and ``logdet_sigma`` (from its
+        sparse factorisations and their selected inverses) and a ``prec_nu`` without gradient.
         """
         self._check_params(nu, v, theta, "nu", theta_max=1.0)
         if self._is_null(theta):
@@ -188,22 +191,13 @@ class LaplaceSystem:
         return quad, logdet, prec
 
     def _sparse_prior(self, nu: Tensor, v: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # Sigma = (a Q)^-1 + tau^-1 I with a = 1/(v theta), tau = 1/(v (1 - theta)):
-        # Sigma^-1 = tau I - tau^2 (a Q + tau I)^-1, log det Sigma = log det(aQ + tau I)
-        #            - log det(a Q) - n log tau.
-        G, n, q = nu.shape
+        # Sigma = (a Q)^-1 + tau^-1 I with a = 1/(v theta), tau = 1/(v (1 - theta)).
         v64, t64 = _sparse_params(v, theta)
         a, tau = 1 / (v64 * t64), 1 / (v64 * (1 - t64))
-        nu64 = nu.detach().to(_CPU, torch.float64)
-        rhs = nu64.permute(0, 2, 1).reshape(G * q, 1, n)
-        y, logdet_shift = sparse_shifted_solve(*self._csr, a.reshape(-1), tau.reshape(-1), rhs)
-        y = y.reshape(G, q, n).permute(0, 2, 1)
-        prec = tau[:, None, :] * nu64 - tau[:, None, :] ** 2 * y
-        logdet_q = self._precision_logdet()
-        logdet_q_u = logdet_q + n * torch.log(a)
-        logdet = (logdet_shift.reshape(G, q) - logdet_q_u - n * torch.log(tau)).sum(1)
-        quad = (nu64 * prec).sum((1, 2))
-        return tuple(t.to(nu.device, nu.dtype) for t in (quad, logdet, prec))
+        nu64 = nu.to(_CPU, torch.float64)
+        quad, logdet, prec = _SparsePrior.apply(nu64, a, tau, self._csr, self._precision_logdet())
+        return quad.to(nu.device, nu.dtype), logdet.to(nu.device, nu.dtype), \
+            prec.to(nu.device, nu.dtype)
 
     def _precision_logdet(self) -> float:
         if self._logdet_precision is None:
@@ -221,8 +215,30 @@ class LaplaceSystem:
         return self._run(W, rhs, v, theta, want_solve=True, want_logdet=False)[0]
 
     def logdet(self, W: Tensor, v: Tensor, theta: Tensor) -> Tensor:
-        """``log det H`` per gene ``(G,)`` in the dtype of ``W``."""
+        """``log det H`` per gene ``(G,)`` in the dtype of ``W``.
+
+        Differentiable in ``W``, ``v`` and ``theta`` when any of them requires a gradient: the
+        sparse route through selected inversion of its factor, the low-rank route through the
+        determinant lemma on ``rq x rq`` matrices, a full-rank eigenbasis without a precision
+        through the ``nq x nq`` eigenbasis form of ``H`` (the prior is dense there anyway).
+        """
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (W, v, theta)):
+            return self._logdet_differentiable(W, v, theta)
         return self._run(W, None, v, theta, want_solve=False, want_logdet=True)[1]
+
+    def _logdet_differentiable(self, W: Tensor, v: Tensor, theta: Tensor) -> Tensor:
+        if not isinstance(W, Tensor) or W.dim() != 4:
+            raise ValueError(f"`W` must be a (G, n, q, q) tensor, got {getattr(W, 'shape', W)}")
+        self._check_params(W[..., 0], v, theta, "W")
+        W64, v64, t64 = (x.to(_CPU, torch.float64) for x in (W, v, theta))
+        if self._is_null(theta):
+            ld = _identity_system(W64, None, v64, True)[1]
+        elif self.route == "sparse":
+            v64, t64 = _sparse_params(v64, t64)
+            ld = laplace_sparse_logdet(W64, *self._csr, v64, t64)
+        else:
+            ld = _eigen_logdet(W64, self._evals, self._evecs, v64, t64)
+        return ld.to(W.device, W.dtype)
 
     def solve_logdet(
         self, W: Tensor, rhs: Tensor, v: Tensor, theta: Tensor
@@ -258,8 +274,7 @@ class LaplaceSystem:
         if self._is_null(theta):
             x, ld = _identity_system(W64, b64, v64, want_logdet)
         elif self.route == "sparse":
-            vs, ts = _sparse_params(v64, t64)
-            x, ld = laplace_sparse(W64, b64, *self._csr, vs, ts)
+            x, ld = laplace_sparse(W64, b64, *self._csr, *_sparse_params(v64, t64))
         elif self.rank < self.n and (want_logdet or float(t64.max()) > CG_THETA_MAX):
             x, ld = laplace_lowrank(W64, b64, self._evals, self._evecs, v64, t64)
         else:
@@ -328,8 +343,8 @@ def _sparse_params(v: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
     A column with theta below ``NULL_THETA`` (others not) then gets an almost white prior, which
     differs from ``v I`` by ``O(NULL_THETA)``.
     """
-    t = theta.detach().to(_CPU, torch.float64).clamp(NULL_THETA, 1 - NULL_THETA)
-    return v.detach().to(_CPU, torch.float64), t
+    t = theta.to(_CPU, torch.float64).clamp(NULL_THETA, 1 - NULL_THETA)
+    return v.to(_CPU, torch.float64), t
 
 
 def _identity_prior(nu: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -342,17 +357,90 @@ def _identity_system(
     W: Tensor, rhs: Tensor | None, v: Tensor, want_logdet: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """Per-spot closed form with ``Sigma_j = v_j I``: ``H_s = diag(1/v) + W_s``."""
-    H = W + torch.diag_embed(1 / v)[:, None]
-    L, info = torch.linalg.cholesky_ex(H)
-    bad = torch.nonzero(info.reshape(W.shape[0], -1).any(1)).flatten()
-    if bad.numel():
-        raise RuntimeError(
-            f"splisosm: gene {int(bad[0])}: the Laplace system H is not positive definite"
-        )
+    L = _checked_cholesky(W + torch.diag_embed(1 / v)[:, None], "the Laplace system H")
     x = None
     if rhs is not None:
         b = rhs if rhs.dim() == 4 else rhs[:, None]
         x = torch.cholesky_solve(b[..., None], L[:, None]).squeeze(-1)
         x = x if rhs.dim() == 4 else x[:, 0]
-    ld = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum((1, 2)) if want_logdet else None
-    return x, ld
+    return x, (_logdet_chol(L) if want_logdet else None)
+
+
+def _checked_cholesky(M: Tensor, what: str) -> Tensor:
+    L, info = torch.linalg.cholesky_ex(M)
+    bad = torch.nonzero(info.reshape(M.shape[0], -1).any(1)).flatten()
+    if bad.numel():
+        raise RuntimeError(f"splisosm: gene {int(bad[0])}: {what} is not positive definite")
+    return L
+
+
+def _logdet_chol(L: Tensor) -> Tensor:
+    """``log det`` of ``L L^T`` summed over all but the first (gene) dimension."""
+    return 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).flatten(1).sum(1)
+
+
+def _eigen_logdet(W: Tensor, lam: Tensor, V: Tensor, v: Tensor, theta: Tensor) -> Tensor:
+    """Differentiable ``log det H`` of the eigenbasis form (float64 inputs).
+
+    Low rank: ``H = A + U E U^T`` with per-spot ``A_s = diag(1/d) + W_s``, ``U = I_q (x) V`` and
+    the clipped ``E = 1/c - 1/d``; with ``L L^T = U^T A^-1 U`` the determinant lemma gives
+    ``log det A + log det(I + L^T E L)``. Full rank: ``V`` is orthogonal, so
+    ``log det H = log det(diag(1/c) + U^T W U)``.
+    """
+    G, n, q, _ = W.shape
+    r = V.shape[1]
+    c = v[..., None] * (theta[..., None] * lam + (1 - theta[..., None]))  # (G, q, r)
+    if r == n:
+        B = torch.einsum("sk,gsij,sl->gikjl", V, W, V).reshape(G, q * n, q * n)
+        B = B + torch.diag_embed((1 / c).reshape(G, q * n))
+        return _logdet_chol(_checked_cholesky(B, "the Laplace system H"))
+    d = v * (1 - theta)
+    E = (1 / c - 1 / d[..., None]).clamp(-LOW_RANK_CLIP, LOW_RANK_CLIP).reshape(G, q * r)
+    LA = _checked_cholesky(W + torch.diag_embed(1 / d)[:, None], "diag(1/d) + W_s")
+    M = torch.einsum("sk,gsij,sl->gikjl", V, torch.cholesky_inverse(LA), V).reshape(G, q * r, q * r)
+    LM = _checked_cholesky(M, "U^T A^-1 U")
+    S = torch.eye(q * r, dtype=W.dtype) + LM.transpose(1, 2) @ (E[..., None] * LM)
+    return _logdet_chol(LA) + _logdet_chol(_checked_cholesky(S, "the Laplace system H"))
+
+
+class _SparsePrior(torch.autograd.Function):
+    """Prior terms of the precision-only form, per gene, with first derivatives.
+
+    Per column, ``M = a Q + tau I`` and ``y = M^-1 nu``:
+    ``Sigma^-1 nu = tau nu - tau^2 y``, ``quad = nu^T Sigma^-1 nu`` and
+    ``log det Sigma = log det M - log det Q - n log a - n log tau``, so
+    ``d quad / d nu = 2 Sigma^-1 nu``, ``d quad / d a = tau^2 y^T Q y`` (``Q y = (nu - tau y) / a``),
+    ``d quad / d tau = |nu - tau y|^2``, ``d log det Sigma / d a = -tau tr(M^-1) / a`` and
+    ``d log det Sigma / d tau = tr(M^-1) - n / tau``. ``prec_nu`` carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, nu, a, tau, csr, logdet_q):  # noqa: D102
+        G, n, q = nu.shape
+        rhs = nu.permute(0, 2, 1).reshape(G * q, 1, n)
+        want_trace = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        out = sparse_shifted_solve(*csr, a.reshape(-1), tau.reshape(-1), rhs,
+                                   trace_inverse=want_trace)
+        y = out[0].reshape(G, q, n).permute(0, 2, 1)
+        prec = tau[:, None, :] * nu - tau[:, None, :] ** 2 * y
+        logdet = (out[1].reshape(G, q) - logdet_q - n * torch.log(a) - n * torch.log(tau)).sum(1)
+        quad = (nu * prec).sum((1, 2))
+        trace = out[2].reshape(G, q) if want_trace else None
+        ctx.save_for_backward(nu, y, prec, a, tau, trace)
+        ctx.mark_non_differentiable(prec)
+        return quad, logdet, prec
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_quad, g_logdet, _):  # noqa: D102
+        nu, y, prec, a, tau, trace = ctx.saved_tensors
+        n = nu.shape[1]
+        g_nu = g_a = g_tau = None
+        if ctx.needs_input_grad[0]:
+            g_nu = 2 * g_quad[:, None, None] * prec
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            resid = nu - tau[:, None, :] * y  # a Q y
+            gq, gl = g_quad[:, None], g_logdet[:, None]
+            g_a = gq * tau**2 * (y * resid).sum(1) / a - gl * tau * trace / a
+            g_tau = gq * (resid * resid).sum(1) + gl * (trace - n / tau)
+        return g_nu, g_a, g_tau, None, None

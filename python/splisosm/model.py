@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from splisosm import _newton
-from splisosm._dense_laplace import DenseLaplaceSystem
 from splisosm._fitting import (
     GLM_METHODS,
     check_device,
@@ -40,7 +39,6 @@ __all__ = ["MultinomGLM", "MultinomGLMM"]
 
 MARGINAL_METHODS = ("marginal_gd", "marginal_newton")
 DENSE_MARGINAL_WARN_N = 300
-DENSE_PRECISION_MAX_N = 5000
 
 
 def _as_tensor(x, dtype: torch.dtype, device: torch.device, name: str) -> Tensor:
@@ -312,11 +310,13 @@ class MultinomGLMM(_CountModel):
         self._set_data(counts, design_mtx, device)
         self._set_spatial(corr_sp, corr_sp_eigvals, corr_sp_eigvecs, corr_sp_precision)
         self._init_params()
-        if self.fitting_method == "marginal_gd" and self.n_spots > DENSE_MARGINAL_WARN_N:
+        if (self.fitting_method == "marginal_gd" and self.n_spots > DENSE_MARGINAL_WARN_N
+                and self.system.route == "eigen" and self.system.rank == self.n_spots):
             warnings.warn(
-                f"marginal_gd forms the dense (nq x nq) Hessian for the log-determinant gradient; "
-                f"n = {self.n_spots} > {DENSE_MARGINAL_WARN_N} makes this slow.", UserWarning,
-                stacklevel=2)
+                "marginal_gd with a full-rank kernel but no sparse precision differentiates a "
+                f"dense (nq x nq) log-determinant; n = {self.n_spots} > {DENSE_MARGINAL_WARN_N} "
+                "makes this slow (pass corr_sp_precision as well, or use approximate eigenpairs).",
+                UserWarning, stacklevel=2)
 
     def _set_spatial(self, corr_sp, eigvals, eigvecs, precision) -> None:
         n = self.n_spots
@@ -346,7 +346,6 @@ class MultinomGLMM(_CountModel):
             raise ValueError("A spatial covariance is required: pass corr_sp, both "
                              "corr_sp_eigvals and corr_sp_eigvecs, or corr_sp_precision.")
         self._system = None
-        self._dense_system = None
 
     @property
     def system(self):
@@ -354,20 +353,6 @@ class MultinomGLMM(_CountModel):
         if self._system is None:
             self._system = GuardedSystem(self._build_system(LaplaceSystem))
         return self._system
-
-    @property
-    def dense_system(self) -> GuardedSystem:
-        """Dense system with autograd-friendly log-determinants (marginal_gd, small n)."""
-        if self._dense_system is None:
-            self._dense_system = GuardedSystem(self._build_system(DenseLaplaceSystem))
-        return self._dense_system
-
-    def prior_system(self):
-        """System for the prior terms: the dense one where autograd is needed but the structured
-        one (a sparse precision without eigenpairs) cannot provide it."""
-        if self.corr_sp_eigvecs is None and torch.is_grad_enabled():
-            return self.dense_system
-        return self.system
 
     def _build_system(self, cls):
         return cls(self.n_spots, evals=self.corr_sp_eigvals, evecs=self.corr_sp_eigvecs,
@@ -413,7 +398,7 @@ class MultinomGLMM(_CountModel):
         eta = nu + self._fixed_eta()
         l_mult, grad, W = multinom_terms(eta, self.counts)
         v, theta = self._variance()
-        quad, logdet_sigma, _ = self.prior_system().prior_terms(nu, v, theta, with_precision=False)
+        quad, logdet_sigma, _ = self.system.prior_terms(nu, v, theta, with_precision=False)
         l_mvn = gaussian_loglik(quad, logdet_sigma, self.n_spots, self.n_isos - 1)
         l_joint = l_mult + l_mvn + self._log_prior()
         return {"joint": l_joint, "grad": grad, "W": W, "v": v, "theta": theta}
@@ -425,13 +410,10 @@ class MultinomGLMM(_CountModel):
     def marginal_loglik(self) -> Tensor:
         """Per-gene Laplace marginal ``l_J - 1/2 log det(Sigma^-1 + W)`` at the current ``nu``.
 
-        Differentiable (through the dense system) when gradients are enabled, structured
-        otherwise.
+        Differentiable when gradients are enabled (the structured log-determinant gradients of
+        :meth:`splisosm.laplace.LaplaceSystem.logdet`).
         """
         parts = self._joint_parts()
-        if torch.is_grad_enabled():
-            return parts["joint"] - 0.5 * self.dense_system.logdet(parts["W"], parts["v"],
-                                                                   parts["theta"])
         # float64 curvature: float32 blocks of spots with extreme probabilities can be
         # numerically indefinite
         eta = self._eta().to(torch.float64)
@@ -454,11 +436,10 @@ class MultinomGLMM(_CountModel):
         """
         store_param_history = _resolve_diagnose(store_param_history, diagnose)
         method = self.fitting_method
-        if (self.corr_sp_eigvecs is None and method != "marginal_newton"
-                and self.n_spots > DENSE_PRECISION_MAX_N):
-            raise ValueError(f"fitting_method={method!r} needs autograd through the prior, which "
-                             "with only corr_sp_precision means a dense kernel; for n = "
-                             f"{self.n_spots} > {DENSE_PRECISION_MAX_N} give eigenpairs or use "
+        if self.corr_sp_eigvecs is None and method == "joint_newton":
+            raise ValueError("fitting_method='joint_newton' needs second derivatives of the prior "
+                             "in the variance parameters, which the sparse-precision form does "
+                             "not provide; give the kernel's eigenpairs (e.g. approx_rank) or use "
                              "'marginal_newton'.")
         if random_seed is not None:
             torch.manual_seed(random_seed)
@@ -501,7 +482,7 @@ class MultinomGLMM(_CountModel):
         self.n_factors = other.n_factors
         self.corr_sp_eigvals, self.corr_sp_eigvecs = other.corr_sp_eigvals, other.corr_sp_eigvecs
         self.corr_sp_precision = other.corr_sp_precision
-        self._system, self._dense_system = other.system, other._dense_system
+        self._system = other.system
         self._init_params()
         with torch.no_grad():
             for name, p in self.named_parameters():

@@ -121,13 +121,34 @@ def laplace_sparse_reference(
     return x.to(rhs.dtype), logdet.to(W.dtype)
 
 
+def laplace_sparse_logdet_grad_reference(
+    W: Tensor, crow: Tensor, col: Tensor, val: Tensor, v: Tensor, theta: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Dense reference of :func:`splisosm.ops.laplace_sparse_logdet_grad`: ``log det H`` of the
+    dense Hessian and its gradients by autograd."""
+    W64, v64, t64 = (t.detach().to(torch.float64).requires_grad_(True) for t in (W, v, theta))
+    with torch.enable_grad():
+        prec = sparse_prior_precision(csr_to_dense(crow, col, val), v64, t64)
+        L = checked_cholesky(dense_hessian(prec, W64), "the Laplace system H")
+        logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+        grad_W, grad_v, grad_t = torch.autograd.grad(logdet.sum(), (W64, v64, t64))
+    return (logdet.detach().to(W.dtype), grad_W.to(W.dtype), grad_v.to(v.dtype),
+            grad_t.to(theta.dtype))
+
+
 def sparse_shifted_solve_reference(
-    crow: Tensor, col: Tensor, val: Tensor, scale: Tensor, shift: Tensor, rhs: Tensor
-) -> tuple[Tensor, Tensor]:
+    crow: Tensor,
+    col: Tensor,
+    val: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    rhs: Tensor,
+    trace_inverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Dense reference of :func:`splisosm.ops.sparse_shifted_solve`.
 
-    ``M_g = scale_g Q + shift_g I``; returns ``M_g^-1 rhs_g`` for ``rhs (G, R, n)`` and
-    ``log det M_g (G,)``.
+    ``M_g = scale_g Q + shift_g I``; returns ``M_g^-1 rhs_g`` for ``rhs (G, R, n)``,
+    ``log det M_g (G,)`` and ``tr M_g^-1`` (``(G,)``, or empty without ``trace_inverse``).
     """
     Q = csr_to_dense(crow, col, val)
     eye = torch.eye(Q.shape[0], dtype=Q.dtype, device=Q.device)
@@ -136,7 +157,11 @@ def sparse_shifted_solve_reference(
     L = checked_cholesky(M, "scale * Q + shift * I")
     x = torch.cholesky_solve(rhs64.transpose(1, 2), L).transpose(1, 2)
     logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
-    return x.to(rhs.dtype), logdet.to(rhs.dtype)
+    if trace_inverse:
+        trace = torch.diagonal(torch.cholesky_inverse(L), dim1=-2, dim2=-1).sum(-1)
+    else:
+        trace = rhs64.new_empty(0)
+    return x.to(rhs.dtype), logdet.to(rhs.dtype), trace.to(rhs.dtype)
 
 
 def sparse_inverse_diagonal_reference(crow: Tensor, col: Tensor, val: Tensor) -> Tensor:
