@@ -19,6 +19,9 @@ from splisosm.ops import multinom_terms
 MAX_HALVINGS = 10
 THETA_LOGIT_BOUND = 10.0
 MAX_VARIANCE_STEP = 3.0
+# Relative step of the central differences of the variance Hessian (sparse-precision prior):
+# about the cube root of float64 round-off, which balances truncation and cancellation.
+FD_STEP = 1e-5
 
 
 def _bcast(t: Tensor, x: Tensor) -> Tensor:
@@ -145,7 +148,8 @@ class JointNewton:
 
     Per epoch: one damped Newton step on ``(nu, beta, bias)`` jointly, then one Newton step on
     each gene's variance parameters ``(sigma, theta_logit)`` using the exact Hessian of the
-    parametrisation used by the likelihood (``v = max(sigma^2, 0.01)``), by autograd. Indefinite
+    parametrisation used by the likelihood (``v = max(sigma^2, 0.01)``), by autograd (central
+    differences of the exact gradient for a sparse precision without eigenpairs). Indefinite
     variance Hessians are made positive by taking absolute eigenvalues; steps are per gene (not
     divided by ``G``) and halved until the joint objective does not decrease.
     """
@@ -162,6 +166,36 @@ class JointNewton:
         return (gaussian_loglik(quad, logdet_sigma, m.n_spots, q)
                 + log_prior(sigma, m.var_prior_model, m.var_prior_model_params))
 
+    def _variance_derivatives(self, nu: Tensor, psi: Tensor, C: int
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+        """Objective, gradient and Hessian in ``psi = (sigma, theta_logit)`` per gene.
+
+        The Hessian comes from autograd, except with a sparse precision alone, whose prior terms
+        have first derivatives only: there it is the central difference of the exact gradient.
+        """
+        exact = self.model.corr_sp_eigvecs is not None
+
+        def value_and_grad(at: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            x = at.detach().requires_grad_(True)
+            with torch.enable_grad():
+                f = self._variance_objective(nu, x[:, :C], x[:, C:])
+                (g,) = torch.autograd.grad(f.sum(), x, create_graph=exact)
+            return f, g, x
+
+        f, g, x = value_and_grad(psi)
+        if exact:
+            rows = [torch.autograd.grad(g[:, k].sum(), x, retain_graph=True)[0]
+                    for k in range(2 * C)]
+        else:
+            h = FD_STEP * psi.abs().clamp(min=1.0)
+            rows = []
+            for k in range(2 * C):
+                e = torch.zeros_like(psi)
+                e[:, k] = h[:, k]
+                diff = value_and_grad(psi + e)[1] - value_and_grad(psi - e)[1]
+                rows.append(diff / (2 * h[:, k:k + 1]))
+        return f.detach(), g.detach(), torch.stack(rows, dim=1).detach()
+
     def step(self, epoch: int, active: Tensor) -> None:
         m, s = self.model, self.solver
         with torch.no_grad():
@@ -169,29 +203,22 @@ class JointNewton:
             sigma, tl = m.sigma.detach(), m.theta_logit.detach()
             nu, omega, _ = s.refine(nu, omega, sigma, tl, steps=1, halving=True)
             s.write(nu, omega)
-        psi = torch.cat([sigma, tl], dim=-1).to(s.WORK, copy=True).requires_grad_(True)
+        psi = torch.cat([sigma, tl], dim=-1).to(s.WORK, copy=True)
         C = sigma.shape[-1]
-        with torch.enable_grad():
-            f = self._variance_objective(nu, psi[:, :C], psi[:, C:])
-            (g,) = torch.autograd.grad(f.sum(), psi, create_graph=True)
-            rows = [torch.autograd.grad(g[:, k].sum(), psi, retain_graph=True)[0]
-                    for k in range(2 * C)]
+        f, g, H = self._variance_derivatives(nu, psi, C)
         with torch.no_grad():
-            H = torch.stack(rows, dim=1)
             evals, evecs = torch.linalg.eigh(-(H + H.transpose(1, 2)) / 2)
             inv = 1.0 / evals.abs().clamp(min=1e-4)
-            direction = torch.einsum("gab,gb,gcb,gc->ga", evecs, inv, evecs, g.detach())
+            direction = torch.einsum("gab,gb,gcb,gc->ga", evecs, inv, evecs, g)
             norm = direction.norm(dim=-1, keepdim=True)
             direction = direction * (MAX_VARIANCE_STEP / norm.clamp(min=MAX_VARIANCE_STEP))
-            base = psi.detach()
-            f0 = f.detach()
 
             def at(t: Tensor) -> Tensor:
-                new = base + t[:, None] * direction
+                new = psi + t[:, None] * direction
                 return self._variance_objective(nu, new[:, :C], new[:, C:])
 
-            t = step_halving(f0, at)
-            new = base + t[:, None] * direction
+            t = step_halving(f, at)
+            new = psi + t[:, None] * direction
             m.sigma.copy_(new[:, :C])
             m.theta_logit.copy_(new[:, C:].clamp(-THETA_LOGIT_BOUND, THETA_LOGIT_BOUND))
 

@@ -436,11 +436,6 @@ class MultinomGLMM(_CountModel):
         """
         store_param_history = _resolve_diagnose(store_param_history, diagnose)
         method = self.fitting_method
-        if self.corr_sp_eigvecs is None and method == "joint_newton":
-            raise ValueError("fitting_method='joint_newton' needs second derivatives of the prior "
-                             "in the variance parameters, which the sparse-precision form does "
-                             "not provide; give the kernel's eigenpairs (e.g. approx_rank) or use "
-                             "'marginal_newton'.")
         if random_seed is not None:
             torch.manual_seed(random_seed)
         params = dict(self.named_parameters())
