@@ -37,6 +37,91 @@ inline T log_factorial(T y, const std::array<double, kLogFactTable>& table) {
 
 enum BadCounts : int { kCountsOk = 0, kCountsNegative = 1, kCountsNonFinite = 2 };
 
+// x86-64 builds target the SSE2 baseline; the branch-free loops below also get an AVX2 clone,
+// chosen at load time on CPUs that have it (ifunc: GCC or Clang on Linux).
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define SPLISOSM_AVX2_CLONE __attribute__((target_clones("avx2", "default")))
+#else
+#define SPLISOSM_AVX2_CLONE
+#endif
+
+// One logit per spot (m = 2): with t = exp(-|e|), log Z = max(e, 0) + log1p(t),
+// p = 1 / (1 + t) for e >= 0 and t / (1 + t) otherwise, and p (1 - p) = t / (1 + t)^2. `l` holds
+// log1p(t). Written without branches (the choice of p by arithmetic on copysign) so that it
+// vectorises; counts are validated in binomial_constants.
+template <typename T>
+SPLISOSM_AVX2_CLONE void binomial_terms(const T* __restrict e, const T* __restrict y,
+                                        const T* __restrict t, const T* __restrict l, int64_t len,
+                                        T* __restrict ll, T* __restrict grad, T* __restrict W) {
+  for (int64_t i = 0; i < len; ++i) {
+    const T ei = e[i], ti = t[i], y0 = y[2 * i], total = y0 + y[2 * i + 1];
+    const T inv = T(1) / (T(1) + ti);
+    const T positive = T(0.5) + std::copysign(T(0.5), ei);  // 1 for e >= +0, else 0
+    ll[i] = y0 * ei - total * ((ei + std::fabs(ei)) * T(0.5) + l[i]);
+    grad[i] = y0 - total * inv * (positive + (T(1) - positive) * ti);
+    W[i] = total * ti * inv * inv;
+  }
+}
+
+// Whether both counts of a spot and their total are integers inside the log-factorial table
+// (false for NaN, infinities, negative and non-integer counts).
+template <typename T>
+inline bool in_table(T y0, T y1) {
+  return y0 >= 0 && y1 >= 0 && y0 + y1 < T(kLogFactTable) && y0 == std::floor(y0) &&
+         y1 == std::floor(y1);
+}
+
+// Adds log N! - log y0! - log y1! to `ll` for spots whose counts are in the table; returns
+// whether any spot is not. Selects instead of branches, so the lookups vectorise as gathers.
+template <typename T>
+SPLISOSM_AVX2_CLONE bool binomial_table_constants(const T* __restrict y, int64_t len,
+                                                  T* __restrict ll) {
+  const double* table = log_factorial_table().data();
+  bool outside = false;
+  for (int64_t i = 0; i < len; ++i) {
+    const T y0 = y[2 * i], y1 = y[2 * i + 1];
+    const bool ok = in_table(y0, y1);
+    const int k0 = static_cast<int>(ok ? y0 : T(0)), k1 = static_cast<int>(ok ? y1 : T(0));
+    const double c = table[k0 + k1] - table[k0] - table[k1];
+    ll[i] += ok ? static_cast<T>(c) : T(0);
+    outside |= !ok;
+  }
+  return outside;
+}
+
+// The constants of spots outside the table (large or non-integer counts, lgamma), and the
+// validation that reports NaN, infinite or negative counts.
+template <typename T>
+void binomial_constants(const T* y, int64_t len, T* ll, int& bad) {
+  if (!binomial_table_constants(y, len, ll)) return;
+  const auto& table = log_factorial_table();
+  for (int64_t i = 0; i < len; ++i) {
+    const T y0 = y[2 * i], y1 = y[2 * i + 1];
+    if (in_table(y0, y1)) continue;
+    if (!(std::isfinite(y0) && std::isfinite(y1))) {
+      bad = kCountsNonFinite;
+      continue;
+    }
+    if (y0 < 0 || y1 < 0) bad = std::max(bad, static_cast<int>(kCountsNegative));
+    ll[i] += log_factorial(y0 + y1, table) - log_factorial(y0, table) - log_factorial(y1, table);
+  }
+}
+
+template <typename T>
+void binomial_chunk(const T* eta, const T* counts, int64_t begin, int64_t end, T* ll_spot,
+                    T* grad, T* W, int& bad) {
+  const int64_t len = end - begin;
+  const T* e = eta + begin;
+  auto t_t = at::from_blob(const_cast<T*>(e), {len}, c10::CppTypeToScalarType<T>::value)
+                 .abs()
+                 .neg_()
+                 .exp_();
+  const auto l_t = t_t.log1p();
+  binomial_terms(e, counts + 2 * begin, t_t.template data_ptr<T>(), l_t.template data_ptr<T>(),
+                 len, ll_spot + begin, grad + begin, W + begin);
+  binomial_constants(counts + 2 * begin, len, ll_spot + begin, bad);
+}
+
 // A chunk of spots in three passes around torch's vectorised exp/log (scalar libm calls cost
 // ~16 ns per spot and dominated the op): (1) logits shifted by the spot's largest logit, with the
 // reference logit 0 appended, so |eta| >> 1 cannot overflow; (2) partition functions; (3)
@@ -112,8 +197,12 @@ void multinom_kernel(const T* eta, const T* counts, int64_t spots, int64_t q, T*
   at::parallel_for(0, spots, kChunk, [&](int64_t begin, int64_t end) {
     int local_bad = kCountsOk;
     for (int64_t b = begin; b < end; b += kChunk) {
-      multinom_chunk<T, Q>(eta, counts, b, std::min(end, b + kChunk), q, ll_spot, grad, W,
-                           local_bad);
+      if constexpr (Q == 1) {
+        binomial_chunk<T>(eta, counts, b, std::min(end, b + kChunk), ll_spot, grad, W, local_bad);
+      } else {
+        multinom_chunk<T, Q>(eta, counts, b, std::min(end, b + kChunk), q, ll_spot, grad, W,
+                             local_bad);
+      }
     }
     if (local_bad != kCountsOk) {
       int seen = bad.load(std::memory_order_relaxed);
@@ -158,6 +247,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multinom_terms_cpu(const at::Tens
 template <typename T>
 using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
+template <typename T>
+SPLISOSM_AVX2_CLONE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t s = 0; s < n; ++s) sum += a[s] * b[s];
+  return sum;
+}
+
+// Information (P1, P1) and score (P1,) of one gene with q = 1 from its curvature w (n,) and
+// residual r (n,); xt (n, P1) and op (n, P1 * P1) are the column-major design and its per-spot
+// outer products.
+template <typename T>
+void binomial_information(const T* w, const T* r, const T* xt, const T* op, int64_t n,
+                          int64_t P1, T* info, T* score) {
+  for (int64_t f = 0; f < P1; ++f) {
+    score[f] = dot(r, xt + f * n, n);
+    for (int64_t h = f; h < P1; ++h)
+      info[f * P1 + h] = info[h * P1 + f] = dot(w, op + (f * P1 + h) * n, n);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> fixed_effect_info_cpu(const at::Tensor& X_in,
                                                          const at::Tensor& W_in,
                                                          const at::Tensor& r_in) {
@@ -180,18 +290,19 @@ std::tuple<at::Tensor, at::Tensor> fixed_effect_info_cpu(const at::Tensor& X_in,
     for (int64_t s = 0; s < n; ++s)
       for (int64_t f = 0; f < P1; ++f)
         for (int64_t h = 0; h < P1; ++h) op(s, f * P1 + h) = xt(s, f) * xt(s, h);
+    if (q == 1) {
+      // One logit per spot: each output entry is one dot product over spots with a column of
+      // the design or of its outer products (upper triangle only, the information is symmetric).
+      at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; ++g)
+          binomial_information(W.data_ptr<scalar_t>() + g * n, r.data_ptr<scalar_t>() + g * n,
+                               xt.data(), op.data(), n, P1,
+                               info.data_ptr<scalar_t>() + g * P1 * P1,
+                               score.data_ptr<scalar_t>() + g * P1);
+      });
+      return;
+    }
     at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
-      if (q == 1) {
-        // One logit per spot: W and resid of a gene range are plain (genes x spots) matrices and
-        // the outputs are (genes x P1^2) and (genes x P1), so the range is two GEMMs rather than
-        // many products with a single row.
-        using OutMap = Eigen::Map<RowMat<scalar_t>>;
-        const Map wr(W.data_ptr<scalar_t>() + begin * n, end - begin, n);
-        const Map rr(r.data_ptr<scalar_t>() + begin * n, end - begin, n);
-        OutMap(info.data_ptr<scalar_t>() + begin * P1 * P1, end - begin, P1 * P1).noalias() = wr * op;
-        OutMap(score.data_ptr<scalar_t>() + begin * P1, end - begin, P1).noalias() = rr * xt;
-        return;
-      }
       for (int64_t g = begin; g < end; ++g) {
         const Map wg(W.data_ptr<scalar_t>() + g * n * q * q, n, q * q);
         const Map rg(r.data_ptr<scalar_t>() + g * n * q, n, q);
