@@ -55,9 +55,10 @@ def simulate(kernel: SpatialCovKernel, n_genes: int, m: int, sigma2: float, thet
     return torch.from_numpy(counts).float()
 
 
-def reference_joint_gd(Y: torch.Tensor, lam: torch.Tensor, U: torch.Tensor, sigma0: float,
-                       epochs: int, lr: float) -> dict[str, torch.Tensor]:
-    """One gene, written plainly: eigenbasis l_J, autograd, Adam on -l_J (no early stopping)."""
+def reference_gd(Y: torch.Tensor, lam: torch.Tensor, U: torch.Tensor, sigma0: float,
+                 epochs: int, lr: float, marginal: bool = False) -> dict[str, torch.Tensor]:
+    """One gene, written plainly: eigenbasis l_J (``marginal``: minus 1/2 log det of the dense
+    nq x nq Hessian, through a dense Cholesky every epoch), autograd, Adam (no early stopping)."""
     n, m = Y.shape
     q = m - 1
     dt = Y.dtype
@@ -71,14 +72,22 @@ def reference_joint_gd(Y: torch.Tensor, lam: torch.Tensor, U: torch.Tensor, sigm
     for _ in range(epochs):
         opt.zero_grad()
         eta = torch.cat([nu + bias, torch.zeros(n, 1, dtype=dt)], 1)
-        l_mult = const + (Y * torch.log_softmax(eta, 1)).sum()
+        logp = torch.log_softmax(eta, 1)
+        l_mult = const + (Y * logp).sum()
         v = (sigma**2).clamp(min=0.01)
         theta = torch.sigmoid(theta_logit)
         c = v * (theta * lam + 1 - theta)
         z = U.T @ nu
-        l_mvn = -0.5 * (n * q * math.log(2 * math.pi) + q * torch.log(c).sum()
-                        + (z * z / c[:, None]).sum())
-        (-(l_mult + l_mvn)).backward()
+        objective = l_mult - 0.5 * (n * q * math.log(2 * math.pi) + q * torch.log(c).sum()
+                                    + (z * z / c[:, None]).sum())
+        if marginal:
+            p = logp.exp()[:, :q]
+            W = N[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+            prior = (U / c) @ U.T  # Sigma^-1, shared by the q columns
+            H = torch.kron(torch.eye(q, dtype=dt), prior) + torch.einsum(
+                "sjk,st->jskt", W, torch.eye(n, dtype=dt)).reshape(n * q, n * q)
+            objective = objective - torch.log(torch.diagonal(torch.linalg.cholesky(H))).sum()
+        (-objective).backward()
         opt.step()
     return {"nu": nu.detach(), "bias_eta": bias.detach(), "theta_logit": theta_logit.detach()}
 
@@ -93,7 +102,7 @@ def bench_joint_gd(kernel, Y, lam, U, ref_genes: int) -> None:
     model.fit(quiet=True)
     ours = (time.perf_counter() - start) / G
     start = time.perf_counter()
-    refs = [reference_joint_gd(Y[g], lam, U, float(sigma0[g]), 500, 0.01) for g in range(ref_genes)]
+    refs = [reference_gd(Y[g], lam, U, float(sigma0[g]), 500, 0.01) for g in range(ref_genes)]
     theirs = (time.perf_counter() - start) / ref_genes
     print(f"joint_gd, n={Y.shape[1]}, G={G}, 500 epochs: ours {1e3 * ours:.1f} ms/gene (batched), "
           f"per-gene pure-torch restatement {1e3 * theirs:.1f} ms/gene -> x{theirs / ours:.1f}; "
@@ -102,8 +111,7 @@ def bench_joint_gd(kernel, Y, lam, U, ref_genes: int) -> None:
     model64 = IsoFullModel(fitting_configs=cfg, dtype=torch.float64)
     model64.setup_data(Y[:1].double(), corr_sp_eigvals=lam.double(), corr_sp_eigvecs=U.double())
     model64.fit(quiet=True)
-    ref64 = reference_joint_gd(Y[0].double(), lam.double(), U.double(), float(sigma0[0]), 500,
-                               0.01)
+    ref64 = reference_gd(Y[0].double(), lam.double(), U.double(), float(sigma0[0]), 500, 0.01)
     print(f"  float64 trajectory after 500 epochs: max relative parameter difference "
           f"{_max_rel(model64, [ref64]):.2e}")
 
@@ -158,43 +166,6 @@ def bench_marginal_newton_single(kernel, lam, U, n_genes: int, theta: float, sig
           f"{np.median(thetas):.3f} (truth {theta})")
 
 
-def reference_marginal_gd(Y: torch.Tensor, lam: torch.Tensor, U: torch.Tensor, sigma0: float,
-                          epochs: int, lr: float) -> dict[str, torch.Tensor]:
-    """One gene, written plainly: l_J plus -1/2 log det of the dense nq x nq Hessian (autograd
-    through a dense Cholesky every epoch), Adam on -l_M."""
-    n, m = Y.shape
-    q = m - 1
-    dt = Y.dtype
-    nu = torch.zeros(n, q, dtype=dt, requires_grad=True)
-    bias = torch.zeros(q, dtype=dt, requires_grad=True)
-    theta_logit = torch.full((1,), -3.0, dtype=dt, requires_grad=True)
-    sigma = torch.tensor([sigma0], dtype=dt)
-    opt = torch.optim.Adam([nu, bias, theta_logit], lr=lr)
-    N = Y.sum(1)
-    const = (torch.lgamma(N + 1) - torch.lgamma(Y + 1).sum(1)).sum()
-    eye_q = torch.eye(q, dtype=dt)
-    for _ in range(epochs):
-        opt.zero_grad()
-        eta = torch.cat([nu + bias, torch.zeros(n, 1, dtype=dt)], 1)
-        logp = torch.log_softmax(eta, 1)
-        l_mult = const + (Y * logp).sum()
-        v = (sigma**2).clamp(min=0.01)
-        theta = torch.sigmoid(theta_logit)
-        c = v * (theta * lam + 1 - theta)
-        z = U.T @ nu
-        l_mvn = -0.5 * (n * q * math.log(2 * math.pi) + q * torch.log(c).sum()
-                        + (z * z / c[:, None]).sum())
-        p = logp.exp()[:, :q]
-        W = N[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
-        prior = (U / c) @ U.T  # Sigma^-1, shared by the q columns
-        H = torch.kron(eye_q, prior) + torch.einsum("sjk,st->jskt", W, torch.eye(n, dtype=dt)
-                                                    ).reshape(n * q, n * q)
-        logdet = 2 * torch.log(torch.diagonal(torch.linalg.cholesky(H))).sum()
-        (-(l_mult + l_mvn - 0.5 * logdet)).backward()
-        opt.step()
-    return {"nu": nu.detach(), "bias_eta": bias.detach(), "theta_logit": theta_logit.detach()}
-
-
 def bench_marginal_gd(kernel, lam, U, n_genes: int, ref_genes: int, epochs: int) -> None:
     Y = simulate(kernel, n_genes, 3, 0.2, 0.5, 10.0, seed=5)
     cfg = {"max_epochs": epochs, "patience": 10**6}
@@ -208,7 +179,7 @@ def bench_marginal_gd(kernel, lam, U, n_genes: int, ref_genes: int, epochs: int)
     lr = model.fitting_configs["lr"]
     start = time.perf_counter()
     for g in range(ref_genes):
-        reference_marginal_gd(Y[g], lam, U, float(sigma0[g]), epochs, lr)
+        reference_gd(Y[g], lam, U, float(sigma0[g]), epochs, lr, marginal=True)
     theirs = (time.perf_counter() - start) / ref_genes
     # trajectory check in float64 (one gene)
     model64 = IsoFullModel(fitting_method="marginal_gd", var_fix_sigma=True, fitting_configs=cfg,
@@ -216,8 +187,8 @@ def bench_marginal_gd(kernel, lam, U, n_genes: int, ref_genes: int, epochs: int)
     model64.setup_data(Y[:1].double(), corr_sp_eigvals=lam.double(),
                        corr_sp_eigvecs=U.double(), corr_sp_precision=precision)
     model64.fit(quiet=True)
-    ref64 = reference_marginal_gd(Y[0].double(), lam.double(), U.double(), float(sigma0[0]),
-                                  epochs, lr)
+    ref64 = reference_gd(Y[0].double(), lam.double(), U.double(), float(sigma0[0]), epochs, lr,
+                         marginal=True)
     print(f"marginal_gd, n={Y.shape[1]}, G={n_genes}, {epochs} epochs: ours "
           f"{1e3 * ours / epochs:.2f} ms/gene/epoch (batched, sparse factor + selected inverse), "
           f"dense-Cholesky autograd restatement {1e3 * theirs / epochs:.1f} ms/gene/epoch -> "
