@@ -23,7 +23,7 @@ from splisosm.ops.laplace import (
     laplace_sparse_logdet,
     sparse_shifted_solve,
 )
-from splisosm.ops.laplace_reference import LOW_RANK_CLIP
+from splisosm.ops.laplace_reference import LOW_RANK_CLIP, checked_cholesky
 
 if TYPE_CHECKING:  # pragma: no cover
     import scipy.sparse
@@ -227,9 +227,7 @@ class LaplaceSystem:
         return self._run(W, None, v, theta, want_solve=False, want_logdet=True)[1]
 
     def _logdet_differentiable(self, W: Tensor, v: Tensor, theta: Tensor) -> Tensor:
-        if not isinstance(W, Tensor) or W.dim() != 4:
-            raise ValueError(f"`W` must be a (G, n, q, q) tensor, got {getattr(W, 'shape', W)}")
-        self._check_params(W[..., 0], v, theta, "W")
+        self._check_system(W, v, theta)
         W64, v64, t64 = (x.to(_CPU, torch.float64) for x in (W, v, theta))
         if self._is_null(theta):
             ld = _identity_system(W64, None, v64, True)[1]
@@ -256,9 +254,7 @@ class LaplaceSystem:
         want_solve: bool,
         want_logdet: bool,
     ) -> tuple[Tensor | None, Tensor | None]:
-        if not isinstance(W, Tensor) or W.dim() != 4:
-            raise ValueError(f"`W` must be a (G, n, q, q) tensor, got {getattr(W, 'shape', W)}")
-        self._check_params(W[..., 0], v, theta, "W")
+        self._check_system(W, v, theta)
         if rhs is not None and (
             not isinstance(rhs, Tensor) or rhs.dim() not in (3, 4) or rhs.shape[-2:] != W.shape[1:3]
         ):
@@ -293,6 +289,11 @@ class LaplaceSystem:
     # ------------------------------------------------------------------ helpers
     def _is_null(self, theta: Tensor) -> bool:
         return self.identity or bool((theta.detach() < NULL_THETA).all())
+
+    def _check_system(self, W: Tensor, v: Tensor, theta: Tensor) -> None:
+        if not isinstance(W, Tensor) or W.dim() != 4:
+            raise ValueError(f"`W` must be a (G, n, q, q) tensor, got {getattr(W, 'shape', W)}")
+        self._check_params(W[..., 0], v, theta, "W")
 
     def _check_params(
         self, x: Tensor, v: Tensor, theta: Tensor, name: str, theta_max: float | None = None
@@ -357,21 +358,13 @@ def _identity_system(
     W: Tensor, rhs: Tensor | None, v: Tensor, want_logdet: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """Per-spot closed form with ``Sigma_j = v_j I``: ``H_s = diag(1/v) + W_s``."""
-    L = _checked_cholesky(W + torch.diag_embed(1 / v)[:, None], "the Laplace system H")
+    L = checked_cholesky(W + torch.diag_embed(1 / v)[:, None], "the Laplace system H")
     x = None
     if rhs is not None:
         b = rhs if rhs.dim() == 4 else rhs[:, None]
         x = torch.cholesky_solve(b[..., None], L[:, None]).squeeze(-1)
         x = x if rhs.dim() == 4 else x[:, 0]
     return x, (_logdet_chol(L) if want_logdet else None)
-
-
-def _checked_cholesky(M: Tensor, what: str) -> Tensor:
-    L, info = torch.linalg.cholesky_ex(M)
-    bad = torch.nonzero(info.reshape(M.shape[0], -1).any(1)).flatten()
-    if bad.numel():
-        raise RuntimeError(f"splisosm: gene {int(bad[0])}: {what} is not positive definite")
-    return L
 
 
 def _logdet_chol(L: Tensor) -> Tensor:
@@ -393,14 +386,14 @@ def _eigen_logdet(W: Tensor, lam: Tensor, V: Tensor, v: Tensor, theta: Tensor) -
     if r == n:
         B = torch.einsum("sk,gsij,sl->gikjl", V, W, V).reshape(G, q * n, q * n)
         B = B + torch.diag_embed((1 / c).reshape(G, q * n))
-        return _logdet_chol(_checked_cholesky(B, "the Laplace system H"))
+        return _logdet_chol(checked_cholesky(B, "the Laplace system H"))
     d = v * (1 - theta)
     E = (1 / c - 1 / d[..., None]).clamp(-LOW_RANK_CLIP, LOW_RANK_CLIP).reshape(G, q * r)
-    LA = _checked_cholesky(W + torch.diag_embed(1 / d)[:, None], "diag(1/d) + W_s")
+    LA = checked_cholesky(W + torch.diag_embed(1 / d)[:, None], "diag(1/d) + W_s")
     M = torch.einsum("sk,gsij,sl->gikjl", V, torch.cholesky_inverse(LA), V).reshape(G, q * r, q * r)
-    LM = _checked_cholesky(M, "U^T A^-1 U")
+    LM = checked_cholesky(M, "U^T A^-1 U")
     S = torch.eye(q * r, dtype=W.dtype) + LM.transpose(1, 2) @ (E[..., None] * LM)
-    return _logdet_chol(LA) + _logdet_chol(_checked_cholesky(S, "the Laplace system H"))
+    return _logdet_chol(LA) + _logdet_chol(checked_cholesky(S, "the Laplace system H"))
 
 
 class _SparsePrior(torch.autograd.Function):

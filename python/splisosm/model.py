@@ -416,8 +416,9 @@ class MultinomGLMM(_CountModel):
         parts = self._joint_parts()
         # float64 curvature: float32 blocks of spots with extreme probabilities can be
         # numerically indefinite
-        eta = self._eta().to(torch.float64)
-        W = multinom_terms(eta, self.counts.to(torch.float64))[2]
+        W = parts["W"]
+        if W.dtype != torch.float64:
+            W = multinom_terms(self._eta().to(torch.float64), self.counts.to(torch.float64))[2]
         v, theta = parts["v"].to(torch.float64), parts["theta"].to(torch.float64)
         return parts["joint"] - 0.5 * self.system.logdet(W, v, theta).to(parts["joint"].dtype)
 

@@ -58,9 +58,10 @@ def dense_hessian(prior_prec: Tensor, W: Tensor) -> Tensor:
 
 
 def checked_cholesky(M: Tensor, what: str) -> Tensor:
-    """Batched Cholesky factor; a failure names the first gene whose ``what`` is not SPD."""
+    """Batched Cholesky factor of ``M (G, ..., k, k)``; a failure names the first gene (leading
+    index) with a ``what`` that is not SPD."""
     L, info = torch.linalg.cholesky_ex(M)
-    bad = torch.nonzero(info).flatten()
+    bad = torch.nonzero(info.reshape(M.shape[0], -1).any(1)).flatten()
     if bad.numel():
         raise RuntimeError(
             f"splisosm: gene {int(bad[0])}: {what} is not positive definite "
