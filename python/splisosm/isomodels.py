@@ -49,6 +49,9 @@ class IsoFullModel(MultinomGLMM):
             full.theta_logit.fill_(-3.0)
         return full
 
+    # splisosm 1.2.0 spelling, kept so scripts written for it run unchanged
+    from_trained_null_no_sp_var_model = from_trained_null
+
 
 class IsoNullNoSpVar(MultinomGLMM):
     """GLMM without spatial variance: ``theta_logit = -inf`` (frozen), so ``Sigma = v I``."""
@@ -68,3 +71,6 @@ class IsoNullNoSpVar(MultinomGLMM):
         null._copy_data_from(full)
         null._freeze_null()
         return null
+
+    # splisosm 1.2.0 spelling, kept so scripts written for it run unchanged
+    from_trained_full_model = from_trained_full
