@@ -50,7 +50,7 @@ def test_n_jobs_resolution() -> None:
 
 def test_batch_size_ignored_without_grouping() -> None:
     model = _model("glm", grouped=False)
-    with pytest.warns(UserWarning, match="batch_size > 1 is ignored"):
+    with pytest.warns(UserWarning, match="Ignoring batch size argument"):
         model.fit(batch_size=4, print_progress=False)
     assert model._fit_info["batch_size"] == 1
 

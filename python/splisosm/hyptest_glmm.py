@@ -28,6 +28,7 @@ from splisosm._design import resolve_design
 from splisosm._runner import FULL_KEY, GLM_KEY, NULL_KEY, FitPlan, GeneState, KernelPayload
 from splisosm._spatial import APPROX_RANK_AUTO, build_spatial, validate_approx_rank
 from splisosm.isomodels import IsoFullModel, IsoNullNoSpVar
+from splisosm.ops._native import check_cuda_kernels
 from splisosm.stats import bh_adjust, chi2_pvalues, score_statistics, wald_statistics
 from splisosm.summary import feature_summaries
 
@@ -154,6 +155,8 @@ class SplisosmGLMM:
             raise ValueError(f"`model_type` must be one of {MODEL_TYPES}, got {model_type!r}")
         if device not in DEVICES:
             raise ValueError(f"`device` must be one of {DEVICES}, got {device!r}")
+        if device == "cuda":
+            check_cuda_kernels()
         if isinstance(k_neighbors, bool) or not isinstance(k_neighbors, (int, np.integer)) or k_neighbors < 1:
             raise ValueError(f"`k_neighbors` must be a positive int, got {k_neighbors!r}")
         validate_approx_rank(approx_rank)
@@ -392,7 +395,8 @@ class SplisosmGLMM:
             raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
         if batch_size > 1 and not self._setup_args["grouped"]:
             warnings.warn(
-                "batch_size > 1 is ignored because genes were not grouped by isoform count; "
+                # the leading words are those of splisosm 1.2.0, for scripts that filter on them
+                "Ignoring batch size argument: genes were not grouped by isoform count; "
                 "call setup_data(..., group_gene_by_n_iso=True) to fit genes in batches.",
                 UserWarning,
                 stacklevel=2,
@@ -594,7 +598,8 @@ class SplisosmGLMM:
         Notes
         -----
         Permutation statistics are cached per fit and number of permutations (and seed); a
-        refit or a different ``n_perms_per_gene`` recomputes them (fix of quirk Q7).
+        refit or a different ``n_perms_per_gene`` recomputes them (fix of quirk Q7). Reusing
+        the cache prints ``Using cached permutation results...``.
         """
         if method != "llr":
             raise ValueError(f"`method` must be 'llr', got {method!r}")
@@ -648,6 +653,7 @@ class SplisosmGLMM:
                            random_seed: int | None = None) -> np.ndarray:
         key = (self._fit_generation, n_perms, random_seed)
         if self._perm_cache is not None and self._perm_cache["key"] == key:
+            print("Using cached permutation results...")
             return self._perm_cache["stats"]
         n_jobs = _resolve_n_jobs(n_jobs, self.device)
         info = self._fit_info
