@@ -244,13 +244,13 @@ def test_non_symmetric_adjacency_warns_and_is_averaged():
 def test_dense_adjacency_warns():
     adj = np.ones((6, 6)) - np.eye(6)
     with pytest.warns(RuntimeWarning, match="dense"):
-        SpatialCovKernel(adjacency=sp.csr_matrix(adj))
+        SpatialCovKernel(adj_matrix=sp.csr_matrix(adj))
 
 
 def test_supplied_adjacency_weights_are_kept():
     adj = sp.random(60, 60, density=0.05, random_state=0)
     adj = (adj + adj.T).tocsr()
-    kern = SpatialCovKernel(adjacency=adj, rho=0.8)
+    kern = SpatialCovKernel(adj_matrix=adj, rho=0.8)
     np.testing.assert_allclose(kern.adjacency.toarray(), adj.toarray())
     K = kern.K_sp.numpy()
     np.testing.assert_allclose(K @ kern.sparse_precision().toarray(), np.eye(60), atol=1e-9)

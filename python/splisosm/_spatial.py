@@ -88,8 +88,8 @@ def build_spatial(
     if not (np.isfinite(rho) and 0 <= rho < 1):
         raise ValueError(f"`rho` must satisfy 0 <= rho < 1, got {rho}")
     kernel = SpatialCovKernel(
-        coordinates=coordinates if adjacency is None else None,
-        adjacency=adjacency,
+        coords=coordinates if adjacency is None else None,
+        adj_matrix=adjacency,
         k_neighbors=k_neighbors,
         rho=rho,
         standardize_cov=True,

@@ -438,13 +438,13 @@ class SpatialCovKernel(_KernelBase):
 
     Parameters
     ----------
-    coordinates
+    coords
         ``(n, d)`` spot coordinates; the graph is their mutual ``k_neighbors``-NN graph.
-    adjacency
+    adj_matrix
         ``(n, n)`` adjacency used as given (weights kept). Non-symmetric input is replaced by
         ``(A + A^T) / 2`` with a ``RuntimeWarning``; a dense-ish one (``nnz > 0.1 n^2``) warns.
     k_neighbors
-        Neighbours of the k-NN graph (ignored with ``adjacency``).
+        Neighbours of the k-NN graph (ignored with ``adj_matrix``).
     rho
         Spatial autocorrelation of the CAR model, finite with ``0 <= rho < 1``.
     standardize_cov
@@ -469,14 +469,15 @@ class SpatialCovKernel(_KernelBase):
 
     Notes
     -----
-    Exactly one of ``coordinates`` / ``adjacency`` must be given. The dense kernel and its
-    eigenpairs are float64 (the 1.2.0 reference stores float32; the difference is round-off).
+    Exactly one of ``coords`` / ``adj_matrix`` must be given (the argument names of splisosm
+    1.2.0). The dense kernel and its eigenpairs are float64 (the 1.2.0 reference stores float32;
+    the difference is round-off).
     """
 
     def __init__(
         self,
-        coordinates: Any = None,
-        adjacency: Any = None,
+        coords: Any = None,
+        adj_matrix: Any = None,
         *,
         k_neighbors: int = 4,
         rho: float = 0.99,
@@ -484,15 +485,15 @@ class SpatialCovKernel(_KernelBase):
         centering: bool = False,
         dense_threshold: int | None = None,
     ) -> None:
-        if (coordinates is None) == (adjacency is None):
-            raise ValueError("exactly one of `coordinates` and `adjacency` must be given")
+        if (coords is None) == (adj_matrix is None):
+            raise ValueError("exactly one of `coords` and `adj_matrix` must be given")
         self.rho = _check_rho(rho)
-        if coordinates is not None:
-            if isinstance(coordinates, torch.Tensor):
-                coordinates = coordinates.detach().cpu().numpy()
-            adj = mutual_knn_adjacency(np.asarray(coordinates, dtype=np.float64), k_neighbors)
+        if coords is not None:
+            if isinstance(coords, torch.Tensor):
+                coords = coords.detach().cpu().numpy()
+            adj = mutual_knn_adjacency(np.asarray(coords, dtype=np.float64), k_neighbors)
         else:
-            adj = _as_csr(adjacency)
+            adj = _as_csr(adj_matrix)
             if (adj != adj.T).nnz > 0:
                 warnings.warn(
                     "adjacency matrix is not symmetric; symmetrising it as (A + A^T) / 2",
@@ -545,13 +546,14 @@ class SpatialCovKernel(_KernelBase):
     @classmethod
     def from_adjacency(
         cls,
-        adj: Any,
+        adj_matrix: Any,
         rho: float = 0.99,
         standardize_cov: bool = True,
         centering: bool = False,
     ) -> SpatialCovKernel:
         """Kernel of a given adjacency matrix."""
-        return cls(adjacency=adj, rho=rho, standardize_cov=standardize_cov, centering=centering)
+        return cls(adj_matrix=adj_matrix, rho=rho, standardize_cov=standardize_cov,
+                   centering=centering)
 
     @property
     def is_dense(self) -> bool:
