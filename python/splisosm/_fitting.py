@@ -141,6 +141,11 @@ class PatienceLogger:
         self._history: list[Tensor] = []
 
     @property
+    def convergence(self) -> Tensor:
+        """``converged`` under the name splisosm 1.2.0 scripts read."""
+        return self.converged
+
+    @property
     def loss_history(self) -> Tensor:
         """``(epochs, G)`` losses as logged (NaN shown as +inf)."""
         if not self._history:

@@ -130,6 +130,18 @@ class _CountModel(nn.Module):
     def design_mtx(self) -> Tensor:
         return self.X
 
+    @property
+    def X_spot(self) -> Tensor:
+        """The design as ``(1, n, P)``: the name and layout splisosm 1.2.0 exposes."""
+        return self.X.unsqueeze(0)
+
+    @property
+    def convergence(self) -> Tensor:
+        """``(G,)`` convergence flags of the last :meth:`fit` (all False before fitting)."""
+        if self.logger is None:
+            return torch.zeros(self.n_genes, dtype=torch.bool, device=self.device)
+        return self.logger.converged
+
     def _fixed_eta(self) -> Tensor:
         return torch.matmul(self.X, self.beta) + self.bias_eta[:, None, :]
 
@@ -146,6 +158,38 @@ class _CountModel(nn.Module):
                 if name not in own:
                     raise KeyError(f"Unknown parameter {name!r}; known: {', '.join(own)}")
                 own[name].copy_(torch.as_tensor(value).to(own[name]))
+
+    # First line as printed by splisosm 1.2.0, which scripts and notebooks may match on.
+    _title = ""
+
+    def _description(self) -> list[str]:
+        """Model-specific lines of :meth:`__str__`."""
+        return []
+
+    def __str__(self) -> str:
+        lines = [
+            self._title,
+            f"- Class: {type(self).__name__}",
+            f"- Genes in batch: {self.n_genes}",
+            f"- Spots: {self.n_spots}",
+            f"- Isoforms per gene: {self.n_isos}",
+            f"- Covariates: {self.n_factors}",
+            *self._description(),
+            f"- Fitting method: {self.fitting_method}",
+            f"- Fitting configs: {self.fitting_configs}",
+        ]
+        if self.logger is None:
+            lines.append("- Training: not fitted")
+        else:
+            lg = self.logger
+            lines.append(
+                f"- Training: {int(lg.converged.sum())} / {self.n_genes} genes converged in "
+                f"{self.fitting_time:.2f} s; median best epoch {int(lg.best_epoch.median())}, "
+                f"median best loss {float(lg.best_loss.median()):.4f}")
+        return "\n".join(lines)
+
+    # nn.Module's repr lists submodules, of which these models have none
+    __repr__ = __str__
 
     def _fit_report(self, result, store_param_history: bool):
         self.logger = result.logger
@@ -167,6 +211,8 @@ class MultinomGLM(_CountModel):
     dtype
         Parameter dtype (float32 by default; float64 for tests).
     """
+
+    _title = "A Multinomial Generalized Linear Model (GLM)"
 
     def __init__(self, fitting_method: str = "iwls", fitting_configs: dict | None = None, *,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -240,11 +286,6 @@ class MultinomGLM(_CountModel):
                               verbose=verbose, quiet=quiet, logger=logger)
         return self._fit_report(result, store_param_history)
 
-    def __str__(self) -> str:
-        return (f"MultinomGLM(n_genes={self.n_genes}, n_spots={self.n_spots}, "
-                f"n_isos={self.n_isos}, n_factors={self.n_factors}, "
-                f"fitting_method={self.fitting_method!r})")
-
 
 def _resolve_diagnose(store_param_history: bool, diagnose: bool | None) -> bool:
     if diagnose is not None:
@@ -276,6 +317,7 @@ class MultinomGLMM(_CountModel):
         Parameter dtype (float32 by default; float64 for tests).
     """
 
+    _title = "A Multinomial Generalized Linear Mixed Model (GLMM)"
     _null_model = False
 
     def __init__(self, share_variance: bool = True, var_fix_sigma: bool = True,
@@ -490,9 +532,9 @@ class MultinomGLMM(_CountModel):
         new._copy_data_from(self)
         return new
 
-    def __str__(self) -> str:
-        return (f"{type(self).__name__}(n_genes={self.n_genes}, n_spots={self.n_spots}, "
-                f"n_isos={self.n_isos}, n_factors={self.n_factors}, "
-                f"share_variance={self.share_variance}, var_fix_sigma={self.var_fix_sigma}, "
-                f"var_prior_model={self.var_prior_model!r}, init_ratio={self.init_ratio!r}, "
-                f"fitting_method={self.fitting_method!r}, fitting_configs={self.fitting_configs})")
+    def _description(self) -> list[str]:
+        return [
+            f"- Variance: learnable {not self.var_fix_sigma}, shared across isoforms "
+            f"{self.share_variance}, prior {self.var_prior_model}",
+            f"- Initial ratios: {self.init_ratio}",
+        ]
