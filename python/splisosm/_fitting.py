@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from splisosm.ops._native import check_cuda_kernels
+
 GLMM_METHODS = ("joint_gd", "joint_newton", "marginal_gd", "marginal_newton")
 NULL_METHODS = ("joint_gd", "marginal_gd", "marginal_newton")
 GLM_METHODS = ("iwls", "newton", "gd")
@@ -56,9 +58,15 @@ def _check_choice(name: str, value, allowed: Iterable[str]) -> None:
 
 
 def check_device(device) -> torch.device:
-    """Accept exactly ``'cpu'``, ``'cuda'`` or ``'mps'`` (SPEC §2)."""
+    """Accept exactly ``'cpu'``, ``'cuda'`` or ``'mps'`` (SPEC §2).
+
+    ``'cuda'`` also needs the extension's CUDA kernels when torch has CUDA (see
+    :func:`splisosm.ops._native.check_cuda_kernels`).
+    """
     if not isinstance(device, str) or device not in DEVICES:
         raise ValueError(f"Invalid device {device!r}; valid values are {', '.join(DEVICES)}.")
+    if device == "cuda":
+        check_cuda_kernels()
     return torch.device(device)
 
 
