@@ -31,6 +31,30 @@ def car_kernel(side: int, rho: float = 0.9) -> np.ndarray:
     return K / np.outer(k, k)
 
 
+def roundoff_precision(K: np.ndarray):
+    """``K^-1`` as CSR with the round-off of a dense inversion made deliberate and one-sided.
+
+    Which entries of a numerically inverted kernel come out as exact zeros depends on the
+    machine's BLAS kernels. Here the structural zeros are dropped, then one entry far below
+    round-off is stored on one side only and one explicit zero is stored on one side only, so a
+    test using this matrix exercises that case on every machine.
+    """
+    import scipy.sparse as sp
+
+    P = np.linalg.inv(K)
+    P[np.abs(P) < 1e-10 * np.abs(P).max()] = 0.0
+    P = (P + P.T) / 2
+    rows, cols = np.nonzero(P)
+    data = list(P[rows, cols])
+    zeros = np.argwhere(P == 0)
+    (i, j), (k, l) = zeros[0], zeros[len(zeros) // 2]
+    rows, cols = list(rows) + [i, k], list(cols) + [j, l]
+    data += [1e-18 * np.abs(P).max(), 0.0]
+    out = sp.csr_matrix((data, (rows, cols)), shape=P.shape)
+    assert (out != out.T).nnz == 2 and out.nnz == np.count_nonzero(P) + 2
+    return out
+
+
 def simulate_counts(K: np.ndarray, n_genes: int, m: int, *, sigma: float = 0.7,
                     theta: float = 0.5, depth: float = 20.0, seed: int = 0) -> Tensor:
     """Counts ``(G, n, m)`` from the GLMM with covariance ``sigma^2 (theta K + (1-theta) I)``."""

@@ -52,12 +52,11 @@ def _setup_form(model, data, form: str) -> dict:
     arguments. ``sparse``: full-rank eigenpairs plus the sparse precision (what SplisosmGLMM
     passes for n <= 5,000); ``precision``: the precision alone (its route above 5,000 spots)."""
     import numpy as np
-    import scipy.sparse as sp
 
     K, Y, X = data
     lam, V = np.linalg.eigh(K)
     lam, V = lam[::-1].copy(), V[:, ::-1].copy()
-    Q = sp.csr_matrix(np.linalg.inv(K))
+    Q = ref.roundoff_precision(K)
     if form == "dense":
         model.setup_data(Y, corr_sp=K, design_mtx=X)
     elif form == "sparse":
@@ -283,7 +282,6 @@ def test_clone_and_history_alias(data):
 @pytest.mark.parametrize("method", ["joint_gd", "marginal_gd", "marginal_newton", "joint_newton"])
 def test_precision_only_fits_like_eigenpairs(data, method):
     import numpy as np
-    import scipy.sparse as sp
 
     K, Y, X = data
     configs = {"max_epochs": 6, "patience": 100}
@@ -292,7 +290,7 @@ def test_precision_only_fits_like_eigenpairs(data, method):
     kw = {"var_fix_sigma": False} if method == "joint_newton" else {}
     eig = _model(data, method, fitting_configs=configs, **kw)
     prec = IsoFullModel(fitting_method=method, dtype=D, fitting_configs=configs, **kw)
-    prec.setup_data(Y, corr_sp_precision=sp.csr_matrix(np.linalg.inv(K)), design_mtx=X)
+    prec.setup_data(Y, corr_sp_precision=ref.roundoff_precision(K), design_mtx=X)
     eig.fit(quiet=True)
     prec.fit(quiet=True)
     for k in NAMES:

@@ -103,7 +103,7 @@ def test_sparse_precision_route_matches_dense(kernel):
     dense.setup_data(Y, corr_sp=kernel)
     _perturbed(dense)
     sparse = IsoFullModel(dtype=D)
-    sparse.setup_data(Y, corr_sp_precision=sp.csr_matrix(np.linalg.inv(kernel)))
+    sparse.setup_data(Y, corr_sp_precision=ref.roundoff_precision(kernel))
     sparse.update_params_from_dict(dict(dense.named_parameters()))
     assert sparse.corr_sp_eigvecs is None
     with torch.no_grad():

@@ -28,7 +28,7 @@ from splisosm.ops.laplace_reference import LOW_RANK_CLIP, checked_cholesky
 if TYPE_CHECKING:  # pragma: no cover
     import scipy.sparse
 
-__all__ = ["LaplaceSystem", "NULL_THETA"]
+__all__ = ["LaplaceSystem", "NULL_THETA", "SYMMETRY_RTOL", "symmetric_precision"]
 
 #: Below this spatial proportion (for every gene and column) the prior is ``v I`` (SPEC §5.4).
 NULL_THETA = 1e-10
@@ -319,18 +319,65 @@ class LaplaceSystem:
             raise ValueError(f"`theta` (spatial proportion) must satisfy 0 <= theta {bound} 1")
 
 
-def _csr_tensors(precision: object, n: int) -> tuple[Tensor, Tensor, Tensor]:
+#: Largest relative asymmetry ``max |P - P^T| / max |P|`` of a precision taken for round-off.
+SYMMETRY_RTOL = 1e-8
+#: Entries of a precision at most this fraction of its largest entry are dropped as round-off.
+ROUNDOFF_DROP = 64 * float(np.finfo(np.float64).eps)
+
+
+def symmetric_precision(precision: object, n: int, name: str = "precision"):
+    """A sparse kernel precision as float64 CSR, symmetrised as ``(P + P^T) / 2``.
+
+    A precision computed in floating point (for instance by inverting a dense kernel) is only
+    symmetric up to round-off: mirrored entries may differ in their last bits, and an entry that
+    rounds to exactly zero on one side may be stored (or not) on the other, depending on the
+    BLAS kernels of the machine. Averaging with the transpose removes both, so the result and its
+    sparsity pattern are exactly symmetric whatever the input's round-off; entries no larger
+    than ``ROUNDOFF_DROP`` times the largest one are dropped, so the pattern does not depend on
+    which tiny entries the machine happened to compute as exact zeros.
+
+    Parameters
+    ----------
+    precision
+        Any scipy sparse ``(n, n)`` matrix.
+    n
+        Expected number of rows and columns.
+    name
+        Argument name used in error messages.
+
+    Raises
+    ------
+    ValueError
+        If ``precision`` is not a scipy sparse ``(n, n)`` matrix of finite values, or if its
+        asymmetry is more than round-off: ``max |P - P^T| > SYMMETRY_RTOL * max |P|``.
+    """
     import scipy.sparse as sp
 
     if not sp.issparse(precision):
-        raise ValueError(
-            f"`precision` must be a scipy sparse matrix, got {type(precision).__name__}"
-        )
+        raise ValueError(f"`{name}` must be a scipy sparse matrix, got {type(precision).__name__}")
     csr = sp.csr_matrix(precision, dtype=np.float64)
     if csr.shape != (n, n):
-        raise ValueError(f"`precision` must have shape ({n}, {n}), got {csr.shape}")
-    csr.sum_duplicates()
-    csr.sort_indices()
+        raise ValueError(f"`{name}` must have shape ({n}, {n}), got {csr.shape}")
+    if not np.all(np.isfinite(csr.data)):
+        raise ValueError(f"`{name}` contains non-finite values")
+    scale = float(abs(csr).max()) if csr.nnz else 0.0
+    asymmetry = float(abs(csr - csr.T).max()) if csr.nnz else 0.0
+    if asymmetry > SYMMETRY_RTOL * scale:
+        raise ValueError(
+            f"`{name}` must be symmetric: max |P - P^T| = {asymmetry:.3g} is more than "
+            f"{SYMMETRY_RTOL:g} times its largest entry ({scale:.3g})"
+        )
+    sym = ((csr + csr.T) * 0.5).tocsr()
+    # Entries at the round-off level of the largest one carry no information but would make the
+    # sparsity pattern (hence the fill-reducing ordering) depend on the machine that computed it.
+    sym.data[np.abs(sym.data) <= ROUNDOFF_DROP * scale] = 0.0
+    sym.eliminate_zeros()
+    sym.sort_indices()
+    return sym
+
+
+def _csr_tensors(precision: object, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    csr = symmetric_precision(precision, n)
     return (
         torch.from_numpy(csr.indptr.astype(np.int64)),
         torch.from_numpy(csr.indices.astype(np.int64)),

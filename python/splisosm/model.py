@@ -32,7 +32,7 @@ from splisosm._likelihood import (
     log_prior,
     variance_components,
 )
-from splisosm.laplace import LaplaceSystem
+from splisosm.laplace import LaplaceSystem, symmetric_precision
 from splisosm.ops import fixed_effect_info, multinom_probs, multinom_terms
 
 __all__ = ["MultinomGLM", "MultinomGLMM"]
@@ -362,6 +362,8 @@ class MultinomGLMM(_CountModel):
 
     def _set_spatial(self, corr_sp, eigvals, eigvecs, precision) -> None:
         n = self.n_spots
+        if precision is not None:
+            precision = symmetric_precision(precision, n, "corr_sp_precision")
         if corr_sp is not None:
             if eigvals is not None or eigvecs is not None:
                 warnings.warn("Both corr_sp and its eigenpairs were given; the eigenpairs are "
