@@ -52,4 +52,17 @@ TORCH_LIBRARY(splisosm, m) {
         "Tensor rhs, bool trace_inverse=False) -> (Tensor, Tensor, Tensor)");
   // diag(M^-1) of a sparse SPD CSR matrix (float64) by selected inversion of its Cholesky factor.
   m.def("sparse_inverse_diagonal(Tensor crow, Tensor col, Tensor val) -> Tensor");
+
+  // Native fitting engine: a whole joint_gd fit (Adam or SGD, per-gene early stopping) of G genes
+  // with prior Sigma_j = v_j (theta_j K + (1 - theta_j) I), K = V diag(evals) V^T (r = 0: white
+  // noise). counts (G, n, m), X (n, P), evals (r,), evecs (n, r); starting parameters nu (G, n, q),
+  // beta (G, P, q), bias (G, q), sigma (G, C), theta_logit (G, C) ->
+  //   (best nu, beta, bias, |sigma|, theta_logit, loss history (epochs, G) float64,
+  //    best loss (G,) float64, best epoch (G,) int64, converged (G,) bool,
+  //    whether any sigma^2 fell below min_variance () bool)
+  m.def("joint_gd_fit(Tensor counts, Tensor X, Tensor evals, Tensor evecs, Tensor nu, Tensor beta, "
+        "Tensor bias, Tensor sigma, Tensor theta_logit, bool train_sigma, bool train_theta, "
+        "str prior, float prior_alpha, float prior_beta, float min_variance, float max_theta, "
+        "str optim, float lr, float tol, bool tol_relative, int patience, int max_epochs) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

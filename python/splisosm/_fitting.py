@@ -252,7 +252,6 @@ def run_training(
         A fresh logger from :func:`make_logger` when the step needs to see it; else made here.
     """
     logger = logger if logger is not None else make_logger(params, configs)
-    n_genes = logger.n_genes
     best = {k: p.detach().clone() for k, p in params.items()}
     history: list[dict[str, Tensor]] | None = [] if store_param_history else None
 
@@ -299,15 +298,34 @@ def run_training(
             if k in positive_params:
                 p.abs_()
     if not quiet:
-        n_conv = int(logger.converged.sum())
-        if n_conv < n_genes:
-            warnings.warn(f"{n_genes - n_conv} of {n_genes} gene(s) did not converge.",
-                          UserWarning, stacklevel=3)
-        finite_best = logger.best_loss[torch.isfinite(logger.best_loss)]
-        mean_best = finite_best.mean().item() if finite_best.numel() else float("nan")
-        print(f"Fitted {n_genes} gene(s) in {fitting_time:.2f}s over {logger.epoch} epochs; "
-              f"mean best loss {mean_best:.4f}.")
+        report_fit(logger, fitting_time)
     return FitResult(logger, fitting_time, history)
+
+
+def report_fit(logger: PatienceLogger, fitting_time: float) -> None:
+    """Warn about genes that did not converge and print a one-line summary of a fit."""
+    n_genes = logger.n_genes
+    n_conv = int(logger.converged.sum())
+    if n_conv < n_genes:
+        warnings.warn(f"{n_genes - n_conv} of {n_genes} gene(s) did not converge.",
+                      UserWarning, stacklevel=4)
+    finite_best = logger.best_loss[torch.isfinite(logger.best_loss)]
+    mean_best = finite_best.mean().item() if finite_best.numel() else float("nan")
+    print(f"Fitted {n_genes} gene(s) in {fitting_time:.2f}s over {logger.epoch} epochs; "
+          f"mean best loss {mean_best:.4f}.")
+
+
+def logger_from_outcome(configs: dict, loss_history: Tensor, best_loss: Tensor,
+                        best_epoch: Tensor, converged: Tensor) -> PatienceLogger:
+    """A finished :class:`PatienceLogger` holding the outcome of a fit done elsewhere."""
+    logger = PatienceLogger(best_loss.shape[0], float(configs["tol"]), int(configs["patience"]),
+                            bool(configs.get("tol_relative", False)), best_loss.device)
+    logger._history = list(loss_history.unbind(0))
+    logger.best_loss, logger.best_epoch = best_loss, best_epoch
+    logger.converged = converged
+    logger.stopped = converged.clone()
+    logger.epoch = loss_history.shape[0]
+    return logger
 
 
 def make_optimizer(params: list[Tensor], configs: dict) -> torch.optim.Optimizer | None:

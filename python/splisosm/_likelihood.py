@@ -10,6 +10,10 @@ import torch
 from torch import Tensor
 
 MIN_VARIANCE = 0.01
+#: theta stays below 1 (Sigma would lose its white-noise part); float32 sigmoid rounds to exactly
+#: 1 for logits above ~17.
+MAX_THETA = 1 - 1e-6
+LOW_VARIANCE_WARNING = "Total variance close to zero (sigma^2 < 0.01); clamped at 0.01."
 
 
 def variance_components(sigma: Tensor, theta_logit: Tensor, q: int, *, warn: bool = True
@@ -21,12 +25,9 @@ def variance_components(sigma: Tensor, theta_logit: Tensor, q: int, *, warn: boo
     """
     sq = sigma * sigma
     if warn and bool((sq < MIN_VARIANCE).any()):
-        warnings.warn("Total variance close to zero (sigma^2 < 0.01); clamped at 0.01.",
-                      UserWarning, stacklevel=3)
+        warnings.warn(LOW_VARIANCE_WARNING, UserWarning, stacklevel=3)
     v = sq.clamp(min=MIN_VARIANCE)
-    # theta must stay below 1 (Sigma would lose its white-noise part); float32 sigmoid rounds
-    # to exactly 1 for logits above ~17.
-    theta = torch.sigmoid(theta_logit).clamp(max=1 - 1e-6)
+    theta = torch.sigmoid(theta_logit).clamp(max=MAX_THETA)
     G = sigma.shape[0]
     return v.expand(G, q), theta.expand(G, q)
 

@@ -8,6 +8,7 @@ the Gaussian random-effect pieces (quadratic form, log-determinants, structured 
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
@@ -17,16 +18,22 @@ from torch import Tensor, nn
 from splisosm import _newton
 from splisosm._fitting import (
     GLM_METHODS,
+    FitResult,
     check_device,
     make_logger,
+    logger_from_outcome,
     make_optimizer,
     optimizer_step,
+    report_fit,
     resolve_fitting_configs,
     resolve_prior_params,
     run_training,
     validate_glmm_config,
 )
 from splisosm._likelihood import (
+    LOW_VARIANCE_WARNING,
+    MAX_THETA,
+    MIN_VARIANCE,
     GuardedSystem,
     gaussian_loglik,
     log_prior,
@@ -34,6 +41,7 @@ from splisosm._likelihood import (
 )
 from splisosm.laplace import LaplaceSystem, symmetric_precision
 from splisosm.ops import fixed_effect_info, multinom_probs, multinom_terms
+from splisosm.ops.engine import ENGINE_OPTIMIZERS, engine_available, joint_gd_fit
 
 __all__ = ["MultinomGLM", "MultinomGLMM"]
 
@@ -483,13 +491,18 @@ class MultinomGLMM(_CountModel):
         method = self.fitting_method
         if random_seed is not None:
             torch.manual_seed(random_seed)
+        if method == "joint_gd" and not (store_param_history or verbose) and self._use_engine():
+            return self._fit_native(quiet)
         params = dict(self.named_parameters())
         fused = method in ("joint_gd", "marginal_gd")
         if fused:
             optimizer = make_optimizer(list(params.values()), self.fitting_configs)
+            # Each gene descends its own objective (a sum, not a batch mean), so a gene's fit
+            # does not depend on its batch-mates; L-BFGS couples them through its line search.
+            reduce = None if self.fitting_configs["optim"] == "lbfgs" else torch.sum
 
             def step(epoch: int, active: Tensor, record) -> bool:
-                return optimizer_step(optimizer, lambda: -self.forward(), record)
+                return optimizer_step(optimizer, lambda: -self.forward(), record, reduce)
         elif method == "joint_newton":
             step = _newton.JointNewton(self).step
         else:
@@ -505,6 +518,44 @@ class MultinomGLMM(_CountModel):
                               store_param_history=store_param_history, verbose=verbose,
                               quiet=quiet, positive_params=("sigma",))
         return self._fit_report(result, store_param_history)
+
+    def _use_engine(self) -> bool:
+        """Whether the native engine can run this model's ``joint_gd`` fit: Adam or SGD, a
+        kernel given by eigenpairs (or a null model), and a device with the compiled op."""
+        null = not self.theta_logit.requires_grad
+        return (self.fitting_configs["optim"] in ENGINE_OPTIMIZERS
+                and (null or self.corr_sp_eigvecs is not None)
+                and engine_available(self.device))
+
+    def _fit_native(self, quiet: bool):
+        null = not self.theta_logit.requires_grad
+        if null:
+            evecs = self.counts.new_zeros(self.n_spots, 0)
+            evals = self.counts.new_zeros(0)
+        else:
+            evecs, evals = self.corr_sp_eigvecs, self.corr_sp_eigvals
+        params = {name: p.detach() for name, p in self.named_parameters()}
+        start = time.perf_counter()
+        out = joint_gd_fit(
+            self.counts, self.X, evals, evecs, params, train_sigma=not self.var_fix_sigma,
+            train_theta=not null, prior=self.var_prior_model,
+            prior_params=self.var_prior_model_params, min_variance=MIN_VARIANCE,
+            max_theta=MAX_THETA, configs=self.fitting_configs)
+        fitting_time = time.perf_counter() - start
+        with torch.no_grad():
+            for name, value in out.params.items():
+                getattr(self, name).copy_(value)
+        if out.low_variance:
+            warnings.warn(LOW_VARIANCE_WARNING, UserWarning, stacklevel=3)
+        n_bad = int((~torch.isfinite(out.loss_history)).any(0).sum())
+        if n_bad:
+            warnings.warn(f"Non-finite loss for {n_bad} gene(s) during the fit.", UserWarning,
+                          stacklevel=3)
+        logger = logger_from_outcome(self.fitting_configs, out.loss_history, out.best_loss,
+                                     out.best_epoch, out.converged)
+        if not quiet:
+            report_fit(logger, fitting_time)
+        return self._fit_report(FitResult(logger, fitting_time), False)
 
     # ------------------------------------------------------------------------- utilities
     def _config_kwargs(self) -> dict:

@@ -1,0 +1,522 @@
+// Native fitting engine: a whole `joint_gd` fit of a batch of genes in one call.
+//
+// The Python fitter spends its time dispatching a dozen small autograd steps per epoch. Here an
+// epoch is: one multinomial pass over the batch, two GEMMs with the kernel's eigenvectors for all
+// still-active genes at once (V is read once per epoch, not once per gene), and one fused
+// per-gene pass (at::parallel_for over genes) that forms the loss and analytic gradients,
+// applies the early-stopping rules and the optimiser step. Genes never interact: each gene's
+// gradient is that of its own objective, so a result does not depend on its batch-mates.
+//
+// Model (per gene, isoform column j of q, spots s of n):
+//   l = multinomial(eta) - 1/2 [n q log 2 pi + log det Sigma + nu^T Sigma^-1 nu] + log prior,
+//   eta = nu + X beta + bias, Sigma_j = v_j (theta_j K + (1 - theta_j) I),
+//   v = max(sigma^2, min_variance), theta = min(sigmoid(theta_logit), max_theta),
+//   K = V diag(lambda) V^T for r = n; for r < n the residual eigenvalue of K is 0 (white noise of
+//   variance d_j = v_j (1 - theta_j) outside span V); r = 0 is the white-noise prior v I.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+
+namespace splisosm {
+namespace {
+
+struct PriorSpec {
+  enum Kind { kNone, kGamma, kInvGamma } kind = kNone;
+  double alpha = 0, beta = 0, log_norm = 0;  // log_norm = alpha log beta - lgamma(alpha)
+};
+
+PriorSpec parse_prior(const std::string& name, double alpha, double beta) {
+  PriorSpec p;
+  if (name == "none") return p;
+  TORCH_CHECK(name == "gamma" || name == "inv_gamma",
+              "splisosm: `prior` must be 'none', 'gamma' or 'inv_gamma', got '", name, "'");
+  TORCH_CHECK(alpha > 0 && beta > 0 && std::isfinite(alpha) && std::isfinite(beta),
+              "splisosm: the variance prior needs finite alpha > 0 and beta > 0, got alpha=",
+              alpha, ", beta=", beta);
+  p.kind = name == "gamma" ? PriorSpec::kGamma : PriorSpec::kInvGamma;
+  p.alpha = alpha;
+  p.beta = beta;
+  p.log_norm = alpha * std::log(beta) - std::lgamma(alpha);
+  return p;
+}
+
+// Log density of one variance component and its derivative in sigma (torch's subgradients at the
+// clamps: the derivative passes where the clamped value equals its input).
+void log_prior(const PriorSpec& p, double sigma, double min_variance, double& value,
+               double& deriv) {
+  value = deriv = 0;
+  if (p.kind == PriorSpec::kGamma) {
+    const double a = std::fabs(sigma), s = std::max(a, 0.1);
+    value = p.log_norm + (p.alpha - 1) * std::log(s) - p.beta * s;
+    const double sign = sigma > 0 ? 1.0 : (sigma < 0 ? -1.0 : 0.0);
+    deriv = a >= 0.1 ? ((p.alpha - 1) / s - p.beta) * sign : 0.0;
+  } else if (p.kind == PriorSpec::kInvGamma) {
+    const double sq = sigma * sigma, v = std::max(sq, min_variance);
+    value = p.log_norm - (p.alpha + 1) * std::log(v) - p.beta / v;
+    deriv = sq >= min_variance ? (-(p.alpha + 1) / v + p.beta / (v * v)) * 2 * sigma : 0.0;
+  }
+}
+
+struct Settings {
+  bool train_sigma = false, train_theta = false, adam = true, tol_relative = false;
+  PriorSpec prior;
+  double min_variance = 0, max_theta = 0, lr = 0, tol = 0;
+  int64_t patience = 1, max_epochs = 0;
+};
+
+// torch.optim.Adam's defaults (no weight decay, no amsgrad).
+constexpr double kBeta1 = 0.9, kBeta2 = 0.999, kAdamEps = 1e-8;
+
+// One parameter tensor of all genes: values, gradient, optimiser moments and the best snapshot,
+// each (G, size) row-major.
+template <typename T>
+struct Slot {
+  at::Tensor value, grad, m, v, best;
+  int64_t size = 0;
+  bool trainable = true;
+
+  Slot(const at::Tensor& start, bool train) : trainable(train) {
+    value = start.contiguous().clone();
+    size = value.numel() / std::max<int64_t>(value.size(0), 1);
+    grad = at::zeros_like(value);
+    m = at::zeros_like(value);
+    v = at::zeros_like(value);
+    best = value.clone();
+  }
+  T* row(const at::Tensor& t, int64_t g) const { return t.data_ptr<T>() + g * size; }
+
+  // Adam or SGD step of gene g at step count t (1-based, shared by all genes).
+  void step(int64_t g, const Settings& s, int64_t t) const {
+    if (!trainable) return;
+    T* __restrict p = row(value, g);
+    const T* __restrict gr = row(grad, g);
+    if (!s.adam) {
+      for (int64_t i = 0; i < size; ++i) p[i] -= static_cast<T>(s.lr) * gr[i];
+      return;
+    }
+    T* __restrict m1 = row(m, g);
+    T* __restrict m2 = row(v, g);
+    const T w1 = static_cast<T>(1 - kBeta1), b2 = static_cast<T>(kBeta2),
+            w2 = static_cast<T>(1 - kBeta2);
+    const T inv_bc2_sqrt = static_cast<T>(std::sqrt(1 - std::pow(kBeta2, t)));
+    const T step_size = static_cast<T>(s.lr / (1 - std::pow(kBeta1, t)));
+#pragma omp simd
+    for (int64_t i = 0; i < size; ++i) {
+      m1[i] += w1 * (gr[i] - m1[i]);
+      m2[i] = m2[i] * b2 + w2 * gr[i] * gr[i];
+      const T denom = std::sqrt(m2[i]) / inv_bc2_sqrt + static_cast<T>(kAdamEps);
+      p[i] -= step_size * m1[i] / denom;
+    }
+  }
+  void snapshot(int64_t g) const { std::copy(row(value, g), row(value, g) + size, row(best, g)); }
+};
+
+template <typename T>
+class JointGdEngine {
+ public:
+  JointGdEngine(const at::Tensor& counts, const at::Tensor& X, const at::Tensor& evals,
+                const at::Tensor& evecs, const std::vector<at::Tensor>& start, Settings s)
+      : s_(std::move(s)),
+        counts_(counts.contiguous()),
+        X_(X.contiguous()),
+        V_(evecs.contiguous()),
+        Vt_(evecs.t().contiguous()),
+        G_(counts.size(0)),
+        n_(counts.size(1)),
+        q_(counts.size(2) - 1),
+        P_(X.size(1)),
+        r_(evecs.size(1)),
+        C_(start[3].size(1)) {
+    const auto lam = evals.to(at::kDouble).contiguous();
+    lam_m1_.resize(r_);
+    for (int64_t k = 0; k < r_; ++k) lam_m1_[k] = lam.data_ptr<double>()[k] - 1;
+    slots_.emplace_back(start[0], true);
+    slots_.emplace_back(start[1], true);
+    slots_.emplace_back(start[2], true);
+    slots_.emplace_back(start[3], s_.train_sigma);
+    slots_.emplace_back(start[4], s_.train_theta);
+    const auto f64 = at::TensorOptions().dtype(at::kDouble);
+    best_loss_ = at::full({G_}, INFINITY, f64);
+    best_epoch_ = at::full({G_}, -1, f64.dtype(at::kLong));
+    converged_ = at::zeros({G_}, f64.dtype(at::kBool));
+    counter_.assign(G_, 0);
+    stopped_.assign(G_, 0);
+    loss_.assign(G_, 0.0);
+    eta_ = at::empty({G_, n_, q_}, counts_.options());
+  }
+
+  void run() {
+    bool done = false;
+    for (int64_t epoch = 0; epoch < s_.max_epochs && !done; ++epoch) {
+      evaluate(/*want_grads=*/true);
+      // The loss before this epoch's step is the post-step loss of the previous epoch.
+      if (epoch > 0 && record()) {
+        done = true;
+        break;
+      }
+      step();
+    }
+    if (!done && s_.max_epochs > 0) {
+      evaluate(/*want_grads=*/false);
+      record();
+    }
+  }
+
+  std::vector<at::Tensor> results() {
+    const at::Tensor seen = best_epoch_ >= 0;
+    std::vector<at::Tensor> out;
+    for (auto& slot : slots_) {
+      std::vector<int64_t> shape(slot.value.dim(), 1);
+      shape[0] = -1;
+      out.push_back(at::where(seen.view(shape), slot.best, slot.value));
+    }
+    out[3] = out[3].abs();  // sigma enters only through sigma^2 and |sigma|
+    const auto f64 = at::TensorOptions().dtype(at::kDouble);
+    out.push_back(history_.empty() ? at::empty({0, G_}, f64) : at::stack(history_));
+    out.push_back(best_loss_);
+    out.push_back(best_epoch_);
+    out.push_back(converged_);
+    out.push_back(at::scalar_tensor(low_variance_, f64.dtype(at::kBool)));
+    return out;
+  }
+
+ private:
+  enum { kNu = 0, kBeta, kBias, kSigma, kTheta };
+
+  // Loss (and gradients) of every active gene at the current parameters.
+  void evaluate(bool want_grads) {
+    active_.clear();
+    for (int64_t g = 0; g < G_; ++g)
+      if (!stopped_[g]) active_.push_back(g);
+    const int64_t A = static_cast<int64_t>(active_.size());
+    const int64_t Aq = A * q_;
+    const T* X = X_.data_ptr<T>();
+    // eta of every gene (the multinomial op runs on the whole batch; stopped genes are cheap
+    // relative to the GEMMs, which see active genes only), and nu^T of the active genes.
+    at::Tensor nuT = r_ > 0 ? at::empty({Aq, n_}, counts_.options()) : at::Tensor();
+    at::parallel_for(0, A, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t a = begin; a < end; ++a) {
+        const int64_t g = active_[a];
+        const T* nu = slots_[kNu].row(slots_[kNu].value, g);
+        const T* beta = slots_[kBeta].row(slots_[kBeta].value, g);
+        const T* bias = slots_[kBias].row(slots_[kBias].value, g);
+        T* eta = eta_.data_ptr<T>() + g * n_ * q_;
+        for (int64_t s = 0; s < n_; ++s)
+          for (int64_t j = 0; j < q_; ++j) {
+            T e = nu[s * q_ + j] + bias[j];
+            for (int64_t f = 0; f < P_; ++f) e += X[s * P_ + f] * beta[f * q_ + j];
+            eta[s * q_ + j] = e;
+          }
+        if (r_ > 0) {
+          T* out = nuT.data_ptr<T>() + a * q_ * n_;
+          for (int64_t s = 0; s < n_; ++s)
+            for (int64_t j = 0; j < q_; ++j) out[j * n_ + s] = nu[s * q_ + j];
+        }
+      }
+    });
+    static const auto multinom_terms =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("splisosm::multinom_terms", "")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
+                                                                   const at::Tensor&)>();
+    const auto [ll, g_eta, W_unused] = multinom_terms.call(eta_, counts_);
+    // z = V^T nu for every active (gene, column): one GEMM, rows (gene, column).
+    at::Tensor zT = r_ > 0 ? at::mm(nuT, V_) : at::Tensor();
+    at::Tensor wT = r_ > 0 ? at::empty({Aq, r_}, counts_.options()) : at::Tensor();
+    std::vector<double> quad(Aq), dquad(Aq), logdet(Aq), dlogdet(Aq), v(Aq), d(Aq), th(Aq);
+    std::vector<char> low(A, 0);
+    at::parallel_for(0, A, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> inv_a(r_);
+      for (int64_t a = begin; a < end; ++a) {
+        const int64_t g = active_[a];
+        const T* sigma = slots_[kSigma].row(slots_[kSigma].value, g);
+        const T* tl = slots_[kTheta].row(slots_[kTheta].value, g);
+        const T* nu = slots_[kNu].row(slots_[kNu].value, g);
+        double sum_log_a = 0, dlog_a = 0;
+        for (int64_t j = 0; j < q_; ++j) {
+          const int64_t c = C_ == 1 ? 0 : j, row = a * q_ + j;
+          const double sg = sigma[c], sq = sg * sg;
+          low[a] |= sq < s_.min_variance;
+          v[row] = std::max(sq, s_.min_variance);
+          th[row] = std::min(1.0 / (1.0 + std::exp(-static_cast<double>(tl[c]))), s_.max_theta);
+          d[row] = v[row] * (1 - th[row]);
+          // 1 / (theta lambda_k + 1 - theta) and its log-sum depend on theta only: once per
+          // variance component.
+          if (r_ > 0 && (j == 0 || C_ > 1)) spectrum_terms(th[row], inv_a.data(), sum_log_a, dlog_a);
+          double qd = 0, dq = 0, ld = 0, dld = 0, z_sq = 0;
+          if (r_ > 0) {
+            const T* z = zT.data_ptr<T>() + row * r_;
+            T* w = wT.data_ptr<T>() + row * r_;
+            column_terms(z, inv_a.data(), v[row], d[row], w, qd, dq, z_sq);
+            ld = sum_log_a + static_cast<double>(r_) * std::log(v[row]);
+            dld = dlog_a;
+          }
+          if (r_ < n_) {
+            double nu_sq = 0;
+            for (int64_t s = 0; s < n_; ++s) nu_sq += double(nu[s * q_ + j]) * nu[s * q_ + j];
+            const double rest = nu_sq - z_sq, nr = static_cast<double>(n_ - r_);
+            qd += rest / d[row];
+            dq += rest * v[row] / (d[row] * d[row]);
+            ld += nr * std::log(d[row]);
+            dld -= nr / (1 - th[row]);
+          }
+          quad[row] = qd;
+          dquad[row] = dq;
+          logdet[row] = ld;
+          dlogdet[row] = dld;
+        }
+      }
+    });
+    at::Tensor precT = r_ > 0 ? at::mm(wT, Vt_) : at::Tensor();
+    const T* llp = ll.data_ptr<T>();
+    const T* ge = g_eta.data_ptr<T>();
+    const double log2pi = std::log(2 * M_PI);
+    at::parallel_for(0, A, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t a = begin; a < end; ++a) {
+        const int64_t g = active_[a];
+        const T* sigma = slots_[kSigma].row(slots_[kSigma].value, g);
+        const T* tl = slots_[kTheta].row(slots_[kTheta].value, g);
+        double mvn = static_cast<double>(n_ * q_) * log2pi, lp = 0;
+        for (int64_t j = 0; j < q_; ++j) mvn += logdet[a * q_ + j] + quad[a * q_ + j];
+        std::vector<double> dlp(C_, 0.0);
+        for (int64_t c = 0; c < C_; ++c) {
+          double val, der;
+          log_prior(s_.prior, sigma[c], s_.min_variance, val, der);
+          lp += val;
+          dlp[c] = der;
+        }
+        loss_[g] = -(static_cast<double>(llp[g]) - 0.5 * mvn + lp);
+        if (!want_grads) continue;
+        const T* nu = slots_[kNu].row(slots_[kNu].value, g);
+        const T* gg = ge + g * n_ * q_;
+        T* gnu = slots_[kNu].row(slots_[kNu].grad, g);
+        const T* prec = r_ > 0 ? precT.data_ptr<T>() + a * q_ * n_ : nullptr;
+        for (int64_t s = 0; s < n_; ++s)
+          for (int64_t j = 0; j < q_; ++j) {
+            T pr = prec ? prec[j * n_ + s] : T(0);
+            if (r_ < n_) pr += nu[s * q_ + j] / static_cast<T>(d[a * q_ + j]);
+            gnu[s * q_ + j] = pr - gg[s * q_ + j];
+          }
+        T* gb = slots_[kBeta].row(slots_[kBeta].grad, g);
+        T* gbias = slots_[kBias].row(slots_[kBias].grad, g);
+        std::fill(gb, gb + P_ * q_, T(0));
+        std::fill(gbias, gbias + q_, T(0));
+        const T* X = X_.data_ptr<T>();
+        for (int64_t s = 0; s < n_; ++s)
+          for (int64_t j = 0; j < q_; ++j) {
+            const T e = gg[s * q_ + j];
+            gbias[j] -= e;
+            for (int64_t f = 0; f < P_; ++f) gb[f * q_ + j] -= X[s * P_ + f] * e;
+          }
+        // Sigma_j is proportional to v_j: d l / d v_j = -(n - quad_j) / (2 v_j).
+        T* gs = slots_[kSigma].row(slots_[kSigma].grad, g);
+        T* gt = slots_[kTheta].row(slots_[kTheta].grad, g);
+        std::vector<double> dv(C_, 0.0), dth(C_, 0.0);
+        for (int64_t j = 0; j < q_; ++j) {
+          const int64_t c = C_ == 1 ? 0 : j, row = a * q_ + j;
+          dv[c] += -0.5 * (static_cast<double>(n_) - quad[row]) / v[row];
+          dth[c] += -0.5 * (dlogdet[row] + dquad[row]);
+        }
+        for (int64_t c = 0; c < C_; ++c) {
+          const double sg = sigma[c], sig = 1.0 / (1.0 + std::exp(-static_cast<double>(tl[c])));
+          const double dsq = sg * sg >= s_.min_variance ? 2 * sg : 0.0;
+          gs[c] = static_cast<T>(-(dv[c] * dsq + dlp[c]));
+          gt[c] = static_cast<T>(-(sig <= s_.max_theta ? dth[c] * sig * (1 - sig) : 0.0));
+        }
+      }
+    });
+    for (char l : low) low_variance_ |= l != 0;
+  }
+
+  // inv_a_k = 1 / (theta (lambda_k - 1) + 1), sum_k log a_k and sum_k (lambda_k - 1) / a_k. The
+  // logarithm is taken of products of 16 factors (each within [1e-6, 1e6]), not of every factor.
+  void spectrum_terms(double theta, double* inv_a, double& sum_log, double& dsum) const {
+    const double* lm1 = lam_m1_.data();
+    double ds = 0;
+#pragma omp simd reduction(+ : ds)
+    for (int64_t k = 0; k < r_; ++k) {
+      inv_a[k] = 1.0 / (theta * lm1[k] + 1.0);
+      ds += lm1[k] * inv_a[k];
+    }
+    double sl = 0;
+    for (int64_t k0 = 0; k0 < r_; k0 += 16) {
+      double prod = 1;
+      for (int64_t k = k0; k < std::min(r_, k0 + 16); ++k) prod *= inv_a[k];
+      sl -= std::log(prod);
+    }
+    sum_log = sl;
+    dsum = ds;
+  }
+
+  // One isoform column: quad = sum_k z_k^2 / c_k, its theta-derivative (up to the factor v) and
+  // w = Sigma^-1 nu in the eigenbasis (minus the white part nu / d when r < n).
+  void column_terms(const T* z, const double* inv_a, double v, double d, T* w, double& quad,
+                    double& dquad, double& z_sq) const {
+    const double* lm1 = lam_m1_.data();
+    const double inv_v = 1 / v, inv_d = r_ == n_ ? 0.0 : 1 / d;
+    double qd = 0, dq = 0, zz = 0;
+#pragma omp simd reduction(+ : qd, dq, zz)
+    for (int64_t k = 0; k < r_; ++k) {
+      const double zk = z[k], zc = zk * inv_a[k] * inv_v;
+      qd += zk * zc;
+      dq -= zc * zc * lm1[k];
+      zz += zk * zk;
+      w[k] = static_cast<T>(zc - zk * inv_d);
+    }
+    quad = qd;
+    dquad = dq * v;
+    z_sq = zz;
+  }
+
+  // Logs the losses of the active genes as one epoch; true when every gene has stopped.
+  bool record() {
+    auto row = at::full({G_}, INFINITY, at::TensorOptions().dtype(at::kDouble));
+    double* hist = row.data_ptr<double>();
+    double* best = best_loss_.data_ptr<double>();
+    int64_t* best_epoch = best_epoch_.data_ptr<int64_t>();
+    bool* conv = converged_.data_ptr<bool>();
+    int64_t n_stopped = 0;
+    for (int64_t g = 0; g < G_; ++g) {
+      if (stopped_[g]) {
+        // A stopped gene's parameters are frozen here (the Python fitter keeps stepping them,
+        // which never changes its result); log what it logged when it stopped.
+        hist[g] = history_.empty() ? INFINITY : history_.back().data_ptr<double>()[g];
+        ++n_stopped;
+        continue;
+      }
+      const double raw = loss_[g];
+      const bool finite = std::isfinite(raw);
+      // As the Python logger (torch.nan_to_num): NaN and +inf log as +inf, -inf as the lowest
+      // finite double; none of them is ever an improvement.
+      const double loss = std::isnan(raw) || raw == INFINITY
+                              ? INFINITY
+                              : (raw == -INFINITY ? std::numeric_limits<double>::lowest() : raw);
+      hist[g] = loss;
+      const double thr = s_.tol_relative ? s_.tol * std::max(std::fabs(best[g]), 1.0) : s_.tol;
+      const double gap = finite ? best[g] - loss : -INFINITY;
+      counter_[g] = gap >= thr ? 0 : counter_[g] + 1;
+      if (gap > 0) {
+        best[g] = loss;
+        best_epoch[g] = epoch_;
+        for (auto& slot : slots_) slot.snapshot(g);
+      }
+      if (counter_[g] >= s_.patience) {
+        stopped_[g] = 1;
+        conv[g] = finite;
+        ++n_stopped;
+      }
+    }
+    history_.push_back(row);
+    ++epoch_;
+    return n_stopped == G_;
+  }
+
+  void step() {
+    ++t_;
+    at::parallel_for(0, static_cast<int64_t>(active_.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t a = b; a < e; ++a)
+        for (const auto& slot : slots_) slot.step(active_[a], s_, t_);
+    });
+  }
+
+  Settings s_;
+  at::Tensor counts_, X_, V_, Vt_, eta_;
+  std::vector<double> lam_m1_;  // kernel eigenvalues minus one
+  int64_t G_, n_, q_, P_, r_, C_;
+  std::vector<Slot<T>> slots_;
+  at::Tensor best_loss_, best_epoch_, converged_;
+  std::vector<int64_t> counter_, active_;
+  std::vector<char> stopped_;
+  std::vector<double> loss_;
+  std::vector<at::Tensor> history_;
+  int64_t epoch_ = 0, t_ = 0;
+  bool low_variance_ = false;
+};
+
+void check_param(const at::Tensor& t, const at::Tensor& like, const char* name,
+                 std::initializer_list<int64_t> shape, const char* layout) {
+  check_same(like, "counts", t, name);
+  check_rank(t, static_cast<int64_t>(shape.size()), name, layout);
+  int64_t d = 0;
+  for (int64_t s : shape) {
+    if (s >= 0) check_dim(t, d, s, name, layout);
+    ++d;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor, at::Tensor>
+joint_gd_fit_cpu(const at::Tensor& counts, const at::Tensor& X, const at::Tensor& evals,
+                 const at::Tensor& evecs, const at::Tensor& nu, const at::Tensor& beta,
+                 const at::Tensor& bias, const at::Tensor& sigma, const at::Tensor& theta_logit,
+                 bool train_sigma, bool train_theta, c10::string_view prior, double prior_alpha,
+                 double prior_beta, double min_variance, double max_theta,
+                 c10::string_view optim, double lr, double tol, bool tol_relative,
+                 int64_t patience, int64_t max_epochs) {
+  check_float(counts, "counts");
+  check_rank(counts, 3, "counts", "(G, n, m)");
+  check_device_type(counts, "counts", c10::DeviceType::CPU);
+  const int64_t G = counts.size(0), n = counts.size(1), q = counts.size(2) - 1;
+  TORCH_CHECK(q >= 1, "splisosm: `counts` needs at least two isoforms per gene");
+  check_param(X, counts, "X", {n, -1}, "(n, P)");
+  const int64_t P = X.size(1);
+  check_param(evecs, counts, "evecs", {n, -1}, "(n, r)");
+  const int64_t r = evecs.size(1);
+  check_param(evals, counts, "evals", {r}, "(r,)");
+  check_param(nu, counts, "nu", {G, n, q}, "(G, n, q)");
+  check_param(beta, counts, "beta", {G, P, q}, "(G, P, q)");
+  check_param(bias, counts, "bias", {G, q}, "(G, q)");
+  check_param(sigma, counts, "sigma", {G, -1}, "(G, C)");
+  const int64_t C = sigma.size(1);
+  TORCH_CHECK(C == 1 || C == q, "splisosm: `sigma` must have 1 or q = ", q,
+              " columns (shared or per-isoform variance), got ", C);
+  check_param(theta_logit, counts, "theta_logit", {G, C}, "(G, C)");
+  const std::string optim_name(optim);
+  TORCH_CHECK(optim_name == "adam" || optim_name == "sgd",
+              "splisosm: the native engine supports optim 'adam' or 'sgd', got '", optim_name, "'");
+  TORCH_CHECK(std::isfinite(lr) && lr > 0, "splisosm: `lr` must be a positive number, got ", lr);
+  TORCH_CHECK(patience >= 1, "splisosm: `patience` must be >= 1, got ", patience);
+  TORCH_CHECK(max_epochs >= 0, "splisosm: `max_epochs` must be >= 0, got ", max_epochs);
+  TORCH_CHECK(std::isfinite(tol) && tol >= 0, "splisosm: `tol` must be a finite number >= 0, got ",
+              tol);
+  TORCH_CHECK(min_variance > 0 && max_theta > 0 && max_theta <= 1,
+              "splisosm: need min_variance > 0 and 0 < max_theta <= 1");
+
+  Settings s;
+  s.train_sigma = train_sigma;
+  s.train_theta = train_theta;
+  s.adam = optim_name == "adam";
+  s.tol_relative = tol_relative;
+  s.prior = parse_prior(std::string(prior), prior_alpha, prior_beta);
+  s.min_variance = min_variance;
+  s.max_theta = max_theta;
+  s.lr = lr;
+  s.tol = tol;
+  s.patience = patience;
+  s.max_epochs = max_epochs;
+  const std::vector<at::Tensor> start = {nu, beta, bias, sigma, theta_logit};
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(counts.scalar_type(), "joint_gd_fit_cpu", [&] {
+    JointGdEngine<scalar_t> engine(counts, X, evals, evecs, start, s);
+    engine.run();
+    out = engine.results();
+  });
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(splisosm, CPU, m) { m.impl("joint_gd_fit", &joint_gd_fit_cpu); }
+
+}  // namespace splisosm

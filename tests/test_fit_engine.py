@@ -1,0 +1,159 @@
+"""The native joint_gd engine against the Python fitter (autograd + torch.optim), its reference."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import _reference_models as ref
+from splisosm.isomodels import IsoFullModel, IsoNullNoSpVar
+from splisosm.ops import use_reference
+from splisosm.ops.engine import engine_available, joint_gd_fit
+
+D = torch.float64
+NAMES = ("nu", "beta", "bias_eta", "sigma", "theta_logit")
+LOW_RANK = 7
+
+pytestmark = pytest.mark.skipif(not engine_available(torch.device("cpu")),
+                                reason="the compiled extension is not built")
+
+
+@pytest.fixture(scope="module")
+def data():
+    K = ref.car_kernel(5)
+    Y = ref.simulate_counts(K, 3, 3, seed=11)
+    X = torch.randn(25, 2, dtype=D, generator=torch.Generator().manual_seed(5))
+    return K, Y, X
+
+
+def _fit(data, *, reference: bool, cls=IsoFullModel, genes=slice(None), low_rank=False,
+         dtype=D, **kw):
+    K, Y, X = data
+    configs = {"max_epochs": 500, **kw.pop("fitting_configs", {})}
+    model = cls(fitting_method="joint_gd", dtype=dtype, fitting_configs=configs, **kw)
+    if low_rank:
+        lam, V = np.linalg.eigh(K)
+        model.setup_data(Y[genes], corr_sp_eigvals=lam[::-1][:LOW_RANK].copy(),
+                         corr_sp_eigvecs=V[:, ::-1][:, :LOW_RANK].copy(), design_mtx=X)
+    else:
+        model.setup_data(Y[genes], corr_sp=K, design_mtx=X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if reference:
+            with use_reference():
+                model.fit(quiet=True)
+        else:
+            model.fit(quiet=True)
+    return model
+
+
+def _assert_same_fit(a, b, rtol: float, atol: float) -> None:
+    for k in NAMES:
+        torch.testing.assert_close(getattr(a, k).detach(), getattr(b, k).detach(), rtol=rtol,
+                                   atol=atol, equal_nan=True)
+    # Once a gene stops, the Python fitter keeps stepping it (which never changes its result)
+    # while the engine freezes it, so the logs agree up to each gene's stopping epoch.
+    ha, hb = a.logger.loss_history, b.logger.loss_history
+    # (the engine's row of a stopped gene repeats its last logged loss exactly)
+    epochs = torch.arange(ha.shape[0])[:, None]
+    moved = torch.cat([torch.ones_like(ha[:1], dtype=torch.bool), ha[1:] != ha[:-1]])
+    stop = torch.where(moved, epochs, 0).amax(0)
+    logged = epochs <= stop[None, :]
+    torch.testing.assert_close(ha[logged], hb[: ha.shape[0]][logged], rtol=rtol, atol=atol)
+    assert torch.equal(a.logger.best_epoch, b.logger.best_epoch)
+    assert torch.equal(a.logger.converged, b.logger.converged)
+
+
+def test_default_trajectory_matches_python_after_500_epochs(data):
+    native = _fit(data, reference=False)
+    python = _fit(data, reference=True)
+    assert native.logger.loss_history.shape == (500, 3)
+    _assert_same_fit(native, python, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [
+    {"var_fix_sigma": False, "var_prior_model": "gamma"},
+    {"share_variance": False, "var_fix_sigma": False, "var_prior_model": "inv_gamma"},
+    {"low_rank": True, "var_fix_sigma": False},
+    {"cls": IsoNullNoSpVar},
+    {"fitting_configs": {"optim": "sgd", "lr": 1e-3}},
+    {"fitting_configs": {"tol": 1e-4, "tol_relative": True, "patience": 3}},
+    {"fitting_configs": {"tol": 0.05, "patience": 2}},
+], ids=["gamma", "per-isoform-inv-gamma", "low-rank", "null", "sgd", "relative-tol", "early-stop"])
+def test_variants_match_python(data, case):
+    # Adam divides by the root of its second moment, so where a gradient component hovers near
+    # zero round-off differences grow over hundreds of epochs; 100 epochs compare tightly.
+    case = dict(case)
+    case["fitting_configs"] = {"max_epochs": 100, **case.get("fitting_configs", {})}
+    _assert_same_fit(_fit(data, reference=False, **case), _fit(data, reference=True, **case),
+                     rtol=1e-7, atol=1e-7)
+
+
+def test_early_stopping_is_per_gene(data):
+    model = _fit(data, reference=False, fitting_configs={"tol": 0.05, "patience": 2})
+    epochs = model.logger.best_epoch
+    assert model.logger.converged.all()
+    assert len(set(epochs.tolist())) > 1, "genes should stop at different epochs"
+    assert model.logger.loss_history.shape[0] < 500
+
+
+def test_a_gene_does_not_depend_on_its_batch(data):
+    batch = _fit(data, reference=False)
+    for g in range(3):
+        single = _fit(data, reference=False, genes=slice(g, g + 1))
+        for k in NAMES:
+            torch.testing.assert_close(getattr(single, k)[0], getattr(batch, k)[g], rtol=1e-9,
+                                       atol=1e-9)
+
+
+def test_float32_reaches_the_float64_objective(data):
+    K, Y, X = data
+    single = _fit((K, Y.float(), X.float()), reference=False, dtype=torch.float32)
+    double = _fit(data, reference=False)
+    torch.testing.assert_close(single.logger.best_loss, double.logger.best_loss, rtol=1e-4, atol=0)
+
+
+def test_zero_epochs_fits_nothing(data):
+    model = _fit(data, reference=False, fitting_configs={"max_epochs": 0})
+    assert model.logger.loss_history.shape == (0, 3)
+    assert (model.logger.best_epoch == -1).all() and not model.logger.converged.any()
+
+
+def _op_args(data, dtype=D):
+    K, Y, X = data
+    lam, V = np.linalg.eigh(K)
+    G, n, m = Y.shape
+    q = m - 1
+    return [Y.to(dtype), X.to(dtype), torch.from_numpy(lam).to(dtype),
+            torch.from_numpy(V).to(dtype), torch.zeros(G, n, q, dtype=dtype),
+            torch.zeros(G, 2, q, dtype=dtype), torch.zeros(G, q, dtype=dtype),
+            torch.full((G, 1), 0.5, dtype=dtype), torch.full((G, 1), -3.0, dtype=dtype)]
+
+
+def test_bad_inputs_name_the_argument(data):
+    args = _op_args(data)
+    params = dict(zip(NAMES, args[4:]))
+    common = {"train_sigma": True, "train_theta": True, "prior": "none", "prior_params": {},
+              "min_variance": 0.01, "max_theta": 1 - 1e-6,
+              "configs": {"optim": "adam", "lr": 0.01, "tol": 1e-5, "patience": 5,
+                          "max_epochs": 3}}
+    with pytest.raises(RuntimeError, match="`nu`"):
+        joint_gd_fit(*args[:4], {**params, "nu": params["nu"][:, :-1]}, **common)
+    with pytest.raises(RuntimeError, match="`evals`"):
+        joint_gd_fit(args[0], args[1], args[2][:-1], args[3], params, **common)
+    with pytest.raises(RuntimeError, match="optim"):
+        joint_gd_fit(*args[:4], params, **{**common, "configs": {**common["configs"],
+                                                                "optim": "lbfgs"}})
+    with pytest.raises(RuntimeError, match="prior"):
+        joint_gd_fit(*args[:4], params, **{**common, "prior": "lognormal"})
+
+
+def test_opcheck(data):
+    args = _op_args(data) + [True, True, "gamma", 2.0, 0.3, 0.01, 1 - 1e-6, "adam", 0.01, 1e-5,
+                             False, 5, 4]
+    torch.library.opcheck(torch.ops.splisosm.joint_gd_fit.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
