@@ -428,8 +428,11 @@ class SplisosmGLMM:
             "batch_size": int(batch_size),
         }
         self._is_trained = True
-        if print_progress:
-            print(f"Fitting finished in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        if print_progress or not quiet:
+            fitted = states.get(self.model_type) or next(iter(states.values()))
+            n_conv = sum(state.converged for state in fitted)
+            print(f"Fitting finished in {time.perf_counter() - start:.1f} s; {n_conv} of "
+                  f"{len(fitted)} genes converged", file=sys.stderr)
 
     def _plan(self, *, from_null: bool, refit_null: bool, quiet: bool) -> FitPlan:
         kwargs = {k: v for k, v in self.model_configs.items()}

@@ -36,16 +36,23 @@ class IsoFullModel(MultinomGLMM):
     def from_trained_null(cls, null: MultinomGLMM) -> IsoFullModel:
         """Start a full model from a fitted null model.
 
-        Parameters, counts, design and spatial inputs are carried over; ``sigma`` is
-        re-initialised to the random effect's spread (``max_j std_s nu_sj`` when shared, per
-        isoform otherwise, clamped below at 0.1) and ``theta_logit`` to -3 (trainable).
+        Parameters, counts, design and spatial inputs are carried over and ``theta_logit`` is
+        set to -3 (trainable). A learned ``sigma`` (``var_fix_sigma=False``) restarts from the
+        random effect's spread (``max_j std_s nu_sj`` when shared, per isoform otherwise,
+        clamped below at 0.1). A fixed ``sigma`` keeps the null model's value: the full model is
+        then the very model a direct fit would use, so its fit, and the tests built on it, do
+        not depend on whether it was reached from the null. (splisosm 1.2.0 re-initialised a
+        fixed ``sigma`` too, which froze the full model at a different total variance than the
+        null model and than a direct fit.)
         """
         full = cls(**_converted_kwargs(null, null.fitting_method))
         full._copy_data_from(null)
         with torch.no_grad():
-            spread = full.nu.std(dim=1) if full.n_spots > 1 else torch.zeros_like(full.nu[:, 0])
-            spread = spread.amax(-1, keepdim=True) if full.share_variance else spread
-            full.sigma.copy_(spread.clamp(min=0.1))
+            if not full.var_fix_sigma:
+                spread = (full.nu.std(dim=1) if full.n_spots > 1
+                          else torch.zeros_like(full.nu[:, 0]))
+                spread = spread.amax(-1, keepdim=True) if full.share_variance else spread
+                full.sigma.copy_(spread.clamp(min=0.1))
             full.theta_logit.fill_(-3.0)
         return full
 
