@@ -157,3 +157,38 @@ def test_opcheck(data):
     torch.library.opcheck(torch.ops.splisosm.joint_gd_fit.default, args,
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
+
+
+def test_engine_group_size_only_for_engine_fits():
+    from splisosm._runner import ENGINE_GROUP_BYTES, FitPlan, KernelPayload, engine_group_size
+
+    eig = KernelPayload(eigvals=np.ones(3), eigvecs=np.zeros((100, 3)))
+    gd = FitPlan("glmm-full", {"fitting_method": "joint_gd"})
+    assert engine_group_size(gd, eig, 100, 3) == ENGINE_GROUP_BYTES // (4 * 100 * (2 * 11 + 3))
+    assert engine_group_size(FitPlan("glmm-null", {"fitting_method": "joint_gd"}), None, 100, 3) > 1
+    for plan, kernel in [
+        (FitPlan("glmm-full", {"fitting_method": "marginal_newton"}), eig),
+        (FitPlan("glmm-full", {"fitting_method": "joint_gd",
+                               "fitting_configs": {"optim": "lbfgs"}}), eig),
+        (FitPlan("glm", {}), None),
+        (gd, KernelPayload(precision=None)),  # precision-only route: Python fitter
+    ]:
+        assert engine_group_size(plan, kernel, 100, 3) == 1
+
+
+def test_pipeline_results_do_not_depend_on_batch_size():
+    from _glmm_data import make_adata
+    from splisosm import SplisosmGLMM
+
+    adata = make_adata(side=6, n_isos=(2, 3, 2, 3, 2))
+    stats = []
+    for n_jobs in (1, 2):  # one process: engine groups; two: the given batches of one gene
+        model = SplisosmGLMM(fitting_configs={"max_epochs": 40})
+        model.setup_data(adata, layer="counts", group_iso_by="gene_symbol",
+                         group_gene_by_n_iso=True, design_mtx="cov")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(batch_size=1, n_jobs=n_jobs, print_progress=False)
+        model.test_differential_usage(print_progress=False)
+        stats.append(model.get_formatted_test_results("du")["statistic"].to_numpy(dtype=float))
+    np.testing.assert_allclose(stats[0], stats[1], rtol=1e-4)

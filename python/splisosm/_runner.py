@@ -96,6 +96,39 @@ class FitPlan:
     device: str = "cpu"
 
 
+#: Memory the native engine may use for one group of genes fitted together (bytes).
+ENGINE_GROUP_BYTES = 1 << 30
+
+
+def engine_group_size(plan: FitPlan, kernel: KernelPayload | None, n_spots: int,
+                      max_isos: int) -> int:
+    """How many genes of one isoform count the native ``joint_gd`` engine may fit in one call.
+
+    The engine's result for a gene does not depend on the other genes of its call, and one call
+    reads the kernel's eigenvectors once per epoch for all of them, so larger groups are faster.
+    Returns 1 when the engine does not run this plan (another method or optimiser, a kernel
+    without eigenpairs, a device without the compiled op); otherwise as many genes as fit in
+    :data:`ENGINE_GROUP_BYTES` of per-gene working memory.
+    """
+    from splisosm._fitting import resolve_fitting_configs
+    from splisosm.ops.engine import ENGINE_OPTIMIZERS, engine_available
+
+    kwargs = plan.model_kwargs
+    if plan.model_type == GLM_KEY or kwargs.get("fitting_method", "joint_gd") != "joint_gd":
+        return 1
+    configs = resolve_fitting_configs("joint_gd", kwargs.get("fitting_configs"))
+    needs_eigenpairs = plan.model_type == FULL_KEY or plan.from_null
+    if (configs["optim"] not in ENGINE_OPTIMIZERS
+            or (needs_eigenpairs and (kernel is None or kernel.eigvecs is None))
+            or not engine_available(torch.device(plan.device))):
+        return 1
+    q = max_isos - 1
+    # parameters, gradients, two moments and the best snapshot; eta, its gradient and curvature;
+    # the transposed random effects and their prior product (float32)
+    per_gene = 4 * n_spots * (q * (9 + q) + max_isos)
+    return max(1, ENGINE_GROUP_BYTES // per_gene)
+
+
 def new_model(kind: str, model_kwargs: dict[str, Any]):
     """Construct an unfitted per-gene model of the given kind."""
     from splisosm.isomodels import IsoFullModel, IsoNullNoSpVar
@@ -338,9 +371,11 @@ def evaluate_groups(
 
 
 __all__ = [
+    "ENGINE_GROUP_BYTES",
     "FitPlan",
     "GeneState",
     "KernelPayload",
+    "engine_group_size",
     "evaluate_groups",
     "fit_batch",
     "rebuild_models",

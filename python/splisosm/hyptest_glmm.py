@@ -360,7 +360,11 @@ class SplisosmGLMM:
             Worker processes (negative counts back from the number of cores, ``-1`` = all).
             Workers receive one batch of counts each and return parameters and training logs.
         batch_size
-            Genes fitted jointly per batch (needs ``group_gene_by_n_iso=True`` in setup).
+            Genes fitted jointly per batch (needs ``group_gene_by_n_iso=True`` in setup). Each
+            gene is fitted on its own objective, so results do not depend on the batch; the
+            batch only bounds memory. With ``fitting_method='joint_gd'`` (Adam or SGD) on one
+            process, the compiled engine fits all genes of one isoform count together, up to
+            1 GiB of working memory, whatever the value given here.
         quiet
             Suppress the per-model fitting messages and non-convergence warnings.
         print_progress
@@ -407,7 +411,7 @@ class SplisosmGLMM:
         if from_null and self.model_configs["fitting_method"] == "joint_newton":
             raise ValueError("from_null=True fits a null model, which does not support fitting_method='joint_newton'")
         plan = self._plan(from_null=from_null, refit_null=refit_null, quiet=quiet)
-        batches = _dataset.make_batches(self.n_isos_per_gene, self._setup_args["grouped"], int(batch_size))
+        batches = self._batches(plan, int(batch_size), n_jobs)
         if print_progress:
             where = "single core" if n_jobs == 1 else f"{n_jobs} cores"
             print(f"Fitting {self.n_genes} genes ({self.model_type}) on {where}, batch size {batch_size}",
@@ -433,6 +437,14 @@ class SplisosmGLMM:
             n_conv = sum(state.converged for state in fitted)
             print(f"Fitting finished in {time.perf_counter() - start:.1f} s; {n_conv} of "
                   f"{len(fitted)} genes converged", file=sys.stderr)
+
+    def _batches(self, plan: FitPlan, batch_size: int, n_jobs: int) -> list[list[int]]:
+        grouped = self._setup_args["grouped"]
+        if grouped and n_jobs == 1:
+            # the native engine's fits do not depend on the batch, so it takes larger groups
+            batch_size = max(batch_size, _runner.engine_group_size(
+                plan, self._kernel, self.n_spots, max(self.n_isos_per_gene)))
+        return _dataset.make_batches(self.n_isos_per_gene, grouped, batch_size)
 
     def _plan(self, *, from_null: bool, refit_null: bool, quiet: bool) -> FitPlan:
         kwargs = {k: v for k, v in self.model_configs.items()}
@@ -661,7 +673,7 @@ class SplisosmGLMM:
         n_jobs = _resolve_n_jobs(n_jobs, self.device)
         info = self._fit_info
         plan = self._plan(from_null=True, refit_null=info["refit_null"], quiet=True)
-        batches = _dataset.make_batches(self.n_isos_per_gene, self._setup_args["grouped"], info["batch_size"])
+        batches = self._batches(plan, info["batch_size"], n_jobs)
         rng = np.random.default_rng(random_seed)
         # Draw all permutations up front from one generator: independent of the fitting code,
         # which may reseed torch's global RNG (quirk Q6).
