@@ -16,7 +16,6 @@ import torch
 from _glmm_data import grid_coords, make_adata
 from _reference_models import car_kernel, simulate_counts
 
-import splisosm
 from splisosm.hyptest_glmm import _APPROX_RANK_AUTO, IsoFullModel, IsoNullNoSpVar, SplisosmGLMM
 from splisosm.kernel import IdentityKernel, SpatialCovKernel, mutual_knn_adjacency
 from splisosm.model import MultinomGLM, MultinomGLMM
