@@ -231,7 +231,7 @@ class JointGdEngine {
                                                                    const at::Tensor&)>();
     const auto [ll, g_eta, W_unused] = multinom_terms.call(eta_, counts_);
     // z = V^T nu for every active (gene, column): one GEMM, rows (gene, column).
-    at::Tensor zT = r_ > 0 ? at::mm(nuT, V_) : at::Tensor();
+    at::Tensor zT = r_ > 0 ? times(nuT, V_) : at::Tensor();
     at::Tensor wT = r_ > 0 ? at::empty({Aq, r_}, counts_.options()) : at::Tensor();
     std::vector<double> quad(Aq), dquad(Aq), logdet(Aq), dlogdet(Aq), v(Aq), d(Aq), th(Aq);
     std::vector<char> low(A, 0);
@@ -277,7 +277,7 @@ class JointGdEngine {
         }
       }
     });
-    at::Tensor precT = r_ > 0 ? at::mm(wT, Vt_) : at::Tensor();
+    at::Tensor precT = r_ > 0 ? times(wT, Vt_) : at::Tensor();
     const T* llp = ll.data_ptr<T>();
     const T* ge = g_eta.data_ptr<T>();
     const double log2pi = std::log(2 * M_PI);
@@ -336,6 +336,21 @@ class JointGdEngine {
       }
     });
     for (char l : low) low_variance_ |= l != 0;
+  }
+
+  // rows @ B. BLAS runs a GEMM with a handful of rows far below its bandwidth limit (a single
+  // gene's q rows: several times slower), so up to kGemvRows rows go one matrix-vector product
+  // B^T x each, through the transposed view of B, which BLAS streams at memory speed.
+  static at::Tensor times(const at::Tensor& rows, const at::Tensor& B) {
+    constexpr int64_t kGemvRows = 8;
+    if (rows.size(0) > kGemvRows) return at::mm(rows, B);
+    at::Tensor out = at::empty({rows.size(0), B.size(1)}, rows.options());
+    const at::Tensor op = B.t();
+    for (int64_t i = 0; i < rows.size(0); ++i) {
+      at::Tensor dst = out.select(0, i);
+      at::mv_out(dst, op, rows.select(0, i));
+    }
+    return out;
   }
 
   // inv_a_k = 1 / (theta (lambda_k - 1) + 1), sum_k log a_k and sum_k (lambda_k - 1) / a_k. The
