@@ -355,3 +355,13 @@ def test_public_model_attributes_of_1_2_0(gene_data) -> None:
     for attr in ("n_genes", "n_spots", "n_isos", "n_factors", "fitting_method", "fitting_configs",
                  "fitting_time", "counts", "corr_sp_eigvals", "corr_sp_eigvecs"):
         assert getattr(model, attr) is not None, attr
+
+
+def test_kernel_eigenvalues_also_sets_the_eigenvectors() -> None:
+    kernel = SpatialCovKernel(grid_coords(4), k_neighbors=4, rho=0.9)
+    evals = kernel.eigenvalues(5)
+    assert kernel.K_eigvecs is not None and kernel.K_eigvecs.shape == (16, 5)
+    torch.testing.assert_close(kernel.K_eigvals, evals)
+    lam, vec = kernel.eigenpairs(5)
+    torch.testing.assert_close(kernel.K_eigvecs, vec)
+    torch.testing.assert_close(kernel.Q @ kernel.Q.T, (vec * lam) @ vec.T)

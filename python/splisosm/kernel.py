@@ -376,10 +376,12 @@ class _KernelBase:
         return torch.from_numpy(evals[:r].copy()), torch.from_numpy(evecs[:, :r].copy())
 
     def eigenvalues(self, k: int | None = None) -> torch.Tensor:
-        """The ``k`` largest eigenvalues (all of them for ``None``; dense mode), descending."""
-        evals, _ = self.eigenpairs(k)
-        self.K_eigvals = evals
-        return evals
+        """The ``k`` largest eigenvalues (all of them for ``None``; dense mode), descending.
+
+        The eigenvectors come with them, so ``K_eigvecs`` and ``Q`` are set as by
+        :meth:`eigendecomposition` (scripts written for splisosm 1.2.0 read them after this call).
+        """
+        return self.eigendecomposition(k)[0]
 
     def eigendecomposition(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigendecomposition (full by default), setting ``K_eigvals``, ``K_eigvecs`` and ``Q``.
