@@ -195,3 +195,22 @@ def test_pipeline_results_do_not_depend_on_batch_size():
         model.test_differential_usage(print_progress=False)
         stats.append(model.get_formatted_test_results("du")["statistic"].to_numpy(dtype=float))
     np.testing.assert_allclose(stats[0], stats[1], rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["zero-count spots", "one spot", "six isoforms"])
+def test_edge_cases_match_python(case):
+    if case == "one spot":
+        K = np.ones((1, 1))
+        Y = torch.tensor([[[3.0, 1.0]], [[0.0, 5.0]]], dtype=D)
+    else:
+        K = ref.car_kernel(3)
+        Y = ref.simulate_counts(K, 2, 6 if case == "six isoforms" else 3, seed=4)
+        if case == "zero-count spots":
+            Y[0, :4] = 0
+            Y[1] = 0
+            Y[1, 2, 0] = 7  # a gene seen in a single spot
+    X = torch.randn(K.shape[0], 1, dtype=D, generator=torch.Generator().manual_seed(2))
+    data = (K, Y, X)
+    kw = {"fitting_configs": {"max_epochs": 60}, "var_fix_sigma": False}
+    _assert_same_fit(_fit(data, reference=False, **kw), _fit(data, reference=True, **kw),
+                     rtol=1e-7, atol=1e-7)

@@ -58,7 +58,7 @@ def _check_choice(name: str, value, allowed: Iterable[str]) -> None:
 
 
 def check_device(device) -> torch.device:
-    """Accept exactly ``'cpu'``, ``'cuda'`` or ``'mps'`` (SPEC §2).
+    """Accept exactly ``'cpu'``, ``'cuda'`` or ``'mps'``.
 
     ``'cuda'`` also needs the extension's CUDA kernels when torch has CUDA (see
     :func:`splisosm.ops._native.check_cuda_kernels`).

@@ -613,8 +613,8 @@ class SplisosmGLMM:
         Notes
         -----
         Permutation statistics are cached per fit and number of permutations (and seed); a
-        refit or a different ``n_perms_per_gene`` recomputes them (fix of quirk Q7). Reusing
-        the cache prints ``Using cached permutation results...``.
+        refit or a different ``n_perms_per_gene`` recomputes them (splisosm 1.2.0 reused stale
+        ones). Reusing the cache prints ``Using cached permutation results...``.
         """
         if method != "llr":
             raise ValueError(f"`method` must be 'llr', got {method!r}")
