@@ -108,13 +108,13 @@ struct Slot {
     T* __restrict m2 = row(v, g);
     const T w1 = static_cast<T>(1 - kBeta1), b2 = static_cast<T>(kBeta2),
             w2 = static_cast<T>(1 - kBeta2);
-    const T inv_bc2_sqrt = static_cast<T>(std::sqrt(1 - std::pow(kBeta2, t)));
+    const T bc2_sqrt = static_cast<T>(std::sqrt(1 - std::pow(kBeta2, t)));
     const T step_size = static_cast<T>(s.lr / (1 - std::pow(kBeta1, t)));
 #pragma omp simd
     for (int64_t i = 0; i < size; ++i) {
       m1[i] += w1 * (gr[i] - m1[i]);
       m2[i] = m2[i] * b2 + w2 * gr[i] * gr[i];
-      const T denom = std::sqrt(m2[i]) / inv_bc2_sqrt + static_cast<T>(kAdamEps);
+      const T denom = std::sqrt(m2[i]) / bc2_sqrt + static_cast<T>(kAdamEps);
       p[i] -= step_size * m1[i] / denom;
     }
   }
