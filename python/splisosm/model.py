@@ -347,6 +347,7 @@ class MultinomGLMM(_CountModel):
         self.fitting_method = fitting_method
         self._user_fitting_configs = dict(fitting_configs or {})
         self.corr_sp_eigvals = self.corr_sp_eigvecs = self.corr_sp_precision = None
+        self._pairs_given = None
 
     # ----------------------------------------------------------------- data and parameters
     def setup_data(self, counts, corr_sp=None, design_mtx=None, device: str = "cpu",
@@ -381,9 +382,14 @@ class MultinomGLMM(_CountModel):
                 raise ValueError(f"`corr_sp` must be ({n}, {n}), got {tuple(K.shape)}")
             lam, vec = torch.linalg.eigh((K + K.T) / 2)
             eigvals, eigvecs = lam.flip(0), vec.flip(1)
+        self._pairs_given = None
         if eigvals is not None or eigvecs is not None:
             if eigvals is None or eigvecs is None:
                 raise ValueError("Both corr_sp_eigvals and corr_sp_eigvecs are required.")
+            # The Laplace system works in float64 on the CPU: built from the pairs as given
+            # (typically one float64 array shared by every model of a dataset), it needs no
+            # float64 copy of its own per model.
+            self._pairs_given = (eigvals, eigvecs)
             eigvals = _as_tensor(eigvals, self.dtype, self.device, "corr_sp_eigvals").reshape(-1)
             eigvecs = _as_tensor(eigvecs, self.dtype, self.device, "corr_sp_eigvecs")
             if eigvecs.dim() != 2 or eigvecs.shape != (n, eigvals.shape[0]):
@@ -407,7 +413,12 @@ class MultinomGLMM(_CountModel):
         return self._system
 
     def _build_system(self, cls):
-        return cls(self.n_spots, evals=self.corr_sp_eigvals, evecs=self.corr_sp_eigvecs,
+        evals = evecs = None
+        if self._pairs_given is not None:
+            cpu = torch.device("cpu")
+            evals = _as_tensor(self._pairs_given[0], torch.float64, cpu, "corr_sp_eigvals")
+            evecs = _as_tensor(self._pairs_given[1], torch.float64, cpu, "corr_sp_eigvecs")
+        return cls(self.n_spots, evals=None if evals is None else evals.reshape(-1), evecs=evecs,
                    precision=self.corr_sp_precision)
 
     def _init_params(self) -> None:
@@ -572,6 +583,7 @@ class MultinomGLMM(_CountModel):
         self.n_genes, self.n_spots, self.n_isos = other.n_genes, other.n_spots, other.n_isos
         self.n_factors = other.n_factors
         self.corr_sp_eigvals, self.corr_sp_eigvecs = other.corr_sp_eigvals, other.corr_sp_eigvecs
+        self._pairs_given = other._pairs_given
         self.corr_sp_precision = other.corr_sp_precision
         self._system = other.system
         self._init_params()
