@@ -111,16 +111,16 @@ def engine_group_size(plan: FitPlan, kernel: KernelPayload | None, n_spots: int,
     :data:`ENGINE_GROUP_BYTES` of per-gene working memory.
     """
     from splisosm._fitting import resolve_fitting_configs
-    from splisosm.ops.engine import ENGINE_OPTIMIZERS, engine_available
+    from splisosm.ops.engine import engine_runs
 
-    kwargs = plan.model_kwargs
-    if plan.model_type == GLM_KEY or kwargs.get("fitting_method", "joint_gd") != "joint_gd":
+    if plan.model_type == GLM_KEY:  # the GLM has fitters of its own
         return 1
-    configs = resolve_fitting_configs("joint_gd", kwargs.get("fitting_configs"))
-    needs_eigenpairs = plan.model_type == FULL_KEY or plan.from_null
-    if (configs["optim"] not in ENGINE_OPTIMIZERS
-            or (needs_eigenpairs and (kernel is None or kernel.eigvecs is None))
-            or not engine_available(torch.device(plan.device))):
+    method = plan.model_kwargs.get("fitting_method", "joint_gd")
+    configs = resolve_fitting_configs(method, plan.model_kwargs.get("fitting_configs"))
+    # a null model needs no eigenpairs; a full model (also the second stage of from_null) does
+    needs_pairs = plan.model_type == FULL_KEY or plan.from_null
+    has_pairs = not needs_pairs or (kernel is not None and kernel.eigvecs is not None)
+    if not engine_runs(method, configs["optim"], has_pairs, torch.device(plan.device)):
         return 1
     q = max_isos - 1
     # parameters, gradients, two moments and the best snapshot; eta, its gradient and curvature;

@@ -41,7 +41,7 @@ from splisosm._likelihood import (
 )
 from splisosm.laplace import LaplaceSystem, symmetric_precision
 from splisosm.ops import fixed_effect_info, multinom_probs, multinom_terms
-from splisosm.ops.engine import ENGINE_OPTIMIZERS, engine_available, joint_gd_fit
+from splisosm.ops.engine import engine_runs, joint_gd_fit
 
 __all__ = ["MultinomGLM", "MultinomGLMM"]
 
@@ -534,9 +534,8 @@ class MultinomGLMM(_CountModel):
         """Whether the native engine can run this model's ``joint_gd`` fit: Adam or SGD, a
         kernel given by eigenpairs (or a null model), and a device with the compiled op."""
         null = not self.theta_logit.requires_grad
-        return (self.fitting_configs["optim"] in ENGINE_OPTIMIZERS
-                and (null or self.corr_sp_eigvecs is not None)
-                and engine_available(self.device))
+        return engine_runs(self.fitting_method, self.fitting_configs["optim"],
+                           null or self.corr_sp_eigvecs is not None, self.device)
 
     def _fit_native(self, quiet: bool):
         null = not self.theta_logit.requires_grad

@@ -46,6 +46,13 @@ def engine_available(device: torch.device) -> bool:
     return has_native_kernel("joint_gd_fit", device)
 
 
+def engine_runs(method: str, optim: str, has_eigenpairs: bool, device: torch.device) -> bool:
+    """Whether a fit goes to the engine: ``joint_gd`` with Adam or SGD, a kernel given by
+    eigenpairs (or no spatial kernel at all: a null model), on a device with the compiled op."""
+    return (method == "joint_gd" and optim in ENGINE_OPTIMIZERS and has_eigenpairs
+            and engine_available(device))
+
+
 def joint_gd_fit(
     counts: Tensor,
     X: Tensor,
