@@ -53,6 +53,10 @@ TORCH_LIBRARY(splisosm, m) {
   // diag(M^-1) of a sparse SPD CSR matrix (float64) by selected inversion of its Cholesky factor.
   m.def("sparse_inverse_diagonal(Tensor crow, Tensor col, Tensor val) -> Tensor");
 
+  // a (M, K) @ b (K, N), float32, through the engine's packed-panel kernel (b packed per call;
+  // the engine packs its eigenvectors once per fit). CPUs with AVX2 and FMA only.
+  m.def("panel_matmul(Tensor a, Tensor b) -> Tensor");
+
   // Native fitting engine: a whole joint_gd fit (Adam or SGD, per-gene early stopping) of G genes
   // with prior Sigma_j = v_j (theta_j K + (1 - theta_j) I), K = V diag(evals) V^T (r = 0: white
   // noise). counts (G, n, m), X (n, P), evals (r,), evecs (n, r); starting parameters nu (G, n, q),

@@ -13,8 +13,11 @@ from splisosm import SplisosmGLMM
 ROUTES = {
     # Newton on the Laplace marginal converges to the optimum itself: equal to its tolerance.
     "marginal_newton": ({}, 2e-3),
-    # Adam only stops near the optimum; a tight relative tolerance brings both routes within 2 %.
-    "joint_gd": ({"max_epochs": 20000, "tol": 1e-8, "tol_relative": True, "patience": 50}, 0.02),
+    # Adam only stops near the optimum. Here the optimal theta is at its upper bound, where the
+    # joint objective is flat: float32 Adam stops ~5e-4 relative above the optimum and where
+    # exactly depends on round-off, which moves the statistic by up to ~3 %. The route
+    # dependence this guards against (a re-initialised sigma) changed it by a factor of ~3.
+    "joint_gd": ({"max_epochs": 20000, "tol": 1e-8, "tol_relative": True, "patience": 50}, 0.05),
 }
 
 

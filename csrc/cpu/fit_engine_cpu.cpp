@@ -21,11 +21,14 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/panel_gemm.h"
 
 namespace splisosm {
 namespace {
@@ -129,14 +132,21 @@ class JointGdEngine {
       : s_(std::move(s)),
         counts_(counts.contiguous()),
         X_(X.contiguous()),
-        V_(evecs.contiguous()),
-        Vt_(evecs.t().contiguous()),
         G_(counts.size(0)),
         n_(counts.size(1)),
         q_(counts.size(2) - 1),
         P_(X.size(1)),
         r_(evecs.size(1)),
         C_(start[3].size(1)) {
+    if (r_ > 0) {
+      if (std::is_same_v<T, float> && PackedPanels::available()) {
+        packed_V_.emplace(evecs);
+        packed_Vt_.emplace(evecs.t());
+      } else {
+        V_ = evecs.contiguous();
+        Vt_ = evecs.t().contiguous();
+      }
+    }
     const auto lam = evals.to(at::kDouble).contiguous();
     lam_m1_.resize(r_);
     for (int64_t k = 0; k < r_; ++k) lam_m1_[k] = lam.data_ptr<double>()[k] - 1;
@@ -231,7 +241,7 @@ class JointGdEngine {
                                                                    const at::Tensor&)>();
     const auto [ll, g_eta, W_unused] = multinom_terms.call(eta_, counts_);
     // z = V^T nu for every active (gene, column): one GEMM, rows (gene, column).
-    at::Tensor zT = r_ > 0 ? times(nuT, V_) : at::Tensor();
+    at::Tensor zT = r_ > 0 ? times(nuT, V_, packed_V_) : at::Tensor();
     at::Tensor wT = r_ > 0 ? at::empty({Aq, r_}, counts_.options()) : at::Tensor();
     std::vector<double> quad(Aq), dquad(Aq), logdet(Aq), dlogdet(Aq), v(Aq), d(Aq), th(Aq);
     std::vector<char> low(A, 0);
@@ -277,7 +287,7 @@ class JointGdEngine {
         }
       }
     });
-    at::Tensor precT = r_ > 0 ? times(wT, Vt_) : at::Tensor();
+    at::Tensor precT = r_ > 0 ? times(wT, Vt_, packed_Vt_) : at::Tensor();
     const T* llp = ll.data_ptr<T>();
     const T* ge = g_eta.data_ptr<T>();
     const double log2pi = std::log(2 * M_PI);
@@ -338,10 +348,13 @@ class JointGdEngine {
     for (char l : low) low_variance_ |= l != 0;
   }
 
-  // rows @ B. BLAS runs a GEMM with a handful of rows far below its bandwidth limit (a single
-  // gene's q rows: several times slower), so up to kGemvRows rows go one matrix-vector product
-  // B^T x each, through the transposed view of B, which BLAS streams at memory speed.
-  static at::Tensor times(const at::Tensor& rows, const at::Tensor& B) {
+  // rows @ B: through B packed once per fit where the CPU allows (float32 on AVX2), else BLAS.
+  // BLAS runs a GEMM with a handful of rows far below its bandwidth limit (a single gene's q
+  // rows: several times slower), so up to kGemvRows rows go one matrix-vector product B^T x
+  // each, through the transposed view of B, which BLAS streams at memory speed.
+  static at::Tensor times(const at::Tensor& rows, const at::Tensor& B,
+                          const std::optional<PackedPanels>& packed) {
+    if (packed) return packed->times(rows);
     constexpr int64_t kGemvRows = 8;
     if (rows.size(0) > kGemvRows) return at::mm(rows, B);
     at::Tensor out = at::empty({rows.size(0), B.size(1)}, rows.options());
@@ -445,7 +458,8 @@ class JointGdEngine {
   }
 
   Settings s_;
-  at::Tensor counts_, X_, V_, Vt_, eta_;
+  at::Tensor counts_, X_, V_, Vt_, eta_;  // V_, Vt_ only where the eigenvectors are not packed
+  std::optional<PackedPanels> packed_V_, packed_Vt_;
   std::vector<double> lam_m1_;  // kernel eigenvalues minus one
   int64_t G_, n_, q_, P_, r_, C_;
   std::vector<Slot<T>> slots_;

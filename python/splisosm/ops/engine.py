@@ -102,7 +102,34 @@ def joint_gd_fit(
     return EngineFit(dict(zip(names, out[:5])), out[5], out[6], out[7], out[8], bool(out[9]))
 
 
+def panel_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in float32 through the engine's packed-panel product (CPUs with AVX2 and FMA).
+
+    The engine packs the kernel's eigenvectors once per fit and multiplies them by the changing
+    random effects twice per epoch; this op packs ``b`` on every call and exists so that the
+    product can be checked against ``a @ b`` on its own.
+    """
+    return torch.ops.splisosm.panel_matmul(a, b)
+
+
+def panel_matmul_available() -> bool:
+    """Whether this CPU runs the packed-panel product (float32 engine fits use it when so)."""
+    if not has_native_kernel("panel_matmul", torch.device("cpu")):
+        return False
+    try:
+        torch.ops.splisosm.panel_matmul(torch.zeros(1, 1), torch.zeros(1, 1))
+    except RuntimeError:
+        return False
+    return True
+
+
 if NATIVE_AVAILABLE:
+
+    @torch.library.register_fake("splisosm::panel_matmul")
+    def _(a, b):
+        torch._check(a.dim() == 2 and b.dim() == 2, lambda: "panel_matmul takes 2-D a and b")
+        torch._check(a.shape[1] == b.shape[0], lambda: "b must have a.shape[1] rows")
+        return a.new_empty((a.shape[0], b.shape[1]))
 
     @torch.library.register_fake("splisosm::joint_gd_fit")
     def _(counts, X, evals, evecs, nu, beta, bias, sigma, theta_logit, train_sigma, train_theta,
