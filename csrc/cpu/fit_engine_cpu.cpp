@@ -239,7 +239,10 @@ class JointGdEngine {
             .findSchemaOrThrow("splisosm::multinom_terms", "")
             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
                                                                    const at::Tensor&)>();
-    const auto [ll, g_eta, W_unused] = multinom_terms.call(eta_, counts_);
+    // Straight to the CPU kernel: through the autograd key the call would re-enter Python (the
+    // op's autograd formula is registered there) once per epoch.
+    const auto [ll, g_eta, W_unused] =
+        multinom_terms.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), eta_, counts_);
     // z = V^T nu for every active (gene, column): one GEMM, rows (gene, column).
     at::Tensor zT = r_ > 0 ? times(nuT, V_, packed_V_) : at::Tensor();
     at::Tensor wT = r_ > 0 ? at::empty({Aq, r_}, counts_.options()) : at::Tensor();
