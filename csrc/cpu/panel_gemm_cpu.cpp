@@ -82,7 +82,8 @@ bool PackedPanels::available() {
 
 PackedPanels::PackedPanels(const at::Tensor& B)
     : K_(B.size(0)), N_(B.size(1)), panels_((B.size(1) + kPanelWidth - 1) / kPanelWidth) {
-  TORCH_CHECK(available(), "splisosm: the packed-panel product needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(available(), "splisosm: the packed-panel product needs a CPU with AVX2 and FMA "
+              "instructions, which this one lacks");
   TORCH_CHECK(B.dim() == 2 && B.scalar_type() == at::kFloat && B.device().is_cpu(),
               "splisosm: the packed-panel product needs a 2-D float32 CPU matrix, got ",
               B.scalar_type(), " of shape ", B.sizes());
@@ -97,8 +98,9 @@ at::Tensor PackedPanels::times(const at::Tensor& A_in) const {
               A_in.scalar_type(), " of shape ", A_in.sizes());
   const at::Tensor A = A_in.contiguous();
   const int64_t M = A.size(0), ldc = panels_ * kPanelWidth;
-  at::Tensor C = at::zeros({M, ldc}, A.options());
-  if (M == 0 || K_ == 0) return C.narrow(1, 0, N_).contiguous();
+  if (M == 0 || K_ == 0) return at::zeros({M, N_}, A.options());
+  // every tile's first depth chunk overwrites it, so C needs no clearing
+  at::Tensor C = at::empty({M, ldc}, A.options());
 #ifdef SPLISOSM_PANEL_AVX2
   const float* a = A.data_ptr<float>();
   const float* packed = packed_.data_ptr<float>();
@@ -131,8 +133,6 @@ at::Tensor panel_matmul_cpu(const at::Tensor& a, const at::Tensor& b) {
               "splisosm: panel_matmul takes float32 `a` and `b`, got ", a.scalar_type(), " and ",
               b.scalar_type());
   check_dim(b, 0, a.size(1), "b", "K, the columns of a");
-  TORCH_CHECK(PackedPanels::available(),
-              "splisosm: panel_matmul needs a CPU with AVX2 and FMA instructions, which this one lacks");
   return PackedPanels(b).times(a);
 }
 
