@@ -85,11 +85,14 @@ def test_default_trajectory_matches_python_after_500_epochs(data):
 ], ids=["gamma", "per-isoform-inv-gamma", "low-rank", "null", "sgd", "relative-tol", "early-stop"])
 def test_variants_match_python(data, case):
     # Adam divides by the root of its second moment, so where a gradient component hovers near
-    # zero round-off differences grow over hundreds of epochs; 100 epochs compare tightly.
+    # zero, round-off differences (summation order, which differs between CPUs' BLAS kernels)
+    # grow over the epochs: on one AMD machine a random effect of the low-rank case differed by
+    # 3e-7 after 100 epochs. 1e-6 is the engine's parity target, and still far below the
+    # differences any real change of the fit makes.
     case = dict(case)
     case["fitting_configs"] = {"max_epochs": 100, **case.get("fitting_configs", {})}
     _assert_same_fit(_fit(data, reference=False, **case), _fit(data, reference=True, **case),
-                     rtol=1e-7, atol=1e-7)
+                     rtol=1e-6, atol=1e-6)
 
 
 def test_early_stopping_is_per_gene(data):

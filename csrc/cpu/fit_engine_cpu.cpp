@@ -27,58 +27,14 @@
 #include <type_traits>
 #include <vector>
 
-#include "checks.h"
 #include "cpu/panel_gemm.h"
+#include "engine_rules.h"
+#include "engine_settings.h"
 
 namespace splisosm {
 namespace {
 
-struct PriorSpec {
-  enum Kind { kNone, kGamma, kInvGamma } kind = kNone;
-  double alpha = 0, beta = 0, log_norm = 0;  // log_norm = alpha log beta - lgamma(alpha)
-};
-
-PriorSpec parse_prior(const std::string& name, double alpha, double beta) {
-  PriorSpec p;
-  if (name == "none") return p;
-  TORCH_CHECK(name == "gamma" || name == "inv_gamma",
-              "splisosm: `prior` must be 'none', 'gamma' or 'inv_gamma', got '", name, "'");
-  TORCH_CHECK(alpha > 0 && beta > 0 && std::isfinite(alpha) && std::isfinite(beta),
-              "splisosm: the variance prior needs finite alpha > 0 and beta > 0, got alpha=",
-              alpha, ", beta=", beta);
-  p.kind = name == "gamma" ? PriorSpec::kGamma : PriorSpec::kInvGamma;
-  p.alpha = alpha;
-  p.beta = beta;
-  p.log_norm = alpha * std::log(beta) - std::lgamma(alpha);
-  return p;
-}
-
-// Log density of one variance component and its derivative in sigma (torch's subgradients at the
-// clamps: the derivative passes where the clamped value equals its input).
-void log_prior(const PriorSpec& p, double sigma, double min_variance, double& value,
-               double& deriv) {
-  value = deriv = 0;
-  if (p.kind == PriorSpec::kGamma) {
-    const double a = std::fabs(sigma), s = std::max(a, 0.1);
-    value = p.log_norm + (p.alpha - 1) * std::log(s) - p.beta * s;
-    const double sign = sigma > 0 ? 1.0 : (sigma < 0 ? -1.0 : 0.0);
-    deriv = a >= 0.1 ? ((p.alpha - 1) / s - p.beta) * sign : 0.0;
-  } else if (p.kind == PriorSpec::kInvGamma) {
-    const double sq = sigma * sigma, v = std::max(sq, min_variance);
-    value = p.log_norm - (p.alpha + 1) * std::log(v) - p.beta / v;
-    deriv = sq >= min_variance ? (-(p.alpha + 1) / v + p.beta / (v * v)) * 2 * sigma : 0.0;
-  }
-}
-
-struct Settings {
-  bool train_sigma = false, train_theta = false, adam = true, tol_relative = false;
-  PriorSpec prior;
-  double min_variance = 0, max_theta = 0, lr = 0, tol = 0;
-  int64_t patience = 1, max_epochs = 0;
-};
-
-// torch.optim.Adam's defaults (no weight decay, no amsgrad).
-constexpr double kBeta1 = 0.9, kBeta2 = 0.999, kAdamEps = 1e-8;
+using engine::AdamScalars;
 
 // One parameter tensor of all genes: values, gradient, optimiser moments and the best snapshot,
 // each (G, size) row-major.
@@ -98,8 +54,8 @@ struct Slot {
   }
   T* row(const at::Tensor& t, int64_t g) const { return t.data_ptr<T>() + g * size; }
 
-  // Adam or SGD step of gene g at step count t (1-based, shared by all genes).
-  void step(int64_t g, const Settings& s, int64_t t) const {
+  // Adam or SGD step of gene g.
+  void step(int64_t g, const EngineSettings& s, const AdamScalars& adam) const {
     if (!trainable) return;
     T* __restrict p = row(value, g);
     const T* __restrict gr = row(grad, g);
@@ -109,17 +65,9 @@ struct Slot {
     }
     T* __restrict m1 = row(m, g);
     T* __restrict m2 = row(v, g);
-    const T w1 = static_cast<T>(1 - kBeta1), b2 = static_cast<T>(kBeta2),
-            w2 = static_cast<T>(1 - kBeta2);
-    const T bc2_sqrt = static_cast<T>(std::sqrt(1 - std::pow(kBeta2, t)));
-    const T step_size = static_cast<T>(s.lr / (1 - std::pow(kBeta1, t)));
+    const T step_size = static_cast<T>(adam.step_size), bias2 = static_cast<T>(adam.bias2_sqrt);
 #pragma omp simd
-    for (int64_t i = 0; i < size; ++i) {
-      m1[i] += w1 * (gr[i] - m1[i]);
-      m2[i] = m2[i] * b2 + w2 * gr[i] * gr[i];
-      const T denom = std::sqrt(m2[i]) / bc2_sqrt + static_cast<T>(kAdamEps);
-      p[i] -= step_size * m1[i] / denom;
-    }
+    for (int64_t i = 0; i < size; ++i) engine::adam_update(p[i], m1[i], m2[i], gr[i], step_size, bias2);
   }
   void snapshot(int64_t g) const { std::copy(row(value, g), row(value, g) + size, row(best, g)); }
 };
@@ -128,7 +76,7 @@ template <typename T>
 class JointGdEngine {
  public:
   JointGdEngine(const at::Tensor& counts, const at::Tensor& X, const at::Tensor& evals,
-                const at::Tensor& evecs, const std::vector<at::Tensor>& start, Settings s)
+                const at::Tensor& evecs, const std::vector<at::Tensor>& start, EngineSettings s)
       : s_(std::move(s)),
         counts_(counts.contiguous()),
         X_(X.contiguous()),
@@ -258,11 +206,8 @@ class JointGdEngine {
         double sum_log_a = 0, dlog_a = 0;
         for (int64_t j = 0; j < q_; ++j) {
           const int64_t c = C_ == 1 ? 0 : j, row = a * q_ + j;
-          const double sg = sigma[c], sq = sg * sg;
-          low[a] |= sq < s_.min_variance;
-          v[row] = std::max(sq, s_.min_variance);
-          th[row] = std::min(1.0 / (1.0 + std::exp(-static_cast<double>(tl[c]))), s_.max_theta);
-          d[row] = v[row] * (1 - th[row]);
+          low[a] |= engine::variance_component(sigma[c], tl[c], s_.min_variance, s_.max_theta,
+                                               v[row], th[row], d[row]);
           // 1 / (theta lambda_k + 1 - theta) and its log-sum depend on theta only: once per
           // variance component.
           if (r_ > 0 && (j == 0 || C_ > 1)) spectrum_terms(th[row], inv_a.data(), sum_log_a, dlog_a);
@@ -277,11 +222,8 @@ class JointGdEngine {
           if (r_ < n_) {
             double nu_sq = 0;
             for (int64_t s = 0; s < n_; ++s) nu_sq += double(nu[s * q_ + j]) * nu[s * q_ + j];
-            const double rest = nu_sq - z_sq, nr = static_cast<double>(n_ - r_);
-            qd += rest / d[row];
-            dq += rest * v[row] / (d[row] * d[row]);
-            ld += nr * std::log(d[row]);
-            dld -= nr / (1 - th[row]);
+            engine::add_white_part(nu_sq - z_sq, static_cast<double>(n_ - r_), v[row], th[row],
+                                   d[row], qd, dq, ld, dld);
           }
           quad[row] = qd;
           dquad[row] = dq;
@@ -304,7 +246,7 @@ class JointGdEngine {
         std::vector<double> dlp(C_, 0.0);
         for (int64_t c = 0; c < C_; ++c) {
           double val, der;
-          log_prior(s_.prior, sigma[c], s_.min_variance, val, der);
+          engine::log_prior(s_.prior, sigma[c], s_.min_variance, val, der);
           lp += val;
           dlp[c] = der;
         }
@@ -341,10 +283,11 @@ class JointGdEngine {
           dth[c] += -0.5 * (dlogdet[row] + dquad[row]);
         }
         for (int64_t c = 0; c < C_; ++c) {
-          const double sg = sigma[c], sig = 1.0 / (1.0 + std::exp(-static_cast<double>(tl[c])));
-          const double dsq = sg * sg >= s_.min_variance ? 2 * sg : 0.0;
-          gs[c] = static_cast<T>(-(dv[c] * dsq + dlp[c]));
-          gt[c] = static_cast<T>(-(sig <= s_.max_theta ? dth[c] * sig * (1 - sig) : 0.0));
+          double g_sigma, g_theta;
+          engine::variance_grads(sigma[c], tl[c], s_.min_variance, s_.max_theta, dv[c], dth[c],
+                                 dlp[c], g_sigma, g_theta);
+          gs[c] = static_cast<T>(g_sigma);
+          gt[c] = static_cast<T>(g_theta);
         }
       }
     });
@@ -425,25 +368,15 @@ class JointGdEngine {
         ++n_stopped;
         continue;
       }
-      const double raw = loss_[g];
-      const bool finite = std::isfinite(raw);
-      // As the Python logger (torch.nan_to_num): NaN and +inf log as +inf, -inf as the lowest
-      // finite double; none of them is ever an improvement.
-      const double loss = std::isnan(raw) || raw == INFINITY
-                              ? INFINITY
-                              : (raw == -INFINITY ? std::numeric_limits<double>::lowest() : raw);
-      hist[g] = loss;
-      const double thr = s_.tol_relative ? s_.tol * std::max(std::fabs(best[g]), 1.0) : s_.tol;
-      const double gap = finite ? best[g] - loss : -INFINITY;
-      counter_[g] = gap >= thr ? 0 : counter_[g] + 1;
-      if (gap > 0) {
-        best[g] = loss;
+      const engine::Record rec = engine::record_loss(s_.stop, loss_[g], best[g], counter_[g]);
+      hist[g] = rec.logged;
+      if (rec.improved) {
         best_epoch[g] = epoch_;
         for (auto& slot : slots_) slot.snapshot(g);
       }
-      if (counter_[g] >= s_.patience) {
+      if (rec.stopped) {
         stopped_[g] = 1;
-        conv[g] = finite;
+        conv[g] = rec.converged;
         ++n_stopped;
       }
     }
@@ -453,14 +386,14 @@ class JointGdEngine {
   }
 
   void step() {
-    ++t_;
+    const AdamScalars adam = engine::adam_scalars(s_.lr, ++t_);
     at::parallel_for(0, static_cast<int64_t>(active_.size()), 1, [&](int64_t b, int64_t e) {
       for (int64_t a = b; a < e; ++a)
-        for (const auto& slot : slots_) slot.step(active_[a], s_, t_);
+        for (const auto& slot : slots_) slot.step(active_[a], s_, adam);
     });
   }
 
-  Settings s_;
+  EngineSettings s_;
   at::Tensor counts_, X_, V_, Vt_, eta_;  // V_, Vt_ only where the eigenvectors are not packed
   std::optional<PackedPanels> packed_V_, packed_Vt_;
   std::vector<double> lam_m1_;  // kernel eigenvalues minus one
@@ -475,17 +408,6 @@ class JointGdEngine {
   bool low_variance_ = false;
 };
 
-void check_param(const at::Tensor& t, const at::Tensor& like, const char* name,
-                 std::initializer_list<int64_t> shape, const char* layout) {
-  check_same(like, "counts", t, name);
-  check_rank(t, static_cast<int64_t>(shape.size()), name, layout);
-  int64_t d = 0;
-  for (int64_t s : shape) {
-    if (s >= 0) check_dim(t, d, s, name, layout);
-    ++d;
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor, at::Tensor>
 joint_gd_fit_cpu(const at::Tensor& counts, const at::Tensor& X, const at::Tensor& evals,
@@ -495,47 +417,10 @@ joint_gd_fit_cpu(const at::Tensor& counts, const at::Tensor& X, const at::Tensor
                  double prior_beta, double min_variance, double max_theta,
                  c10::string_view optim, double lr, double tol, bool tol_relative,
                  int64_t patience, int64_t max_epochs) {
-  check_float(counts, "counts");
-  check_rank(counts, 3, "counts", "(G, n, m)");
-  check_device_type(counts, "counts", c10::DeviceType::CPU);
-  const int64_t G = counts.size(0), n = counts.size(1), q = counts.size(2) - 1;
-  TORCH_CHECK(q >= 1, "splisosm: `counts` needs at least two isoforms per gene");
-  check_param(X, counts, "X", {n, -1}, "(n, P)");
-  const int64_t P = X.size(1);
-  check_param(evecs, counts, "evecs", {n, -1}, "(n, r)");
-  const int64_t r = evecs.size(1);
-  check_param(evals, counts, "evals", {r}, "(r,)");
-  check_param(nu, counts, "nu", {G, n, q}, "(G, n, q)");
-  check_param(beta, counts, "beta", {G, P, q}, "(G, P, q)");
-  check_param(bias, counts, "bias", {G, q}, "(G, q)");
-  check_param(sigma, counts, "sigma", {G, -1}, "(G, C)");
-  const int64_t C = sigma.size(1);
-  TORCH_CHECK(C == 1 || C == q, "splisosm: `sigma` must have 1 or q = ", q,
-              " columns (shared or per-isoform variance), got ", C);
-  check_param(theta_logit, counts, "theta_logit", {G, C}, "(G, C)");
-  const std::string optim_name(optim);
-  TORCH_CHECK(optim_name == "adam" || optim_name == "sgd",
-              "splisosm: the native engine supports optim 'adam' or 'sgd', got '", optim_name, "'");
-  TORCH_CHECK(std::isfinite(lr) && lr > 0, "splisosm: `lr` must be a positive number, got ", lr);
-  TORCH_CHECK(patience >= 1, "splisosm: `patience` must be >= 1, got ", patience);
-  TORCH_CHECK(max_epochs >= 0, "splisosm: `max_epochs` must be >= 0, got ", max_epochs);
-  TORCH_CHECK(std::isfinite(tol) && tol >= 0, "splisosm: `tol` must be a finite number >= 0, got ",
-              tol);
-  TORCH_CHECK(min_variance > 0 && max_theta > 0 && max_theta <= 1,
-              "splisosm: need min_variance > 0 and 0 < max_theta <= 1");
-
-  Settings s;
-  s.train_sigma = train_sigma;
-  s.train_theta = train_theta;
-  s.adam = optim_name == "adam";
-  s.tol_relative = tol_relative;
-  s.prior = parse_prior(std::string(prior), prior_alpha, prior_beta);
-  s.min_variance = min_variance;
-  s.max_theta = max_theta;
-  s.lr = lr;
-  s.tol = tol;
-  s.patience = patience;
-  s.max_epochs = max_epochs;
+  const EngineSettings s = check_engine_inputs(
+      counts, X, evals, evecs, nu, beta, bias, sigma, theta_logit, train_sigma, train_theta,
+      prior, prior_alpha, prior_beta, min_variance, max_theta, optim, lr, tol, tol_relative,
+      patience, max_epochs, c10::DeviceType::CPU);
   const std::vector<at::Tensor> start = {nu, beta, bias, sigma, theta_logit};
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> out;
