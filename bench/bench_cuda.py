@@ -5,6 +5,7 @@ Run on a machine with a CUDA device (see bench/GPU_RUNBOOK.md):
     python bench/bench_cuda.py ops                      # op table
     python bench/bench_cuda.py pipeline --preset small  # 1,000 genes x 900 spots
     python bench/bench_cuda.py pipeline --preset large  # 20,000 genes x 5,000 spots
+    python bench/bench_cuda.py pipeline --device cpu    # the same pipeline without a GPU
 
 ``ops`` prints, per op and size, the median time, the achieved memory bandwidth (bytes the op
 must move at least once) and float64 FLOP rate, each as a fraction of the device ceilings given by
@@ -154,7 +155,8 @@ def bench_pipeline(args) -> None:
           f"batch {args.batch_size}); simulation {t_sim:.1f} s\n")
     print("| device | setup_data s | fit s | DU test s | total s | fit ms/gene |")
     print("|---|---|---|---|---|---|")
-    for device in ("cuda", "cpu") if args.compare_cpu else ("cuda",):
+    devices = [args.device] + (["cpu"] if args.compare_cpu and args.device != "cpu" else [])
+    for device in devices:
         model = SplisosmGLMM(model_type="glmm-full", fitting_method=args.method,
                              fitting_configs={"max_epochs": args.max_epochs}, device=device)
         stages = []
@@ -171,11 +173,13 @@ def bench_pipeline(args) -> None:
         timed(lambda: model.setup_data(adata, layer="counts", group_iso_by="gene_symbol",
                                        group_gene_by_n_iso=True, design_mtx="covariate"))
         timed(lambda: model.fit(batch_size=args.batch_size, print_progress=False))
-        timed(lambda: model.test_differential_usage(method="score", print_progress=False))
-        pvals = model.get_formatted_test_results("du")["pvalue"]
-        assert pvals.notna().all(), "DU test produced NaN p-values"
-        print(f"| {device} | {stages[0]:.1f} | {stages[1]:.1f} | {stages[2]:.1f} | "
-              f"{sum(stages):.1f} | {1e3 * stages[1] / genes:.2f} |")
+        if args.du_test:
+            timed(lambda: model.test_differential_usage(method="score", print_progress=False))
+            pvals = model.get_formatted_test_results("du")["pvalue"]
+            assert pvals.notna().all(), "DU test produced NaN p-values"
+        du = f"{stages[2]:.1f}" if args.du_test else "-"
+        print(f"| {device} | {stages[0]:.1f} | {stages[1]:.1f} | {du} | "
+              f"{sum(stages):.1f} | {1e3 * stages[1] / genes:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -194,7 +198,14 @@ def main() -> None:
     p_pipe.add_argument("--max-epochs", type=int, default=500)
     p_pipe.add_argument("--batch-size", type=int, default=1_000)
     p_pipe.add_argument("--compare-cpu", action="store_true")
+    p_pipe.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: the same pipeline without a GPU (the CPU side of a ratio)")
+    p_pipe.add_argument("--no-du-test", dest="du_test", action="store_false",
+                        help="time setup_data and fit only")
     args = parser.parse_args()
+    if args.what == "pipeline" and args.device == "cpu":
+        bench_pipeline(args)
+        return
     if not torch.cuda.is_available():
         sys.exit("bench_cuda.py needs a CUDA device")
     if not ops.has_native_kernel("multinom_terms", torch.device("cuda")):

@@ -136,5 +136,14 @@ SPLISOSM_HD Record record_loss(const StopRule& rule, double raw, double& best,
   return rec;
 }
 
+// Everything a fit is configured with, parsed and checked by the op's binding.
+struct Settings {
+  bool train_sigma = false, train_theta = false, adam = true;
+  Prior prior;
+  StopRule stop{0, false, 1};
+  double min_variance = 0, max_theta = 0, lr = 0;
+  int64_t max_epochs = 0;
+};
+
 }  // namespace engine
 }  // namespace splisosm

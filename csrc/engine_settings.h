@@ -14,14 +14,6 @@
 
 namespace splisosm {
 
-struct EngineSettings {
-  bool train_sigma = false, train_theta = false, adam = true;
-  engine::Prior prior;
-  engine::StopRule stop{0, false, 1};
-  double min_variance = 0, max_theta = 0, lr = 0;
-  int64_t max_epochs = 0;
-};
-
 inline engine::Prior parse_engine_prior(const std::string& name, double alpha, double beta) {
   engine::Prior p;
   if (name == "none") return p;
@@ -50,7 +42,7 @@ inline void check_engine_param(const at::Tensor& t, const at::Tensor& like, cons
 
 // Checks every argument of joint_gd_fit (see registration.cpp) for a kernel on `device` and
 // returns the parsed settings.
-inline EngineSettings check_engine_inputs(
+inline engine::Settings check_engine_inputs(
     const at::Tensor& counts, const at::Tensor& X, const at::Tensor& evals,
     const at::Tensor& evecs, const at::Tensor& nu, const at::Tensor& beta, const at::Tensor& bias,
     const at::Tensor& sigma, const at::Tensor& theta_logit, bool train_sigma, bool train_theta,
@@ -86,7 +78,7 @@ inline EngineSettings check_engine_inputs(
   TORCH_CHECK(min_variance > 0 && max_theta > 0 && max_theta <= 1,
               "splisosm: need min_variance > 0 and 0 < max_theta <= 1");
 
-  EngineSettings s;
+  engine::Settings s;
   s.train_sigma = train_sigma;
   s.train_theta = train_theta;
   s.adam = optim_name == "adam";

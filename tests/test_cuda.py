@@ -13,17 +13,20 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+import _reference_models as models
 from conftest import random_multinom_inputs
 from torch.testing import assert_close
 
 from splisosm import ops
 from splisosm.ops import laplace_reference as ref
+from splisosm.ops.engine import engine_available
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 F64, F32 = torch.float64, torch.float32
 OPS = ("multinom_terms", "fixed_effect_info", "laplace_solve_eig", "laplace_logdet_eig",
-       "laplace_lowrank", "laplace_sparse", "sparse_shifted_solve", "sparse_inverse_diagonal")
+       "laplace_lowrank", "laplace_sparse", "sparse_shifted_solve", "sparse_inverse_diagonal",
+       "joint_gd_fit")
 S = torch.ops.splisosm
 
 
@@ -336,6 +339,130 @@ def test_opcheck_cuda(kernels) -> None:
     torch.library.opcheck(S.laplace_lowrank, tuple(cuda(W, rhs, lam[:3], V[:, :3], v, t)))
 
 
+# ---------------------------------------------------------------------------- native engine
+# Variants of the fit (settings of joint_gd_fit beyond the defaults below); each runs on both
+# devices from the same start.
+ENGINE_CASES = {
+    "default": {},
+    "gamma-prior": {"train_sigma": True, "prior": ("gamma", 2.0, 0.3)},
+    "per-isoform-inv-gamma": {"train_sigma": True, "per_isoform": True,
+                              "prior": ("inv_gamma", 3.0, 0.5)},
+    "low-rank": {"train_sigma": True, "rank": 7},
+    "white-noise": {"rank": 0, "train_theta": False},
+    "sgd": {"optim": "sgd", "lr": 1e-3},
+    "relative-tol": {"tol": 1e-4, "tol_relative": True, "patience": 3},
+    "early-stop": {"tol": 0.05, "patience": 2},
+    "no-design": {"covariates": 0},
+    "six-isoforms": {"m": 6},
+}
+
+
+def engine_args(case: dict, *, genes: int = 3, side: int = 5, epochs: int = 200,
+                dtype=F64, seed: int = 11) -> list:
+    """Positional arguments of joint_gd_fit on the CPU for one ENGINE_CASES entry."""
+    K = models.car_kernel(side)
+    m = case.get("m", 3)
+    q, n = m - 1, K.shape[0]
+    Y = models.simulate_counts(K, genes, m, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, case.get("covariates", 2), dtype=F64, generator=gen)
+    lam, V = np.linalg.eigh(K)
+    rank = case.get("rank", n)
+    lam = torch.from_numpy(lam[::-1][:rank].copy())
+    V = torch.from_numpy(V[:, ::-1][:, :rank].copy())
+    C = q if case.get("per_isoform") else 1
+    prior, alpha, beta = case.get("prior", ("none", 0.0, 0.0))
+    tensors = [Y, X, lam, V, 0.1 * torch.randn(genes, n, q, dtype=F64, generator=gen),
+               torch.zeros(genes, X.shape[1], q, dtype=F64), torch.zeros(genes, q, dtype=F64),
+               torch.full((genes, C), 0.6, dtype=F64), torch.full((genes, C), -3.0, dtype=F64)]
+    return [t.to(dtype) for t in tensors] + [
+        case.get("train_sigma", False), case.get("train_theta", True), prior, alpha, beta, 0.01,
+        1 - 1e-6, case.get("optim", "adam"), case.get("lr", 0.01), case.get("tol", 1e-5),
+        case.get("tol_relative", False), case.get("patience", 5), epochs]
+
+
+def on(device: str, args: list) -> list:
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_CASES))
+def test_engine_matches_the_cpu_engine(name: str) -> None:
+    args = engine_args(ENGINE_CASES[name])
+    cpu = S.joint_gd_fit(*args)
+    gpu = S.joint_gd_fit(*on("cuda", args))
+    assert all(t.is_cuda for t in gpu)
+    for a, c in zip(gpu[:5], cpu[:5]):  # best parameters
+        assert a.dtype == c.dtype and a.shape == c.shape
+        assert_close(a.cpu(), c, rtol=1e-6, atol=1e-6)
+    assert gpu[5].shape == cpu[5].shape  # loss history: as many epochs
+    assert_close(gpu[5].cpu(), cpu[5], rtol=1e-7, atol=1e-6)
+    assert_close(gpu[6].cpu(), cpu[6], rtol=1e-7, atol=1e-6)
+    assert torch.equal(gpu[7].cpu(), cpu[7]) and torch.equal(gpu[8].cpu(), cpu[8])
+    assert bool(gpu[9]) == bool(cpu[9])
+
+
+def test_engine_early_stopping_ends_the_loop_on_the_gpu() -> None:
+    args = engine_args(ENGINE_CASES["early-stop"], epochs=500)
+    gpu = S.joint_gd_fit(*on("cuda", args))
+    best_epoch, converged = gpu[7].cpu(), gpu[8].cpu()
+    assert converged.all() and len(set(best_epoch.tolist())) > 1
+    assert gpu[5].shape[0] < 500  # the history ends when the last gene stops
+
+
+def test_engine_float32_reaches_the_float64_objective() -> None:
+    args64 = engine_args(ENGINE_CASES["default"], epochs=500)
+    args32 = engine_args(ENGINE_CASES["default"], epochs=500, dtype=F32)
+    cpu64 = S.joint_gd_fit(*args64)
+    gpu32 = S.joint_gd_fit(*on("cuda", args32))
+    assert gpu32[0].dtype == F32
+    assert_close(gpu32[6].cpu(), cpu64[6], rtol=1e-4, atol=0)
+
+
+def test_engine_gene_does_not_depend_on_its_batch() -> None:
+    args = on("cuda", engine_args(ENGINE_CASES["default"], genes=6))
+    batch = S.joint_gd_fit(*args)
+    for g in (0, 5):
+        alone = S.joint_gd_fit(*[a[g:g + 1] if i in (0, 4, 5, 6, 7, 8) else a
+                                 for i, a in enumerate(args)])
+        for a, b in zip(alone[:5], batch[:5]):
+            assert_close(a[0].cpu(), b[g].cpu(), rtol=1e-8, atol=1e-8)
+
+
+def test_engine_zero_epochs_and_bad_inputs() -> None:
+    args = on("cuda", engine_args(ENGINE_CASES["default"], epochs=0))
+    out = S.joint_gd_fit(*args)
+    assert out[5].shape == (0, 3) and (out[7] == -1).all() and not out[8].any()
+    assert torch.equal(out[0], args[4])
+    mixed = list(args)
+    mixed[1] = mixed[1].cpu()
+    with pytest.raises(RuntimeError, match="`X` must be on the device of `counts`"):
+        S.joint_gd_fit(*mixed)
+    bad = list(args)
+    bad[0] = bad[0].clone()
+    bad[0][0, 0, 0] = -1
+    bad[-1] = 3
+    with pytest.raises(RuntimeError, match="negative"):
+        S.joint_gd_fit(*bad)
+
+
+def test_engine_opcheck_cuda() -> None:
+    args = on("cuda", engine_args(ENGINE_CASES["gamma-prior"], epochs=4))
+    torch.library.opcheck(torch.ops.splisosm.joint_gd_fit.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+def test_engine_groups_on_the_gpu_are_sized_by_its_memory() -> None:
+    from splisosm._runner import (ENGINE_GROUP_BYTES, FitPlan, KernelPayload, engine_group_bytes,
+                                  engine_group_size)
+
+    assert engine_group_bytes(torch.device("cuda")) >= ENGINE_GROUP_BYTES
+    eig = KernelPayload(eigvals=np.ones(3), eigvecs=np.zeros((100, 3)))
+    on_gpu = FitPlan("glmm-full", {"fitting_method": "joint_gd"}, device="cuda")
+    on_cpu = FitPlan("glmm-full", {"fitting_method": "joint_gd"})
+    assert engine_group_size(on_gpu, eig, 100, 3) >= engine_group_size(on_cpu, eig, 100, 3) > 1
+
+
 # ---------------------------------------------------------------------------- end to end
 def test_glmm_on_cuda_matches_cpu() -> None:
     """A small simulated data set fitted and tested on both devices gives the same results."""
@@ -359,3 +486,26 @@ def test_glmm_on_cuda_matches_cpu() -> None:
     # Both devices run to the same Laplace optimum; differences are the fits' stopping noise.
     np.testing.assert_allclose(gpu["statistic"], cpu["statistic"], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(gpu["pvalue"], cpu["pvalue"], rtol=1e-3, atol=1e-6)
+
+
+def test_glmm_joint_gd_on_cuda_uses_the_engine_and_matches_cpu() -> None:
+    """The default pipeline (joint_gd, float32) on both devices: the same DU results up to the
+    round-off that 500 float32 Adam epochs amplify."""
+    from splisosm import SplisosmGLMM
+    from splisosm.simulation import simulate_isoform_data
+
+    assert engine_available(torch.device("cuda"))
+    adata = simulate_isoform_data(n_genes=8, n_isoforms=3, grid_size=(15, 15), du_fraction=0.5,
+                                  seed=5)
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = SplisosmGLMM(model_type="glmm-full", device=device)
+        model.setup_data(adata, layer="counts", group_iso_by="gene_symbol",
+                         group_gene_by_n_iso=True, design_mtx="covariate")
+        model.fit(batch_size=8, print_progress=False)
+        model.test_differential_usage(method="score", print_progress=False)
+        results[device] = model.get_formatted_test_results("du")
+    cpu, gpu = results["cpu"], results["cuda"]
+    assert list(cpu["gene"]) == list(gpu["gene"])
+    assert np.isfinite(gpu["statistic"].to_numpy(dtype=float)).all()
+    np.testing.assert_allclose(gpu["statistic"], cpu["statistic"], rtol=0.1)

@@ -55,7 +55,7 @@ struct Slot {
   T* row(const at::Tensor& t, int64_t g) const { return t.data_ptr<T>() + g * size; }
 
   // Adam or SGD step of gene g.
-  void step(int64_t g, const EngineSettings& s, const AdamScalars& adam) const {
+  void step(int64_t g, const engine::Settings& s, const AdamScalars& adam) const {
     if (!trainable) return;
     T* __restrict p = row(value, g);
     const T* __restrict gr = row(grad, g);
@@ -76,7 +76,7 @@ template <typename T>
 class JointGdEngine {
  public:
   JointGdEngine(const at::Tensor& counts, const at::Tensor& X, const at::Tensor& evals,
-                const at::Tensor& evecs, const std::vector<at::Tensor>& start, EngineSettings s)
+                const at::Tensor& evecs, const std::vector<at::Tensor>& start, engine::Settings s)
       : s_(std::move(s)),
         counts_(counts.contiguous()),
         X_(X.contiguous()),
@@ -393,7 +393,7 @@ class JointGdEngine {
     });
   }
 
-  EngineSettings s_;
+  engine::Settings s_;
   at::Tensor counts_, X_, V_, Vt_, eta_;  // V_, Vt_ only where the eigenvectors are not packed
   std::optional<PackedPanels> packed_V_, packed_Vt_;
   std::vector<double> lam_m1_;  // kernel eigenvalues minus one
@@ -417,7 +417,7 @@ joint_gd_fit_cpu(const at::Tensor& counts, const at::Tensor& X, const at::Tensor
                  double prior_beta, double min_variance, double max_theta,
                  c10::string_view optim, double lr, double tol, bool tol_relative,
                  int64_t patience, int64_t max_epochs) {
-  const EngineSettings s = check_engine_inputs(
+  const engine::Settings s = check_engine_inputs(
       counts, X, evals, evecs, nu, beta, bias, sigma, theta_logit, train_sigma, train_theta,
       prior, prior_alpha, prior_beta, min_variance, max_theta, optim, lr, tol, tol_relative,
       patience, max_epochs, c10::DeviceType::CPU);

@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "engine_rules.h"
+
 namespace splisosm {
 namespace cuda {
 
@@ -109,6 +111,85 @@ cudaError_t launch_spot_inverse_logdet(const T* W, const T* dinv, int64_t G, int
 template <typename T>
 cudaError_t launch_add_spot_blocks(const T* W, int64_t G, int64_t n, int64_t q, T* H,
                                    cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Native joint_gd engine (csrc/cuda/fit_engine.cu)
+// ---------------------------------------------------------------------------------------------
+//
+// Matrices over spots and gene columns are (n, G q) row-major, element (s, g q + j), so each
+// product with the kernel's eigenvectors is one GEMM for all genes; counts are (n, G, m).
+
+struct EngineDims {
+  int64_t G, n, q, P, r, C;  // genes, spots, columns per gene, covariates, rank, components
+};
+
+// Prior terms of every gene column (G q,), float64: quadratic form nu^T Sigma^-1 nu, its
+// theta-derivative, log det Sigma / v-scaled and its theta-derivative, v and d = v (1 - theta).
+struct EngineColumns {
+  double *quad, *dquad, *logdet, *dlogdet, *v, *d;
+};
+
+// Per-gene early-stopping state (G,), and two counters shared by the fit.
+struct EngineGenes {
+  int64_t* stopped_at;        // -1 while the gene is active, else the history row it stopped at
+  int64_t* counter;           // patience counter
+  int64_t* best_epoch;        // history row of the best loss, -1 before any
+  double* best_loss;
+  bool* converged;
+  int* improved;              // whether the latest record improved the best loss
+  int* n_stopped;             // genes stopped so far
+  int64_t* all_stopped_rows;  // history rows when the last gene stopped (-1 before)
+};
+
+// One parameter of all genes: values, Adam moments and best snapshot, `size` entries per gene.
+template <typename T>
+struct EngineParam {
+  T *value, *m1, *m2, *best;
+  int64_t size;
+};
+
+// Spots of one thread of engine_multinom; its log-likelihood partial sums are
+// (engine_spot_chunks(n), G).
+constexpr int64_t kEngineSpotsPerChunk = 32;
+int64_t engine_spot_chunks(int64_t n);
+
+// eta = nu + X beta + bias and the multinomial terms of the active genes: geta (n, G q) = y - N p,
+// ll_partial (chunks, G) the log-likelihood without its log-factorial constants.
+template <typename T>
+cudaError_t launch_engine_multinom(const EngineDims& dims, const T* X, const T* counts,
+                                   const T* nu, const T* beta, const T* bias,
+                                   const int64_t* stopped_at, T* geta, double* ll_partial,
+                                   cudaStream_t stream);
+
+// Prior terms of the active gene columns from zw (r, G q) = V^T nu, which is overwritten by the
+// eigenbasis coefficients w of Sigma^-1 nu (less its white part nu / d when r < n); lam_m1 (r,)
+// holds the eigenvalues minus one. *low_variance is set when a sigma^2 is below the floor.
+template <typename T>
+cudaError_t launch_engine_columns(const EngineDims& dims, const engine::Settings& s,
+                                  const double* lam_m1, T* zw, const T* nu, const T* sigma,
+                                  const T* theta_logit, const int64_t* stopped_at,
+                                  const EngineColumns& out, int* low_variance,
+                                  cudaStream_t stream);
+
+// Loss, record into history row `row` (none for row < 0), best snapshot and (do_step) the step
+// of beta, bias, sigma and theta_logit per gene; xg (P + 1, G q) = [X 1]^T geta; ll_const (G,)
+// the log-factorial constants.
+template <typename T>
+cudaError_t launch_engine_genes(const EngineDims& dims, const engine::Settings& s,
+                                const engine::AdamScalars& adam, int64_t row, bool do_step,
+                                const double* ll_partial, const double* ll_const,
+                                const EngineColumns& col, const T* xg, const EngineParam<T>& beta,
+                                const EngineParam<T>& bias, const EngineParam<T>& sigma,
+                                const EngineParam<T>& theta_logit, const EngineGenes& genes,
+                                double* history, cudaStream_t stream);
+
+// Best snapshot and (do_step) the step of the random effects nu (n, G q); prec (n, G q) = V w,
+// or null for a white-noise prior (r = 0); col_d (G q,) the white-noise variances.
+template <typename T>
+cudaError_t launch_engine_nu(const EngineDims& dims, const engine::Settings& s,
+                             const engine::AdamScalars& adam, int64_t row, bool do_step,
+                             const EngineParam<T>& nu, const T* geta, const T* prec,
+                             const double* col_d, const EngineGenes& genes, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace splisosm

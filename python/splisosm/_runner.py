@@ -96,8 +96,19 @@ class FitPlan:
     device: str = "cpu"
 
 
-#: Memory the native engine may use for one group of genes fitted together (bytes).
+#: Memory the native engine may use for one group of genes fitted together on the CPU (bytes).
 ENGINE_GROUP_BYTES = 1 << 30
+#: Share of a GPU's free memory the native engine may use for one group of genes.
+ENGINE_GPU_MEMORY_SHARE = 0.25
+
+
+def engine_group_bytes(device: torch.device) -> int:
+    """Working memory for one engine call on ``device``: :data:`ENGINE_GROUP_BYTES` on the CPU;
+    on a GPU, where one call over many genes keeps the device busy, a share of its free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(ENGINE_GROUP_BYTES, int(free * ENGINE_GPU_MEMORY_SHARE))
+    return ENGINE_GROUP_BYTES
 
 
 def engine_group_size(plan: FitPlan, kernel: KernelPayload | None, n_spots: int,
@@ -108,7 +119,7 @@ def engine_group_size(plan: FitPlan, kernel: KernelPayload | None, n_spots: int,
     reads the kernel's eigenvectors once per epoch for all of them, so larger groups are faster.
     Returns 1 when the engine does not run this plan (another method or optimiser, a kernel
     without eigenpairs, a device without the compiled op); otherwise as many genes as fit in
-    :data:`ENGINE_GROUP_BYTES` of per-gene working memory.
+    :func:`engine_group_bytes` of per-gene working memory.
     """
     from splisosm._fitting import resolve_fitting_configs
     from splisosm.ops.engine import engine_runs
@@ -120,13 +131,14 @@ def engine_group_size(plan: FitPlan, kernel: KernelPayload | None, n_spots: int,
     # a null model needs no eigenpairs; a full model (also the second stage of from_null) does
     needs_pairs = plan.model_type == FULL_KEY or plan.from_null
     has_pairs = not needs_pairs or (kernel is not None and kernel.eigvecs is not None)
-    if not engine_runs(method, configs["optim"], has_pairs, torch.device(plan.device)):
+    device = torch.device(plan.device)
+    if not engine_runs(method, configs["optim"], has_pairs, device):
         return 1
     q = max_isos - 1
     # parameters, gradients, two moments and the best snapshot; eta, its gradient and curvature;
     # the transposed random effects and their prior product (float32)
     per_gene = 4 * n_spots * (q * (9 + q) + max_isos)
-    return max(1, ENGINE_GROUP_BYTES // per_gene)
+    return max(1, engine_group_bytes(device) // per_gene)
 
 
 def new_model(kind: str, model_kwargs: dict[str, Any]):
@@ -372,6 +384,7 @@ def evaluate_groups(
 
 __all__ = [
     "ENGINE_GROUP_BYTES",
+    "engine_group_bytes",
     "FitPlan",
     "GeneState",
     "KernelPayload",
