@@ -490,7 +490,8 @@ def test_glmm_on_cuda_matches_cpu() -> None:
 
 def test_glmm_joint_gd_on_cuda_uses_the_engine_and_matches_cpu() -> None:
     """The default pipeline (joint_gd, float32) on both devices: the same DU results up to the
-    round-off that 500 float32 Adam epochs amplify."""
+    round-off that 500 float32 Adam epochs amplify (on the CPU the engine and the Python fitter
+    differ by 4e-4 relative on these genes)."""
     from splisosm import SplisosmGLMM
     from splisosm.simulation import simulate_isoform_data
 
@@ -508,4 +509,4 @@ def test_glmm_joint_gd_on_cuda_uses_the_engine_and_matches_cpu() -> None:
     cpu, gpu = results["cpu"], results["cuda"]
     assert list(cpu["gene"]) == list(gpu["gene"])
     assert np.isfinite(gpu["statistic"].to_numpy(dtype=float)).all()
-    np.testing.assert_allclose(gpu["statistic"], cpu["statistic"], rtol=0.1)
+    np.testing.assert_allclose(gpu["statistic"], cpu["statistic"], rtol=0.02, atol=0.01)
