@@ -5,9 +5,13 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <initializer_list>
 #include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #include "checks.h"
 #include "engine_rules.h"
@@ -89,6 +93,58 @@ inline engine::Settings check_engine_inputs(
   s.lr = lr;
   s.max_epochs = max_epochs;
   return s;
+}
+
+// The per-group tensors of one joint_gd_fit call (a group: genes of one isoform count).
+struct EngineGroups {
+  at::TensorList counts, nu, beta, bias, sigma, theta_logit;
+  std::vector<at::Tensor> start(size_t i) const {
+    return {nu[i], beta[i], bias[i], sigma[i], theta_logit[i]};
+  }
+};
+
+// Checks every group as check_engine_inputs does (X and the eigenpairs are shared by all).
+inline engine::Settings check_engine_groups(
+    const EngineGroups& groups, const at::Tensor& X, const at::Tensor& evals,
+    const at::Tensor& evecs, bool train_sigma, bool train_theta, c10::string_view prior,
+    double prior_alpha, double prior_beta, double min_variance, double max_theta,
+    c10::string_view optim, double lr, double tol, bool tol_relative, int64_t patience,
+    int64_t max_epochs, c10::DeviceType device) {
+  const size_t n_groups = groups.counts.size();
+  TORCH_CHECK(n_groups >= 1, "splisosm: `counts` must hold at least one group of genes");
+  for (auto [list, name] : {std::pair{&groups.nu, "nu"}, std::pair{&groups.beta, "beta"},
+                            std::pair{&groups.bias, "bias"}, std::pair{&groups.sigma, "sigma"},
+                            std::pair{&groups.theta_logit, "theta_logit"}})
+    TORCH_CHECK(list->size() == n_groups, "splisosm: `", name, "` must hold one tensor per group ",
+                "of `counts` (", n_groups, "), got ", list->size());
+  engine::Settings s;
+  for (size_t i = 0; i < n_groups; ++i)
+    s = check_engine_inputs(groups.counts[i], X, evals, evecs, groups.nu[i], groups.beta[i],
+                            groups.bias[i], groups.sigma[i], groups.theta_logit[i], train_sigma,
+                            train_theta, prior, prior_alpha, prior_beta, min_variance, max_theta,
+                            optim, lr, tol, tol_relative, patience, max_epochs, device);
+  return s;
+}
+
+// joint_gd_fit's outputs: per group the best nu, beta, bias, |sigma|, theta_logit, the loss
+// history, best loss, best epoch and convergence; and whether any sigma^2 fell below the floor.
+constexpr size_t kEngineOutputs = 9;
+using EngineResults =
+    std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+               std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+               std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+               at::Tensor>;
+
+// From each group's kEngineOutputs tensors plus its low-variance flag.
+inline EngineResults collect_engine_results(const std::vector<std::vector<at::Tensor>>& groups) {
+  std::array<std::vector<at::Tensor>, kEngineOutputs> lists;
+  at::Tensor low;
+  for (const auto& g : groups) {
+    for (size_t k = 0; k < kEngineOutputs; ++k) lists[k].push_back(g[k]);
+    low = low.defined() ? low.logical_or(g[kEngineOutputs]) : g[kEngineOutputs];
+  }
+  return {lists[0], lists[1], lists[2], lists[3], lists[4], lists[5], lists[6], lists[7],
+          lists[8], low};
 }
 
 }  // namespace splisosm

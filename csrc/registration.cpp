@@ -57,16 +57,18 @@ TORCH_LIBRARY(splisosm, m) {
   // the engine packs its eigenvectors once per fit). CPUs with AVX2 and FMA only.
   m.def("panel_matmul(Tensor a, Tensor b) -> Tensor");
 
-  // Native fitting engine: a whole joint_gd fit (Adam or SGD, per-gene early stopping) of G genes
-  // with prior Sigma_j = v_j (theta_j K + (1 - theta_j) I), K = V diag(evals) V^T (r = 0: white
-  // noise). counts (G, n, m), X (n, P), evals (r,), evecs (n, r); starting parameters nu (G, n, q),
-  // beta (G, P, q), bias (G, q), sigma (G, C), theta_logit (G, C) ->
-  //   (best nu, beta, bias, |sigma|, theta_logit, loss history (epochs, G) float64,
-  //    best loss (G,) float64, best epoch (G,) int64, converged (G,) bool,
-  //    whether any sigma^2 fell below min_variance () bool)
-  m.def("joint_gd_fit(Tensor counts, Tensor X, Tensor evals, Tensor evecs, Tensor nu, Tensor beta, "
-        "Tensor bias, Tensor sigma, Tensor theta_logit, bool train_sigma, bool train_theta, "
-        "str prior, float prior_alpha, float prior_beta, float min_variance, float max_theta, "
-        "str optim, float lr, float tol, bool tol_relative, int patience, int max_epochs) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Native fitting engine: whole joint_gd fits (Adam or SGD, per-gene early stopping) of groups
+  // of genes, one group per isoform count, with prior Sigma_j = v_j (theta_j K + (1 - theta_j) I),
+  // K = V diag(evals) V^T (r = 0: white noise), X and the eigenpairs shared by all groups. Per
+  // group: counts (G, n, m), X (n, P), evals (r,), evecs (n, r); starting parameters
+  // nu (G, n, q), beta (G, P, q), bias (G, q), sigma (G, C), theta_logit (G, C) ->
+  //   per group (best nu, beta, bias, |sigma|, theta_logit, loss history (epochs, G) float64,
+  //   best loss (G,) float64, best epoch (G,) int64, converged (G,) bool),
+  //   and whether any sigma^2 fell below min_variance () bool
+  m.def("joint_gd_fit(Tensor[] counts, Tensor X, Tensor evals, Tensor evecs, Tensor[] nu, "
+        "Tensor[] beta, Tensor[] bias, Tensor[] sigma, Tensor[] theta_logit, bool train_sigma, "
+        "bool train_theta, str prior, float prior_alpha, float prior_beta, float min_variance, "
+        "float max_theta, str optim, float lr, float tol, bool tol_relative, int patience, "
+        "int max_epochs) -> (Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], "
+        "Tensor[], Tensor[], Tensor[], Tensor)");
 }

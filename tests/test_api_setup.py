@@ -263,6 +263,8 @@ def test_make_batches() -> None:
     n_isos = [3, 2, 3, 2, 2, 4]
     assert make_batches(n_isos, False, 5) == [[0], [1], [2], [3], [4], [5]]
     assert make_batches(n_isos, True, 2) == [[1, 3], [4], [0, 2], [5]]
+    # the same order chunked as one sequence, for fitters that fit isoform counts together
+    assert make_batches(n_isos, True, 2, mix_isoform_counts=True) == [[1, 3], [4, 0], [2, 5]]
 
 
 # ------------------------------------------------------------------------------ space

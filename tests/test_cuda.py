@@ -359,7 +359,7 @@ ENGINE_CASES = {
 
 def engine_args(case: dict, *, genes: int = 3, side: int = 5, epochs: int = 200,
                 dtype=F64, seed: int = 11) -> list:
-    """Positional arguments of joint_gd_fit on the CPU for one ENGINE_CASES entry."""
+    """Arguments of joint_gd_fit on the CPU for one ENGINE_CASES entry (one group of genes)."""
     K = models.car_kernel(side)
     m = case.get("m", 3)
     q, n = m - 1, K.shape[0]
@@ -372,24 +372,30 @@ def engine_args(case: dict, *, genes: int = 3, side: int = 5, epochs: int = 200,
     V = torch.from_numpy(V[:, ::-1][:, :rank].copy())
     C = q if case.get("per_isoform") else 1
     prior, alpha, beta = case.get("prior", ("none", 0.0, 0.0))
-    tensors = [Y, X, lam, V, 0.1 * torch.randn(genes, n, q, dtype=F64, generator=gen),
-               torch.zeros(genes, X.shape[1], q, dtype=F64), torch.zeros(genes, q, dtype=F64),
-               torch.full((genes, C), 0.6, dtype=F64), torch.full((genes, C), -3.0, dtype=F64)]
-    return [t.to(dtype) for t in tensors] + [
+    start = [0.1 * torch.randn(genes, n, q, dtype=F64, generator=gen),
+             torch.zeros(genes, X.shape[1], q, dtype=F64), torch.zeros(genes, q, dtype=F64),
+             torch.full((genes, C), 0.6, dtype=F64), torch.full((genes, C), -3.0, dtype=F64)]
+    return [[Y.to(dtype)], X.to(dtype), lam.to(dtype), V.to(dtype)] + [[t.to(dtype)] for t in start] + [
         case.get("train_sigma", False), case.get("train_theta", True), prior, alpha, beta, 0.01,
         1 - 1e-6, case.get("optim", "adam"), case.get("lr", 0.01), case.get("tol", 1e-5),
         case.get("tol_relative", False), case.get("patience", 5), epochs]
 
 
 def on(device: str, args: list) -> list:
-    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    def move(a):
+        if isinstance(a, list):
+            return [t.to(device) for t in a]
+        return a.to(device) if isinstance(a, torch.Tensor) else a
+    return [move(a) for a in args]
 
 
-@pytest.mark.parametrize("name", sorted(ENGINE_CASES))
-def test_engine_matches_the_cpu_engine(name: str) -> None:
-    args = engine_args(ENGINE_CASES[name])
-    cpu = S.joint_gd_fit(*args)
-    gpu = S.joint_gd_fit(*on("cuda", args))
+def run_engine(args: list, device: str = "cpu", group: int = 0) -> list:
+    """joint_gd_fit on ``device``: the nine outputs of one group, then the low-variance flag."""
+    out = S.joint_gd_fit(*on(device, args))
+    return [o[group] for o in out[:9]] + [out[9]]
+
+
+def assert_same_engine_fit(gpu: list, cpu: list) -> None:
     assert all(t.is_cuda for t in gpu)
     for a, c in zip(gpu[:5], cpu[:5]):  # best parameters
         assert a.dtype == c.dtype and a.shape == c.shape
@@ -401,45 +407,57 @@ def test_engine_matches_the_cpu_engine(name: str) -> None:
     assert bool(gpu[9]) == bool(cpu[9])
 
 
+@pytest.mark.parametrize("name", sorted(ENGINE_CASES))
+def test_engine_matches_the_cpu_engine(name: str) -> None:
+    args = engine_args(ENGINE_CASES[name])
+    assert_same_engine_fit(run_engine(args, "cuda"), run_engine(args))
+
+
+def test_engine_groups_match_the_cpu_engine() -> None:
+    a = engine_args(ENGINE_CASES["default"], seed=11)
+    b = engine_args(ENGINE_CASES["six-isoforms"], genes=2, seed=12)
+    both = [x + y if i in (0, 4, 5, 6, 7, 8) else x for i, (x, y) in enumerate(zip(a, b))]
+    for group in (0, 1):
+        assert_same_engine_fit(run_engine(both, "cuda", group), run_engine(both, "cpu", group))
+
+
 def test_engine_early_stopping_ends_the_loop_on_the_gpu() -> None:
     args = engine_args(ENGINE_CASES["early-stop"], epochs=500)
-    gpu = S.joint_gd_fit(*on("cuda", args))
+    gpu = run_engine(args, "cuda")
     best_epoch, converged = gpu[7].cpu(), gpu[8].cpu()
     assert converged.all() and len(set(best_epoch.tolist())) > 1
     assert gpu[5].shape[0] < 500  # the history ends when the last gene stops
 
 
 def test_engine_float32_reaches_the_float64_objective() -> None:
-    args64 = engine_args(ENGINE_CASES["default"], epochs=500)
-    args32 = engine_args(ENGINE_CASES["default"], epochs=500, dtype=F32)
-    cpu64 = S.joint_gd_fit(*args64)
-    gpu32 = S.joint_gd_fit(*on("cuda", args32))
+    cpu64 = run_engine(engine_args(ENGINE_CASES["default"], epochs=500))
+    gpu32 = run_engine(engine_args(ENGINE_CASES["default"], epochs=500, dtype=F32), "cuda")
     assert gpu32[0].dtype == F32
     assert_close(gpu32[6].cpu(), cpu64[6], rtol=1e-4, atol=0)
 
 
 def test_engine_gene_does_not_depend_on_its_batch() -> None:
-    args = on("cuda", engine_args(ENGINE_CASES["default"], genes=6))
-    batch = S.joint_gd_fit(*args)
+    args = engine_args(ENGINE_CASES["default"], genes=6)
+    batch = run_engine(args, "cuda")
     for g in (0, 5):
-        alone = S.joint_gd_fit(*[a[g:g + 1] if i in (0, 4, 5, 6, 7, 8) else a
-                                 for i, a in enumerate(args)])
+        alone = run_engine([[a[0][g:g + 1]] if i in (0, 4, 5, 6, 7, 8) else a
+                            for i, a in enumerate(args)], "cuda")
         for a, b in zip(alone[:5], batch[:5]):
             assert_close(a[0].cpu(), b[g].cpu(), rtol=1e-8, atol=1e-8)
 
 
 def test_engine_zero_epochs_and_bad_inputs() -> None:
     args = on("cuda", engine_args(ENGINE_CASES["default"], epochs=0))
-    out = S.joint_gd_fit(*args)
+    out = run_engine(args, "cuda")
     assert out[5].shape == (0, 3) and (out[7] == -1).all() and not out[8].any()
-    assert torch.equal(out[0], args[4])
+    assert torch.equal(out[0], args[4][0])
     mixed = list(args)
     mixed[1] = mixed[1].cpu()
     with pytest.raises(RuntimeError, match="`X` must be on the device of `counts`"):
         S.joint_gd_fit(*mixed)
     bad = list(args)
-    bad[0] = bad[0].clone()
-    bad[0][0, 0, 0] = -1
+    bad[0] = [bad[0][0].clone()]
+    bad[0][0][0, 0, 0] = -1
     bad[-1] = 3
     with pytest.raises(RuntimeError, match="negative"):
         S.joint_gd_fit(*bad)

@@ -1,11 +1,12 @@
-// Native fitting engine: a whole `joint_gd` fit of a batch of genes in one call.
+// Native fitting engine: whole `joint_gd` fits of batches of genes in one call.
 //
 // The Python fitter spends its time dispatching a dozen small autograd steps per epoch. Here an
-// epoch is: one multinomial pass over the batch, two GEMMs with the kernel's eigenvectors for all
-// still-active genes at once (V is read once per epoch, not once per gene), and one fused
-// per-gene pass (at::parallel_for over genes) that forms the loss and analytic gradients,
-// applies the early-stopping rules and the optimiser step. Genes never interact: each gene's
-// gradient is that of its own objective, so a result does not depend on its batch-mates.
+// epoch is: one multinomial pass per group of genes (one group per isoform count), two GEMMs with
+// the kernel's eigenvectors for all still-active genes of all groups at once (V is read once per
+// epoch, not once per gene or group: at 10,000 spots streaming V from memory is what an epoch
+// costs), and fused per-gene passes (at::parallel_for over genes) that form the loss and analytic
+// gradients, apply the early-stopping rules and the optimiser step. Genes never interact: each
+// gene's gradient is that of its own objective, so a result does not depend on its batch-mates.
 //
 // Model (per gene, isoform column j of q, spots s of n):
 //   l = multinomial(eta) - 1/2 [n q log 2 pi + log det Sigma + nu^T Sigma^-1 nu] + log prior,
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -72,32 +74,78 @@ struct Slot {
   void snapshot(int64_t g) const { std::copy(row(value, g), row(value, g) + size, row(best, g)); }
 };
 
+// The kernel's eigenpairs, shared by every group of a fit: the products of rows (gene columns)
+// with V and V^T, and the eigenvalues minus one.
+template <typename T>
+struct Eigenbasis {
+  int64_t n, r;
+  at::Tensor V, Vt;  // only where the eigenvectors are not packed
+  std::optional<PackedPanels> packed_V, packed_Vt;
+  std::vector<double> lam_m1;
+
+  Eigenbasis(const at::Tensor& evals, const at::Tensor& evecs)
+      : n(evecs.size(0)), r(evecs.size(1)) {
+    if (r > 0) {
+      if (std::is_same_v<T, float> && PackedPanels::available()) {
+        packed_V.emplace(evecs);
+        packed_Vt.emplace(evecs.t());
+      } else {
+        V = evecs.contiguous();
+        Vt = evecs.t().contiguous();
+      }
+    }
+    const auto lam = evals.to(at::kDouble).contiguous();
+    lam_m1.resize(r);
+    for (int64_t k = 0; k < r; ++k) lam_m1[k] = lam.data_ptr<double>()[k] - 1;
+  }
+
+  // rows V (rows x r) and rows V^T (rows x n).
+  at::Tensor project(const at::Tensor& rows) const {
+    return rows.size(0) == 0 ? rows.new_empty({0, r}) : times(rows, V, packed_V);
+  }
+  at::Tensor expand(const at::Tensor& rows) const {
+    return rows.size(0) == 0 ? rows.new_empty({0, n}) : times(rows, Vt, packed_Vt);
+  }
+
+  // rows @ B: through B packed once per fit where the CPU allows (float32 on AVX2), else BLAS.
+  // BLAS runs a GEMM with a handful of rows far below its bandwidth limit (a single gene's q
+  // rows: several times slower), so up to kGemvRows rows go one matrix-vector product B^T x
+  // each, through the transposed view of B, which BLAS streams at memory speed.
+  static at::Tensor times(const at::Tensor& rows, const at::Tensor& B,
+                          const std::optional<PackedPanels>& packed) {
+    if (packed) return packed->times(rows);
+    constexpr int64_t kGemvRows = 8;
+    if (rows.size(0) > kGemvRows) return at::mm(rows, B);
+    at::Tensor out = at::empty({rows.size(0), B.size(1)}, rows.options());
+    const at::Tensor op = B.t();
+    for (int64_t i = 0; i < rows.size(0); ++i) {
+      at::Tensor dst = out.select(0, i);
+      at::mv_out(dst, op, rows.select(0, i));
+    }
+    return out;
+  }
+};
+
+// The fit of one group of genes with equal isoform count. An epoch runs in phases so that a
+// driver can do the products with the eigenvectors for all groups in one GEMM each: activate
+// (how many rows this group adds), begin (eta, multinomial terms, nu^T rows), prior (terms of
+// the prior from V^T nu, and the rows of Sigma^-1 nu in the eigenbasis), finish (loss and
+// gradients from V w), then record and step.
 template <typename T>
 class JointGdEngine {
  public:
-  JointGdEngine(const at::Tensor& counts, const at::Tensor& X, const at::Tensor& evals,
-                const at::Tensor& evecs, const std::vector<at::Tensor>& start, engine::Settings s)
-      : s_(std::move(s)),
+  JointGdEngine(const at::Tensor& counts, const at::Tensor& X, const Eigenbasis<T>& basis,
+                const std::vector<at::Tensor>& start, const engine::Settings& s)
+      : s_(s),
+        basis_(basis),
         counts_(counts.contiguous()),
         X_(X.contiguous()),
         G_(counts.size(0)),
         n_(counts.size(1)),
         q_(counts.size(2) - 1),
         P_(X.size(1)),
-        r_(evecs.size(1)),
+        r_(basis.r),
         C_(start[3].size(1)) {
-    if (r_ > 0) {
-      if (std::is_same_v<T, float> && PackedPanels::available()) {
-        packed_V_.emplace(evecs);
-        packed_Vt_.emplace(evecs.t());
-      } else {
-        V_ = evecs.contiguous();
-        Vt_ = evecs.t().contiguous();
-      }
-    }
-    const auto lam = evals.to(at::kDouble).contiguous();
-    lam_m1_.resize(r_);
-    for (int64_t k = 0; k < r_; ++k) lam_m1_[k] = lam.data_ptr<double>()[k] - 1;
     slots_.emplace_back(start[0], true);
     slots_.emplace_back(start[1], true);
     slots_.emplace_back(start[2], true);
@@ -113,21 +161,33 @@ class JointGdEngine {
     eta_ = at::empty({G_, n_, q_}, counts_.options());
   }
 
-  void run() {
-    bool done = false;
-    for (int64_t epoch = 0; epoch < s_.max_epochs && !done; ++epoch) {
-      evaluate(/*want_grads=*/true);
-      // The loss before this epoch's step is the post-step loss of the previous epoch.
-      if (epoch > 0 && record()) {
-        done = true;
-        break;
-      }
-      step();
+  bool running() const { return !done_; }
+
+  // Starts an epoch: the active genes, and the number of rows (gene columns) they add to the
+  // products with the eigenvectors.
+  int64_t activate() {
+    active_.clear();
+    for (int64_t g = 0; g < G_; ++g)
+      if (!stopped_[g]) active_.push_back(g);
+    const int64_t rows = static_cast<int64_t>(active_.size()) * q_;
+    for (auto* buf : {&quad_, &dquad_, &logdet_, &dlogdet_, &v_, &d_, &th_}) buf->assign(rows, 0.0);
+    return rows;
+  }
+
+  // Ends an epoch after its loss was evaluated: records it (from the second epoch on; the loss
+  // evaluated at the start of an epoch is the post-step loss of the previous one) and steps the
+  // genes, unless every gene of the group has stopped.
+  void advance(int64_t epoch) {
+    if (epoch > 0 && record()) {
+      done_ = true;
+      return;
     }
-    if (!done && s_.max_epochs > 0) {
-      evaluate(/*want_grads=*/false);
-      record();
-    }
+    step();
+  }
+
+  // Records the loss of the last step, after the final epoch.
+  void conclude() {
+    if (!done_) record();
   }
 
   std::vector<at::Tensor> results() {
@@ -148,20 +208,13 @@ class JointGdEngine {
     return out;
   }
 
- private:
-  enum { kNu = 0, kBeta, kBias, kSigma, kTheta };
-
-  // Loss (and gradients) of every active gene at the current parameters.
-  void evaluate(bool want_grads) {
-    active_.clear();
-    for (int64_t g = 0; g < G_; ++g)
-      if (!stopped_[g]) active_.push_back(g);
+  // eta of every active gene, its multinomial terms, and nu^T of the active genes into `nuT`
+  // (rows x n, rows as returned by activate(); undefined for a white-noise prior).
+  void begin(const at::Tensor& nuT) {
     const int64_t A = static_cast<int64_t>(active_.size());
-    const int64_t Aq = A * q_;
     const T* X = X_.data_ptr<T>();
-    // eta of every gene (the multinomial op runs on the whole batch; stopped genes are cheap
-    // relative to the GEMMs, which see active genes only), and nu^T of the active genes.
-    at::Tensor nuT = r_ > 0 ? at::empty({Aq, n_}, counts_.options()) : at::Tensor();
+    // The multinomial op runs on the whole group (stopped genes are cheap next to the GEMMs,
+    // which see active genes only).
     at::parallel_for(0, A, 1, [&](int64_t begin, int64_t end) {
       for (int64_t a = begin; a < end; ++a) {
         const int64_t g = active_[a];
@@ -189,12 +242,14 @@ class JointGdEngine {
                                                                    const at::Tensor&)>();
     // Straight to the CPU kernel: through the autograd key the call would re-enter Python (the
     // op's autograd formula is registered there) once per epoch.
-    const auto [ll, g_eta, W_unused] =
+    std::tie(ll_, g_eta_, std::ignore) =
         multinom_terms.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), eta_, counts_);
-    // z = V^T nu for every active (gene, column): one GEMM, rows (gene, column).
-    at::Tensor zT = r_ > 0 ? times(nuT, V_, packed_V_) : at::Tensor();
-    at::Tensor wT = r_ > 0 ? at::empty({Aq, r_}, counts_.options()) : at::Tensor();
-    std::vector<double> quad(Aq), dquad(Aq), logdet(Aq), dlogdet(Aq), v(Aq), d(Aq), th(Aq);
+  }
+
+  // The prior's quadratic forms and log-determinants of the active gene columns from their rows
+  // zT = nu^T V, and the rows wT of Sigma^-1 nu in the eigenbasis (undefined for r = 0).
+  void prior(const at::Tensor& zT, const at::Tensor& wT) {
+    const int64_t A = static_cast<int64_t>(active_.size());
     std::vector<char> low(A, 0);
     at::parallel_for(0, A, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> inv_a(r_);
@@ -207,34 +262,39 @@ class JointGdEngine {
         for (int64_t j = 0; j < q_; ++j) {
           const int64_t c = C_ == 1 ? 0 : j, row = a * q_ + j;
           low[a] |= engine::variance_component(sigma[c], tl[c], s_.min_variance, s_.max_theta,
-                                               v[row], th[row], d[row]);
+                                               v_[row], th_[row], d_[row]);
           // 1 / (theta lambda_k + 1 - theta) and its log-sum depend on theta only: once per
           // variance component.
-          if (r_ > 0 && (j == 0 || C_ > 1)) spectrum_terms(th[row], inv_a.data(), sum_log_a, dlog_a);
+          if (r_ > 0 && (j == 0 || C_ > 1)) spectrum_terms(th_[row], inv_a.data(), sum_log_a, dlog_a);
           double qd = 0, dq = 0, ld = 0, dld = 0, z_sq = 0;
           if (r_ > 0) {
             const T* z = zT.data_ptr<T>() + row * r_;
             T* w = wT.data_ptr<T>() + row * r_;
-            column_terms(z, inv_a.data(), v[row], d[row], w, qd, dq, z_sq);
-            ld = sum_log_a + static_cast<double>(r_) * std::log(v[row]);
+            column_terms(z, inv_a.data(), v_[row], d_[row], w, qd, dq, z_sq);
+            ld = sum_log_a + static_cast<double>(r_) * std::log(v_[row]);
             dld = dlog_a;
           }
           if (r_ < n_) {
             double nu_sq = 0;
             for (int64_t s = 0; s < n_; ++s) nu_sq += double(nu[s * q_ + j]) * nu[s * q_ + j];
-            engine::add_white_part(nu_sq - z_sq, static_cast<double>(n_ - r_), v[row], th[row],
-                                   d[row], qd, dq, ld, dld);
+            engine::add_white_part(nu_sq - z_sq, static_cast<double>(n_ - r_), v_[row], th_[row],
+                                   d_[row], qd, dq, ld, dld);
           }
-          quad[row] = qd;
-          dquad[row] = dq;
-          logdet[row] = ld;
-          dlogdet[row] = dld;
+          quad_[row] = qd;
+          dquad_[row] = dq;
+          logdet_[row] = ld;
+          dlogdet_[row] = dld;
         }
       }
     });
-    at::Tensor precT = r_ > 0 ? times(wT, Vt_, packed_Vt_) : at::Tensor();
-    const T* llp = ll.data_ptr<T>();
-    const T* ge = g_eta.data_ptr<T>();
+    for (char l : low) low_variance_ |= l != 0;
+  }
+
+  // Loss, and with want_grads the gradients, of the active genes from precT = (V w)^T.
+  void finish(const at::Tensor& precT, bool want_grads) {
+    const int64_t A = static_cast<int64_t>(active_.size());
+    const T* llp = ll_.data_ptr<T>();
+    const T* ge = g_eta_.data_ptr<T>();
     const double log2pi = std::log(2 * M_PI);
     at::parallel_for(0, A, 1, [&](int64_t begin, int64_t end) {
       for (int64_t a = begin; a < end; ++a) {
@@ -242,7 +302,7 @@ class JointGdEngine {
         const T* sigma = slots_[kSigma].row(slots_[kSigma].value, g);
         const T* tl = slots_[kTheta].row(slots_[kTheta].value, g);
         double mvn = static_cast<double>(n_ * q_) * log2pi, lp = 0;
-        for (int64_t j = 0; j < q_; ++j) mvn += logdet[a * q_ + j] + quad[a * q_ + j];
+        for (int64_t j = 0; j < q_; ++j) mvn += logdet_[a * q_ + j] + quad_[a * q_ + j];
         std::vector<double> dlp(C_, 0.0);
         for (int64_t c = 0; c < C_; ++c) {
           double val, der;
@@ -259,7 +319,7 @@ class JointGdEngine {
         for (int64_t s = 0; s < n_; ++s)
           for (int64_t j = 0; j < q_; ++j) {
             T pr = prec ? prec[j * n_ + s] : T(0);
-            if (r_ < n_) pr += nu[s * q_ + j] / static_cast<T>(d[a * q_ + j]);
+            if (r_ < n_) pr += nu[s * q_ + j] / static_cast<T>(d_[a * q_ + j]);
             gnu[s * q_ + j] = pr - gg[s * q_ + j];
           }
         T* gb = slots_[kBeta].row(slots_[kBeta].grad, g);
@@ -279,8 +339,8 @@ class JointGdEngine {
         std::vector<double> dv(C_, 0.0), dth(C_, 0.0);
         for (int64_t j = 0; j < q_; ++j) {
           const int64_t c = C_ == 1 ? 0 : j, row = a * q_ + j;
-          dv[c] += -0.5 * (static_cast<double>(n_) - quad[row]) / v[row];
-          dth[c] += -0.5 * (dlogdet[row] + dquad[row]);
+          dv[c] += -0.5 * (static_cast<double>(n_) - quad_[row]) / v_[row];
+          dth[c] += -0.5 * (dlogdet_[row] + dquad_[row]);
         }
         for (int64_t c = 0; c < C_; ++c) {
           double g_sigma, g_theta;
@@ -291,31 +351,15 @@ class JointGdEngine {
         }
       }
     });
-    for (char l : low) low_variance_ |= l != 0;
   }
 
-  // rows @ B: through B packed once per fit where the CPU allows (float32 on AVX2), else BLAS.
-  // BLAS runs a GEMM with a handful of rows far below its bandwidth limit (a single gene's q
-  // rows: several times slower), so up to kGemvRows rows go one matrix-vector product B^T x
-  // each, through the transposed view of B, which BLAS streams at memory speed.
-  static at::Tensor times(const at::Tensor& rows, const at::Tensor& B,
-                          const std::optional<PackedPanels>& packed) {
-    if (packed) return packed->times(rows);
-    constexpr int64_t kGemvRows = 8;
-    if (rows.size(0) > kGemvRows) return at::mm(rows, B);
-    at::Tensor out = at::empty({rows.size(0), B.size(1)}, rows.options());
-    const at::Tensor op = B.t();
-    for (int64_t i = 0; i < rows.size(0); ++i) {
-      at::Tensor dst = out.select(0, i);
-      at::mv_out(dst, op, rows.select(0, i));
-    }
-    return out;
-  }
+ private:
+  enum { kNu = 0, kBeta, kBias, kSigma, kTheta };
 
   // inv_a_k = 1 / (theta (lambda_k - 1) + 1), sum_k log a_k and sum_k (lambda_k - 1) / a_k. The
   // logarithm is taken of products of 16 factors (each within [1e-6, 1e6]), not of every factor.
   void spectrum_terms(double theta, double* inv_a, double& sum_log, double& dsum) const {
-    const double* lm1 = lam_m1_.data();
+    const double* lm1 = basis_.lam_m1.data();
     double ds = 0;
 #pragma omp simd reduction(+ : ds)
     for (int64_t k = 0; k < r_; ++k) {
@@ -336,7 +380,7 @@ class JointGdEngine {
   // w = Sigma^-1 nu in the eigenbasis (minus the white part nu / d when r < n).
   void column_terms(const T* z, const double* inv_a, double v, double d, T* w, double& quad,
                     double& dquad, double& z_sq) const {
-    const double* lm1 = lam_m1_.data();
+    const double* lm1 = basis_.lam_m1.data();
     const double inv_v = 1 / v, inv_d = r_ == n_ ? 0.0 : 1 / d;
     double qd = 0, dq = 0, zz = 0;
 #pragma omp simd reduction(+ : qd, dq, zz)
@@ -393,11 +437,13 @@ class JointGdEngine {
     });
   }
 
-  engine::Settings s_;
-  at::Tensor counts_, X_, V_, Vt_, eta_;  // V_, Vt_ only where the eigenvectors are not packed
-  std::optional<PackedPanels> packed_V_, packed_Vt_;
-  std::vector<double> lam_m1_;  // kernel eigenvalues minus one
+  const engine::Settings& s_;
+  const Eigenbasis<T>& basis_;
+  at::Tensor counts_, X_, eta_, ll_, g_eta_;  // ll_, g_eta_: this epoch's multinomial terms
   int64_t G_, n_, q_, P_, r_, C_;
+  // Prior terms of this epoch's active gene columns: quadratic form, its theta-derivative (up to
+  // v), log det, its theta-derivative, v, d and theta.
+  std::vector<double> quad_, dquad_, logdet_, dlogdet_, v_, d_, th_;
   std::vector<Slot<T>> slots_;
   at::Tensor best_loss_, best_epoch_, converged_;
   std::vector<int64_t> counter_, active_;
@@ -405,31 +451,79 @@ class JointGdEngine {
   std::vector<double> loss_;
   std::vector<at::Tensor> history_;
   int64_t epoch_ = 0, t_ = 0;
-  bool low_variance_ = false;
+  bool done_ = false, low_variance_ = false;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor, at::Tensor>
-joint_gd_fit_cpu(const at::Tensor& counts, const at::Tensor& X, const at::Tensor& evals,
-                 const at::Tensor& evecs, const at::Tensor& nu, const at::Tensor& beta,
-                 const at::Tensor& bias, const at::Tensor& sigma, const at::Tensor& theta_logit,
-                 bool train_sigma, bool train_theta, c10::string_view prior, double prior_alpha,
-                 double prior_beta, double min_variance, double max_theta,
-                 c10::string_view optim, double lr, double tol, bool tol_relative,
-                 int64_t patience, int64_t max_epochs) {
-  const engine::Settings s = check_engine_inputs(
-      counts, X, evals, evecs, nu, beta, bias, sigma, theta_logit, train_sigma, train_theta,
-      prior, prior_alpha, prior_beta, min_variance, max_theta, optim, lr, tol, tol_relative,
-      patience, max_epochs, c10::DeviceType::CPU);
-  const std::vector<at::Tensor> start = {nu, beta, bias, sigma, theta_logit};
+// Fits every group, epoch by epoch together, so that each product with the eigenvectors is one
+// GEMM over the active gene columns of all groups. Returns each group's results.
+template <typename T>
+std::vector<std::vector<at::Tensor>> fit_groups(const EngineGroups& groups, const at::Tensor& X,
+                                                const at::Tensor& evals, const at::Tensor& evecs,
+                                                const engine::Settings& s) {
+  const Eigenbasis<T> basis(evals, evecs);
+  std::vector<std::unique_ptr<JointGdEngine<T>>> engines;
+  for (size_t i = 0; i < groups.counts.size(); ++i)
+    engines.push_back(std::make_unique<JointGdEngine<T>>(groups.counts[i], X, basis,
+                                                         groups.start(i), s));
+  const auto any_running = [&] {
+    return std::any_of(engines.begin(), engines.end(), [](const auto& e) { return e->running(); });
+  };
+  const auto evaluate = [&](bool want_grads) {
+    std::vector<JointGdEngine<T>*> live;
+    std::vector<int64_t> offset, rows;
+    int64_t total = 0;
+    for (auto& e : engines)
+      if (e->running()) {
+        live.push_back(e.get());
+        offset.push_back(total);
+        rows.push_back(e->activate());
+        total += rows.back();
+      }
+    const bool products = basis.r > 0;
+    const auto part = [&](const at::Tensor& t, size_t i) {
+      return products ? t.narrow(0, offset[i], rows[i]) : t;
+    };
+    at::Tensor nuT = products ? at::empty({total, basis.n}, X.options()) : at::Tensor();
+    for (size_t i = 0; i < live.size(); ++i) live[i]->begin(part(nuT, i));
+    const at::Tensor zT = products ? basis.project(nuT) : at::Tensor();
+    at::Tensor wT = products ? at::empty({total, basis.r}, X.options()) : at::Tensor();
+    for (size_t i = 0; i < live.size(); ++i) live[i]->prior(part(zT, i), part(wT, i));
+    const at::Tensor precT = products ? basis.expand(wT) : at::Tensor();
+    for (size_t i = 0; i < live.size(); ++i) live[i]->finish(part(precT, i), want_grads);
+  };
+  for (int64_t epoch = 0; epoch < s.max_epochs && any_running(); ++epoch) {
+    evaluate(/*want_grads=*/true);
+    for (auto& e : engines)
+      if (e->running()) e->advance(epoch);
+  }
+  if (s.max_epochs > 0 && any_running()) {
+    evaluate(/*want_grads=*/false);
+    for (auto& e : engines) e->conclude();
+  }
+  std::vector<std::vector<at::Tensor>> out;
+  for (auto& e : engines) out.push_back(e->results());
+  return out;
+}
+
+EngineResults joint_gd_fit_cpu(at::TensorList counts, const at::Tensor& X, const at::Tensor& evals,
+                               const at::Tensor& evecs, at::TensorList nu, at::TensorList beta,
+                               at::TensorList bias, at::TensorList sigma,
+                               at::TensorList theta_logit, bool train_sigma, bool train_theta,
+                               c10::string_view prior, double prior_alpha, double prior_beta,
+                               double min_variance, double max_theta, c10::string_view optim,
+                               double lr, double tol, bool tol_relative, int64_t patience,
+                               int64_t max_epochs) {
+  const EngineGroups groups{counts, nu, beta, bias, sigma, theta_logit};
+  const engine::Settings s = check_engine_groups(
+      groups, X, evals, evecs, train_sigma, train_theta, prior, prior_alpha, prior_beta,
+      min_variance, max_theta, optim, lr, tol, tol_relative, patience, max_epochs,
+      c10::DeviceType::CPU);
   at::NoGradGuard no_grad;
-  std::vector<at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(counts.scalar_type(), "joint_gd_fit_cpu", [&] {
-    JointGdEngine<scalar_t> engine(counts, X, evals, evecs, start, s);
-    engine.run();
-    out = engine.results();
+  std::vector<std::vector<at::Tensor>> out;
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "joint_gd_fit_cpu", [&] {
+    out = fit_groups<scalar_t>(groups, X, evals, evecs, s);
   });
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9]};
+  return collect_engine_results(out);
 }
 
 }  // namespace

@@ -159,27 +159,29 @@ std::vector<at::Tensor> fit_on_device(const at::Tensor& counts, const at::Tensor
           low_variance.ne(0).reshape({})};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor, at::Tensor>
-joint_gd_fit_cuda(const at::Tensor& counts, const at::Tensor& X, const at::Tensor& evals,
-                  const at::Tensor& evecs, const at::Tensor& nu, const at::Tensor& beta,
-                  const at::Tensor& bias, const at::Tensor& sigma, const at::Tensor& theta_logit,
-                  bool train_sigma, bool train_theta, c10::string_view prior, double prior_alpha,
-                  double prior_beta, double min_variance, double max_theta,
-                  c10::string_view optim, double lr, double tol, bool tol_relative,
-                  int64_t patience, int64_t max_epochs) {
-  const engine::Settings s = check_engine_inputs(
-      counts, X, evals, evecs, nu, beta, bias, sigma, theta_logit, train_sigma, train_theta,
-      prior, prior_alpha, prior_beta, min_variance, max_theta, optim, lr, tol, tol_relative,
-      patience, max_epochs, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(counts.device());
+// Groups run one after the other: on the GPU each group's GEMMs are large enough to be
+// arithmetic-bound, so sharing the reads of V across groups (as the CPU engine does) gains little.
+EngineResults joint_gd_fit_cuda(at::TensorList counts, const at::Tensor& X,
+                                const at::Tensor& evals, const at::Tensor& evecs,
+                                at::TensorList nu, at::TensorList beta, at::TensorList bias,
+                                at::TensorList sigma, at::TensorList theta_logit, bool train_sigma,
+                                bool train_theta, c10::string_view prior, double prior_alpha,
+                                double prior_beta, double min_variance, double max_theta,
+                                c10::string_view optim, double lr, double tol, bool tol_relative,
+                                int64_t patience, int64_t max_epochs) {
+  const EngineGroups groups{counts, nu, beta, bias, sigma, theta_logit};
+  const engine::Settings s = check_engine_groups(
+      groups, X, evals, evecs, train_sigma, train_theta, prior, prior_alpha, prior_beta,
+      min_variance, max_theta, optim, lr, tol, tol_relative, patience, max_epochs,
+      c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(X.device());
   at::NoGradGuard no_grad;
-  const std::vector<at::Tensor> start = {nu, beta, bias, sigma, theta_logit};
-  std::vector<at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(counts.scalar_type(), "joint_gd_fit_cuda", [&] {
-    out = fit_on_device<scalar_t>(counts, X, evals, evecs, start, s);
+  std::vector<std::vector<at::Tensor>> out;
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "joint_gd_fit_cuda", [&] {
+    for (size_t i = 0; i < counts.size(); ++i)
+      out.push_back(fit_on_device<scalar_t>(counts[i], X, evals, evecs, groups.start(i), s));
   });
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9]};
+  return collect_engine_results(out);
 }
 
 }  // namespace

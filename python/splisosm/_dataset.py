@@ -299,20 +299,22 @@ def gene_table(
     )
 
 
-def make_batches(n_isos: list[int], grouped: bool, batch_size: int) -> list[list[int]]:
-    """Gene indices per batch (SPEC §3.8).
+def make_batches(n_isos: list[int], grouped: bool, batch_size: int,
+                 mix_isoform_counts: bool = False) -> list[list[int]]:
+    """Gene indices per batch.
 
     Ungrouped data yields single genes in gene order. Grouped data visits isoform counts in
     ascending order, keeps gene order within a count, and chunks each group into at most
-    ``batch_size`` genes, so a batch never mixes isoform counts.
+    ``batch_size`` genes, so a batch never mixes isoform counts; with ``mix_isoform_counts``
+    the same ordered genes are chunked as one sequence, so a batch may hold consecutive runs of
+    several isoform counts (for fitters that fit such runs together).
     """
     if not grouped:
         return [[g] for g in range(len(n_isos))]
-    batches: list[list[int]] = []
-    for m in sorted(set(n_isos)):
-        genes = [g for g, k in enumerate(n_isos) if k == m]
-        batches.extend(genes[i : i + batch_size] for i in range(0, len(genes), batch_size))
-    return batches
+    groups = [[g for g, k in enumerate(n_isos) if k == m] for m in sorted(set(n_isos))]
+    if mix_isoform_counts:
+        groups = [[g for group in groups for g in group]]
+    return [group[i : i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
 
 
 def same_size_groups(n_isos: list[int], genes: list[int]) -> list[list[int]]:

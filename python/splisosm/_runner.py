@@ -235,48 +235,62 @@ def stack_params(states: Sequence[GeneState]) -> dict[str, torch.Tensor]:
     return {n: torch.cat([s.params[n] for s in states], dim=0) for n in states[0].params}
 
 
-def fit_batch(plan: FitPlan, counts: np.ndarray, design: np.ndarray | None,
+def fit_batch(plan: FitPlan, counts: Sequence[np.ndarray], design: np.ndarray | None,
               kernel: KernelPayload, random_seed: int | None) -> dict[str, list[GeneState]]:
-    """Fit one batch of genes (equal isoform count) and return per-gene states by model key.
+    """Fit one batch of genes and return per-gene states by model key, in batch order.
+
+    ``counts`` holds the batch's genes as consecutive parts of equal isoform count, one
+    ``(G_i, n, m_i)`` array each; the parts' models are fitted together (one native engine call
+    where the engine runs them, see :func:`splisosm.model.fit_together`).
 
     De novo fits return states under ``plan.model_type``. From-null fits return both
     ``'glmm-null'`` and ``'glmm-full'`` states; the ``refit_null`` choices are made per gene
-    (fix of quirk Q20: the reference compared batch means).
+    (the reference compared batch means).
     """
     from splisosm.isomodels import IsoFullModel, IsoNullNoSpVar
+    from splisosm.model import fit_together
 
-    Y = torch.as_tensor(np.asarray(counts, dtype=np.float32))
+    parts = [torch.as_tensor(np.asarray(c, dtype=np.float32)) for c in counts]
     X = None if design is None else torch.as_tensor(np.asarray(design, dtype=np.float32))
 
-    def fitted(model):
-        model.fit(quiet=plan.quiet, random_seed=random_seed)
-        return model
+    def fitted(models: list) -> list:
+        fit_together(models, quiet=plan.quiet, random_seed=random_seed)
+        return models
+
+    def set_up(kind: str) -> list:
+        models = [new_model(kind, plan.model_kwargs) for _ in parts]
+        for model, Y in zip(models, parts):
+            setup_model(model, kind, Y, X, kernel, plan.device)
+        return models
+
+    def flat(per_part: list[list[GeneState]]) -> list[GeneState]:
+        return [state for states in per_part for state in states]
 
     if not plan.from_null:
-        model = new_model(plan.model_type, plan.model_kwargs)
-        setup_model(model, plan.model_type, Y, X, kernel, plan.device)
-        return {plan.model_type: states_from_model(fitted(model), plan.model_type)}
+        models = fitted(set_up(plan.model_type))
+        return {plan.model_type: flat([states_from_model(m, plan.model_type) for m in models])}
 
-    null = new_model(NULL_KEY, plan.model_kwargs)
-    setup_model(null, NULL_KEY, Y, X, kernel, plan.device)
-    fitted(null)
-    full = fitted(IsoFullModel.from_trained_null(null))
-    null_states = states_from_model(null, NULL_KEY)
-    full_states = states_from_model(full, FULL_KEY)
+    nulls = fitted(set_up(NULL_KEY))
+    fulls = fitted([IsoFullModel.from_trained_null(null) for null in nulls])
+    null_states = [states_from_model(null, NULL_KEY) for null in nulls]
+    full_states = [states_from_model(full, FULL_KEY) for full in fulls]
     if plan.refit_null:
-        null2 = fitted(IsoNullNoSpVar.from_trained_full(full))
-        f_null, f_null2 = _objective(null), _objective(null2)
-        better_null = f_null2 > f_null
-        null_states = _pick(null_states, states_from_model(null2, NULL_KEY), better_null)
-        f_null_best = torch.where(better_null, f_null2, f_null)
-        f_full = _objective(full)
-        retry = f_null_best > f_full
-        if bool(retry.any()):
-            base = _model_with_states(null, null_states) if bool(better_null.any()) else null
-            full2 = fitted(IsoFullModel.from_trained_null(base))
+        null2s = fitted([IsoNullNoSpVar.from_trained_full(full) for full in fulls])
+        retries = []  # (part, genes to retry, their full objective, null model to restart from)
+        for i, (null, null2, full) in enumerate(zip(nulls, null2s, fulls)):
+            f_null, f_null2 = _objective(null), _objective(null2)
+            better_null = f_null2 > f_null
+            null_states[i] = _pick(null_states[i], states_from_model(null2, NULL_KEY), better_null)
+            f_full = _objective(full)
+            retry = torch.where(better_null, f_null2, f_null) > f_full
+            if bool(retry.any()):
+                base = _model_with_states(null, null_states[i]) if bool(better_null.any()) else null
+                retries.append((i, retry, f_full, base))
+        full2s = fitted([IsoFullModel.from_trained_null(base) for *_, base in retries])
+        for (i, retry, f_full, _), full2 in zip(retries, full2s):
             take = retry & (_objective(full2) > f_full)
-            full_states = _pick(full_states, states_from_model(full2, FULL_KEY), take)
-    return {NULL_KEY: null_states, FULL_KEY: full_states}
+            full_states[i] = _pick(full_states[i], states_from_model(full2, FULL_KEY), take)
+    return {NULL_KEY: flat(null_states), FULL_KEY: flat(full_states)}
 
 
 def run_batches(
@@ -299,8 +313,15 @@ def run_batches(
     """
     design_np = None if design is None else design.detach().cpu().numpy()
 
-    def payload(batch: Sequence[int]) -> np.ndarray:
-        return torch.stack([gene_counts[g] for g in batch]).numpy()
+    def payload(batch: Sequence[int]) -> list[np.ndarray]:
+        # consecutive runs of equal isoform count, one array each
+        parts: list[list[int]] = []
+        for g in batch:
+            if parts and gene_counts[parts[-1][0]].shape[1] == gene_counts[g].shape[1]:
+                parts[-1].append(g)
+            else:
+                parts.append([g])
+        return [torch.stack([gene_counts[g] for g in part]).numpy() for part in parts]
 
     seeds = _batch_seeds(random_seed, len(batches))
     jobs = (

@@ -441,9 +441,14 @@ class SplisosmGLMM:
     def _batches(self, plan: FitPlan, batch_size: int, n_jobs: int) -> list[list[int]]:
         grouped = self._setup_args["grouped"]
         if grouped and n_jobs == 1:
-            # the native engine's fits do not depend on the batch, so it takes larger groups
-            batch_size = max(batch_size, _runner.engine_group_size(
-                plan, self._kernel, self.n_spots, max(self.n_isos_per_gene)))
+            # The native engine's fits do not depend on the batch, so it takes larger batches,
+            # and fits the isoform counts of one batch together.
+            engine_size = _runner.engine_group_size(plan, self._kernel, self.n_spots,
+                                                    max(self.n_isos_per_gene))
+            if engine_size > 1:
+                return _dataset.make_batches(self.n_isos_per_gene, grouped,
+                                             max(batch_size, engine_size),
+                                             mix_isoform_counts=True)
         return _dataset.make_batches(self.n_isos_per_gene, grouped, batch_size)
 
     def _plan(self, *, from_null: bool, refit_null: bool, quiet: bool) -> FitPlan:

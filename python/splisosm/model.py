@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -503,7 +505,8 @@ class MultinomGLMM(_CountModel):
         if random_seed is not None:
             torch.manual_seed(random_seed)
         if method == "joint_gd" and not (store_param_history or verbose) and self._use_engine():
-            return self._fit_native(quiet)
+            _fit_native([self], quiet)
+            return None
         params = dict(self.named_parameters())
         fused = method in ("joint_gd", "marginal_gd")
         if fused:
@@ -537,35 +540,21 @@ class MultinomGLMM(_CountModel):
         return engine_runs(self.fitting_method, self.fitting_configs["optim"],
                            null or self.corr_sp_eigvecs is not None, self.device)
 
-    def _fit_native(self, quiet: bool):
-        null = not self.theta_logit.requires_grad
-        if null:
-            evecs = self.counts.new_zeros(self.n_spots, 0)
-            evals = self.counts.new_zeros(0)
-        else:
-            evecs, evals = self.corr_sp_eigvecs, self.corr_sp_eigvals
-        params = {name: p.detach() for name, p in self.named_parameters()}
-        start = time.perf_counter()
-        out = joint_gd_fit(
-            self.counts, self.X, evals, evecs, params, train_sigma=not self.var_fix_sigma,
-            train_theta=not null, prior=self.var_prior_model,
-            prior_params=self.var_prior_model_params, min_variance=MIN_VARIANCE,
-            max_theta=MAX_THETA, configs=self.fitting_configs)
-        fitting_time = time.perf_counter() - start
-        with torch.no_grad():
-            for name, value in out.params.items():
-                getattr(self, name).copy_(value)
-        if out.low_variance:
-            warnings.warn(LOW_VARIANCE_WARNING, UserWarning, stacklevel=3)
-        n_bad = int((~torch.isfinite(out.loss_history)).any(0).sum())
-        if n_bad:
-            warnings.warn(f"Non-finite loss for {n_bad} gene(s) during the fit.", UserWarning,
-                          stacklevel=3)
-        logger = logger_from_outcome(self.fitting_configs, out.loss_history, out.best_loss,
-                                     out.best_epoch, out.converged)
-        if not quiet:
-            report_fit(logger, fitting_time)
-        return self._fit_report(FitResult(logger, fitting_time), False)
+    def _engine_settings(self) -> dict[str, Any]:
+        """The settings of this model's fit, as :func:`splisosm.ops.engine.joint_gd_fit` takes
+        them (models with equal settings can share one engine call)."""
+        return {"train_sigma": not self.var_fix_sigma,
+                "train_theta": self.theta_logit.requires_grad,
+                "prior": self.var_prior_model,
+                "prior_params": dict(self.var_prior_model_params),
+                "min_variance": MIN_VARIANCE, "max_theta": MAX_THETA,
+                "configs": dict(self.fitting_configs)}
+
+    def _engine_kernel(self) -> tuple[Tensor, Tensor]:
+        """Eigenvalues and eigenvectors of the prior, none (``r = 0``) for a null model."""
+        if not self.theta_logit.requires_grad:
+            return self.counts.new_zeros(0), self.counts.new_zeros(self.n_spots, 0)
+        return self.corr_sp_eigvals, self.corr_sp_eigvecs
 
     # ------------------------------------------------------------------------- utilities
     def _config_kwargs(self) -> dict:
@@ -602,3 +591,49 @@ class MultinomGLMM(_CountModel):
             f"{self.share_variance}, prior {self.var_prior_model}",
             f"- Initial ratios: {self.init_ratio}",
         ]
+
+
+def fit_together(models: Sequence[MultinomGLMM], *, quiet: bool = True,
+                 random_seed: int | None = None) -> None:
+    """Fit several models set up with the same design and spatial kernel (one model per isoform
+    count, say), each by its own configuration.
+
+    Where the native engine runs all of them with equal settings, they share one engine call, in
+    which each product with the kernel's eigenvectors covers the genes of every model; a gene's
+    fit is the same as in a call of its own. Otherwise each model is fitted in turn.
+    """
+    if len(models) > 1 and all(m._use_engine() for m in models):
+        settings = models[0]._engine_settings()
+        if all(m._engine_settings() == settings for m in models[1:]):
+            _fit_native(models, quiet)
+            return
+    for model in models:
+        model.fit(quiet=quiet, random_seed=random_seed)
+
+
+def _fit_native(models: Sequence[MultinomGLMM], quiet: bool) -> None:
+    """One engine call for ``models`` (equal engine settings, shared design and kernel)."""
+    first = models[0]
+    evals, evecs = first._engine_kernel()
+    params = [{name: p.detach() for name, p in m.named_parameters()} for m in models]
+    start = time.perf_counter()
+    fits, low_variance = joint_gd_fit([m.counts for m in models], first.X, evals, evecs, params,
+                                      **first._engine_settings())
+    fitting_time = time.perf_counter() - start
+    if low_variance:
+        warnings.warn(LOW_VARIANCE_WARNING, UserWarning, stacklevel=3)
+    n_bad = sum(int((~torch.isfinite(fit.loss_history)).any(0).sum()) for fit in fits)
+    if n_bad:
+        warnings.warn(f"Non-finite loss for {n_bad} gene(s) during the fit.", UserWarning,
+                      stacklevel=3)
+    n_genes = sum(m.n_genes for m in models)
+    for model, fit in zip(models, fits):
+        with torch.no_grad():
+            for name, value in fit.params.items():
+                getattr(model, name).copy_(value)
+        logger = logger_from_outcome(model.fitting_configs, fit.loss_history, fit.best_loss,
+                                     fit.best_epoch, fit.converged)
+        share = fitting_time * model.n_genes / n_genes
+        if not quiet:
+            report_fit(logger, share)
+        model._fit_report(FitResult(logger, share), False)

@@ -8,6 +8,7 @@ against; the GPU engine is tested against the CPU engine.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ ENGINE_OPTIMIZERS = ("adam", "sgd")
 
 @dataclass
 class EngineFit:
-    """What :func:`joint_gd_fit` returns.
+    """What :func:`joint_gd_fit` returns for one group of genes.
 
     Attributes
     ----------
@@ -31,8 +32,6 @@ class EngineFit:
         ``(epochs, G)`` float64 losses as logged after each epoch (non-finite shown as +inf).
     best_loss, best_epoch, converged
         ``(G,)`` per-gene early-stopping outcome.
-    low_variance
-        Whether any ``sigma^2`` fell below the variance floor during the fit.
     """
 
     params: dict[str, Tensor]
@@ -40,7 +39,10 @@ class EngineFit:
     best_loss: Tensor
     best_epoch: Tensor
     converged: Tensor
-    low_variance: bool
+
+
+#: The per-gene parameters of a fit, in the op's order.
+PARAM_NAMES = ("nu", "beta", "bias_eta", "sigma", "theta_logit")
 
 
 def engine_available(device: torch.device) -> bool:
@@ -56,11 +58,11 @@ def engine_runs(method: str, optim: str, has_eigenpairs: bool, device: torch.dev
 
 
 def joint_gd_fit(
-    counts: Tensor,
+    counts: Sequence[Tensor],
     X: Tensor,
     evals: Tensor,
     evecs: Tensor,
-    params: dict[str, Tensor],
+    params: Sequence[dict[str, Tensor]],
     *,
     train_sigma: bool,
     train_theta: bool,
@@ -69,19 +71,22 @@ def joint_gd_fit(
     min_variance: float,
     max_theta: float,
     configs: dict,
-) -> EngineFit:
-    """Fit ``G`` genes by gradient descent on the joint log-likelihood, natively.
+) -> tuple[list[EngineFit], bool]:
+    """Fit groups of genes by gradient descent on the joint log-likelihood, natively.
+
+    The groups (genes of one isoform count each) share the design and the kernel and are fitted
+    epoch by epoch together; each gene's fit is the same as it would be alone.
 
     Parameters
     ----------
     counts
-        ``(G, n, m)`` isoform counts.
+        Per group, ``(G, n, m)`` isoform counts.
     X
         ``(n, P)`` design (``P`` may be 0).
     evals, evecs
         ``(r,)`` and ``(n, r)`` kernel eigenpairs; ``r = 0`` for a white-noise prior.
     params
-        Starting values ``nu, beta, bias_eta, sigma, theta_logit``; not modified.
+        Per group, the starting values ``nu, beta, bias_eta, sigma, theta_logit``; not modified.
     train_sigma, train_theta
         Whether ``sigma`` / ``theta_logit`` are optimised (otherwise held fixed).
     prior, prior_params
@@ -91,17 +96,22 @@ def joint_gd_fit(
     configs
         Resolved fitting configuration: ``optim`` (``'adam'`` or ``'sgd'``), ``lr``, ``tol``,
         ``tol_relative``, ``patience``, ``max_epochs``.
+
+    Returns
+    -------
+    One :class:`EngineFit` per group, and whether any ``sigma^2`` fell below the variance floor.
     """
+    start = [[group[name] for group in params] for name in PARAM_NAMES]
     out = torch.ops.splisosm.joint_gd_fit(
-        counts, X, evals, evecs, params["nu"], params["beta"], params["bias_eta"],
-        params["sigma"], params["theta_logit"], bool(train_sigma), bool(train_theta), prior,
+        list(counts), X, evals, evecs, *start, bool(train_sigma), bool(train_theta), prior,
         float(prior_params.get("alpha", 0.0)), float(prior_params.get("beta", 0.0)),
         float(min_variance), float(max_theta), configs["optim"], float(configs["lr"]),
         float(configs["tol"]), bool(configs.get("tol_relative", False)),
         int(configs["patience"]), int(configs["max_epochs"]),
     )
-    names = ("nu", "beta", "bias_eta", "sigma", "theta_logit")
-    return EngineFit(dict(zip(names, out[:5])), out[5], out[6], out[7], out[8], bool(out[9]))
+    fits = [EngineFit(dict(zip(PARAM_NAMES, (out[k][i] for k in range(5)))), out[5][i], out[6][i],
+                      out[7][i], out[8][i]) for i in range(len(counts))]
+    return fits, bool(out[9])
 
 
 def panel_matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -137,15 +147,19 @@ if NATIVE_AVAILABLE:
     def _(counts, X, evals, evecs, nu, beta, bias, sigma, theta_logit, train_sigma, train_theta,
           prior, prior_alpha, prior_beta, min_variance, max_theta, optim, lr, tol, tol_relative,
           patience, max_epochs):
-        G, n, m = counts.shape
-        torch._check(nu.shape == (G, n, m - 1), lambda: "nu must be (G, n, q)")
-        torch._check(evecs.shape[0] == n, lambda: "evecs must be (n, r)")
+        torch._check(len(counts) >= 1, lambda: "counts must hold at least one group of genes")
         torch._check(max_epochs >= 0, lambda: "max_epochs must be >= 0")
-        f64 = {"dtype": torch.float64, "device": counts.device}
-        epochs = torch.library.get_ctx().new_dynamic_size()
-        return (torch.empty_like(nu), torch.empty_like(beta), torch.empty_like(bias),
-                torch.empty_like(sigma), torch.empty_like(theta_logit),
-                counts.new_empty((epochs, G), dtype=torch.float64),
-                torch.empty(G, **f64), torch.empty(G, dtype=torch.long, device=counts.device),
-                torch.empty(G, dtype=torch.bool, device=counts.device),
-                torch.empty((), dtype=torch.bool, device=counts.device))
+        ctx = torch.library.get_ctx()
+        outs: list[list[Tensor]] = [[] for _ in range(9)]
+        for Y, u, b, c, s, t in zip(counts, nu, beta, bias, sigma, theta_logit, strict=True):
+            G, n, m = Y.shape
+            torch._check(u.shape == (G, n, m - 1), lambda: "nu must be (G, n, q)")
+            torch._check(evecs.shape[0] == n, lambda: "evecs must be (n, r)")
+            epochs = ctx.new_dynamic_size()
+            for k, like in enumerate((u, b, c, s, t)):
+                outs[k].append(torch.empty_like(like))
+            outs[5].append(Y.new_empty((epochs, G), dtype=torch.float64))
+            outs[6].append(Y.new_empty(G, dtype=torch.float64))
+            outs[7].append(Y.new_empty(G, dtype=torch.long))
+            outs[8].append(Y.new_empty(G, dtype=torch.bool))
+        return (*outs, X.new_empty((), dtype=torch.bool))
