@@ -210,11 +210,14 @@ def test_groups_fitted_together_equal_separate_fits(configs):
 
 
 def test_engine_group_size_only_for_engine_fits():
+    from splisosm._fitting import resolve_fitting_configs
     from splisosm._runner import ENGINE_GROUP_BYTES, FitPlan, KernelPayload, engine_group_size
 
     eig = KernelPayload(eigvals=np.ones(3), eigvecs=np.zeros((100, 3)))
     gd = FitPlan("glmm-full", {"fitting_method": "joint_gd"})
-    assert engine_group_size(gd, eig, 100, 3) == ENGINE_GROUP_BYTES // (4 * 100 * (2 * 11 + 3))
+    epochs = resolve_fitting_configs("joint_gd", None)["max_epochs"]
+    per_gene = 4 * 100 * (2 * 11 + 3) + 8 * epochs  # working arrays + the loss history
+    assert engine_group_size(gd, eig, 100, 3) == ENGINE_GROUP_BYTES // per_gene
     assert engine_group_size(FitPlan("glmm-null", {"fitting_method": "joint_gd"}), None, 100, 3) > 1
     for plan, kernel in [
         (FitPlan("glmm-full", {"fitting_method": "marginal_newton"}), eig),

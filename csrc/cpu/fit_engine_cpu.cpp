@@ -140,6 +140,7 @@ class JointGdEngine {
         basis_(basis),
         counts_(counts.contiguous()),
         X_(X.contiguous()),
+        X1t_(at::cat({X_, at::ones({X.size(0), 1}, X.options())}, 1).t().contiguous()),
         G_(counts.size(0)),
         n_(counts.size(1)),
         q_(counts.size(2) - 1),
@@ -295,6 +296,8 @@ class JointGdEngine {
     const int64_t A = static_cast<int64_t>(active_.size());
     const T* llp = ll_.data_ptr<T>();
     const T* ge = g_eta_.data_ptr<T>();
+    // [X 1]^T (y - N p) of every gene of the group (G, P + 1, q): one batched product.
+    const at::Tensor score = want_grads ? at::matmul(X1t_, g_eta_).contiguous() : at::Tensor();
     const double log2pi = std::log(2 * M_PI);
     at::parallel_for(0, A, 1, [&](int64_t begin, int64_t end) {
       for (int64_t a = begin; a < end; ++a) {
@@ -312,27 +315,29 @@ class JointGdEngine {
         }
         loss_[g] = -(static_cast<double>(llp[g]) - 0.5 * mvn + lp);
         if (!want_grads) continue;
-        const T* nu = slots_[kNu].row(slots_[kNu].value, g);
-        const T* gg = ge + g * n_ * q_;
-        T* gnu = slots_[kNu].row(slots_[kNu].grad, g);
-        const T* prec = r_ > 0 ? precT.data_ptr<T>() + a * q_ * n_ : nullptr;
-        for (int64_t s = 0; s < n_; ++s)
-          for (int64_t j = 0; j < q_; ++j) {
-            T pr = prec ? prec[j * n_ + s] : T(0);
-            if (r_ < n_) pr += nu[s * q_ + j] / static_cast<T>(d_[a * q_ + j]);
-            gnu[s * q_ + j] = pr - gg[s * q_ + j];
+        const T* __restrict nu = slots_[kNu].row(slots_[kNu].value, g);
+        const T* __restrict gg = ge + g * n_ * q_;
+        T* __restrict gnu = slots_[kNu].row(slots_[kNu].grad, g);
+        // Column by column, where the prior's rows are contiguous.
+        for (int64_t j = 0; j < q_; ++j) {
+          const T* __restrict prec = r_ > 0 ? precT.data_ptr<T>() + (a * q_ + j) * n_ : nullptr;
+          const T d = static_cast<T>(d_[a * q_ + j]);
+          if (prec && r_ < n_) {
+            for (int64_t s = 0; s < n_; ++s)
+              gnu[s * q_ + j] = (prec[s] + nu[s * q_ + j] / d) - gg[s * q_ + j];
+          } else if (prec) {
+            for (int64_t s = 0; s < n_; ++s) gnu[s * q_ + j] = prec[s] - gg[s * q_ + j];
+          } else {
+            for (int64_t s = 0; s < n_; ++s)
+              gnu[s * q_ + j] = nu[s * q_ + j] / d - gg[s * q_ + j];
           }
+        }
+        // d loss / d (beta, bias) = -[X 1]^T (y - N p), from the group's product above.
         T* gb = slots_[kBeta].row(slots_[kBeta].grad, g);
         T* gbias = slots_[kBias].row(slots_[kBias].grad, g);
-        std::fill(gb, gb + P_ * q_, T(0));
-        std::fill(gbias, gbias + q_, T(0));
-        const T* X = X_.data_ptr<T>();
-        for (int64_t s = 0; s < n_; ++s)
-          for (int64_t j = 0; j < q_; ++j) {
-            const T e = gg[s * q_ + j];
-            gbias[j] -= e;
-            for (int64_t f = 0; f < P_; ++f) gb[f * q_ + j] -= X[s * P_ + f] * e;
-          }
+        const T* xg = score.data_ptr<T>() + g * (P_ + 1) * q_;
+        for (int64_t i = 0; i < P_ * q_; ++i) gb[i] = -xg[i];
+        for (int64_t j = 0; j < q_; ++j) gbias[j] = -xg[P_ * q_ + j];
         // Sigma_j is proportional to v_j: d l / d v_j = -(n - quad_j) / (2 v_j).
         T* gs = slots_[kSigma].row(slots_[kSigma].grad, g);
         T* gt = slots_[kTheta].row(slots_[kTheta].grad, g);
@@ -439,7 +444,8 @@ class JointGdEngine {
 
   const engine::Settings& s_;
   const Eigenbasis<T>& basis_;
-  at::Tensor counts_, X_, eta_, ll_, g_eta_;  // ll_, g_eta_: this epoch's multinomial terms
+  at::Tensor counts_, X_, X1t_, eta_, ll_, g_eta_;  // X1t_ = [X 1]^T; ll_, g_eta_: this epoch's
+                                                   // multinomial terms
   int64_t G_, n_, q_, P_, r_, C_;
   // Prior terms of this epoch's active gene columns: quadratic form, its theta-derivative (up to
   // v), log det, its theta-derivative, v, d and theta.

@@ -4,8 +4,9 @@
 //
 // Per epoch the binding launches: engine_multinom (eta and the multinomial terms), the GEMM
 // z = V^T nu, engine_columns (the prior terms of every gene column, and w = Sigma^-1 nu in the
-// eigenbasis, in place of z), the GEMMs V w and [X 1]^T (y - N p), engine_genes (loss, early
-// stopping, the step of the small parameters) and engine_nu (the step of the random effects).
+// eigenbasis, in place of z), the GEMMs V w and [X 1]^T (y - N p), engine_record (loss, early
+// stopping, best snapshot), engine_step (the small parameters' step) and engine_nu (the random
+// effects' snapshot and step).
 // Nothing is read back by the host inside an epoch.
 #include "cuda/device_utils.cuh"
 #include "cuda/kernels.cuh"
@@ -23,10 +24,13 @@ constexpr int kRankLanes = 8;
 // [1e-6, 1e6]), not of every factor.
 constexpr int kLogGroup = 16;
 
-// Whether gene g takes part in the epoch whose record (if any) is history row `row`: still
-// active, or stopped by that very record (the CPU engine steps such a gene once more).
-__device__ __forceinline__ bool takes_part(const int64_t* stopped_at, int64_t g, int64_t row) {
-  return stopped_at[g] < 0 || stopped_at[g] == row;
+// Whether gene g is stepped in the epoch whose record is history row `row` (< 0: no record):
+// still active, or stopped by that very record while other genes of the group go on (the CPU
+// engine steps such a gene once more, and nothing once every gene has stopped). Read after the
+// record kernel has finished, so n_stopped is final for the epoch.
+__device__ __forceinline__ bool steps(const EngineGenes& genes, int64_t G, int64_t g, int64_t row) {
+  const int64_t at = genes.stopped_at[g];
+  return at < 0 || (at == row && *genes.n_stopped < G);
 }
 
 // One thread per (gene, chunk of spots); spot-major arrays, so the threads of a warp read
@@ -154,26 +158,23 @@ __device__ void step_element(const engine::Settings& s, const engine::AdamScalar
                       static_cast<T>(adam.bias2_sqrt));
 }
 
-// One thread per gene: the loss from the multinomial and column terms, the early-stopping
-// record (history row `row`, or none for row < 0), the best snapshot of the small parameters and
-// their step.
+// One thread per gene: the loss from the multinomial and column terms, the early-stopping record
+// into history row `row` and the best snapshot of the small parameters.
 template <typename T>
 __global__ void __launch_bounds__(kGeneThreads)
-    engine_genes_kernel(EngineDims dims, engine::Settings s, engine::AdamScalars adam,
-                        int64_t row, bool do_step, int64_t chunks,
-                        const double* __restrict__ ll_partial, const double* __restrict__ ll_const,
-                        EngineColumns col, const T* __restrict__ xg, EngineParam<T> beta,
-                        EngineParam<T> bias, EngineParam<T> sigma, EngineParam<T> theta_logit,
-                        EngineGenes genes, double* __restrict__ history) {
+    engine_record_kernel(EngineDims dims, engine::Settings s, int64_t row, int64_t chunks,
+                         const double* __restrict__ ll_partial,
+                         const double* __restrict__ ll_const, EngineColumns col,
+                         EngineParam<T> beta, EngineParam<T> bias, EngineParam<T> sigma,
+                         EngineParam<T> theta_logit, EngineGenes genes,
+                         double* __restrict__ history) {
   const int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (g >= dims.G) return;
-  const int64_t q = dims.q, cols = dims.G * q, C = dims.C;
+  const int64_t q = dims.q, C = dims.C;
   if (genes.stopped_at[g] >= 0) {
     // Stopped earlier: the history repeats the gene's last logged loss.
-    if (row >= 0) {
-      history[row * dims.G + g] = row > 0 ? history[(row - 1) * dims.G + g] : HUGE_VAL;
-      genes.improved[g] = 0;
-    }
+    history[row * dims.G + g] = row > 0 ? history[(row - 1) * dims.G + g] : HUGE_VAL;
+    genes.improved[g] = 0;
     return;
   }
   const double log2pi = 1.8378770664093453;  // log(2 pi)
@@ -185,26 +186,33 @@ __global__ void __launch_bounds__(kGeneThreads)
     engine::log_prior(s.prior, sigma.value[g * C + c], s.min_variance, val, der);
     lp += val;
   }
-  bool improved = false;
-  if (row >= 0) {
-    const engine::Record rec =
-        engine::record_loss(s.stop, -(ll - 0.5 * mvn + lp), genes.best_loss[g], genes.counter[g]);
-    history[row * dims.G + g] = rec.logged;
-    improved = rec.improved;
-    genes.improved[g] = improved;
-    if (improved) genes.best_epoch[g] = row;
-    if (rec.stopped) {
-      genes.stopped_at[g] = row;
-      genes.converged[g] = rec.converged;
-      if (atomicAdd(genes.n_stopped, 1) + 1 == dims.G) *genes.all_stopped_rows = row + 1;
-    }
-  }
-  if (improved) {
+  const engine::Record rec =
+      engine::record_loss(s.stop, -(ll - 0.5 * mvn + lp), genes.best_loss[g], genes.counter[g]);
+  history[row * dims.G + g] = rec.logged;
+  genes.improved[g] = rec.improved;
+  if (rec.improved) {
+    genes.best_epoch[g] = row;
     const EngineParam<T>* small[] = {&beta, &bias, &sigma, &theta_logit};
     for (const EngineParam<T>* p : small)
       for (int64_t i = g * p->size; i < (g + 1) * p->size; ++i) p->best[i] = p->value[i];
   }
-  if (!do_step) return;
+  if (rec.stopped) {
+    genes.stopped_at[g] = row;
+    genes.converged[g] = rec.converged;
+    if (atomicAdd(genes.n_stopped, 1) + 1 == dims.G) *genes.all_stopped_rows = row + 1;
+  }
+}
+
+// One thread per gene: the optimiser step of beta, bias, sigma and theta_logit.
+template <typename T>
+__global__ void __launch_bounds__(kGeneThreads)
+    engine_step_kernel(EngineDims dims, engine::Settings s, engine::AdamScalars adam, int64_t row,
+                       EngineColumns col, const T* __restrict__ xg, EngineParam<T> beta,
+                       EngineParam<T> bias, EngineParam<T> sigma, EngineParam<T> theta_logit,
+                       EngineGenes genes) {
+  const int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (g >= dims.G || !steps(genes, dims.G, g, row)) return;
+  const int64_t q = dims.q, cols = dims.G * q, C = dims.C;
   // Fixed effects: d loss / d beta_fj = -sum_s X_sf (y - N p)_sj, the bias likewise with X = 1.
   for (int64_t j = 0; j < q; ++j) {
     for (int64_t f = 0; f < dims.P; ++f)
@@ -239,9 +247,8 @@ __global__ void __launch_bounds__(kElementThreads)
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= dims.n * cols) return;
   const int64_t c = i % cols, g = c / dims.q;
-  if (!takes_part(genes.stopped_at, g, row)) return;
   if (row >= 0 && genes.improved[g]) nu.best[i] = nu.value[i];
-  if (!do_step) return;
+  if (!do_step || !steps(genes, dims.G, g, row)) return;
   T pr = prec ? prec[i] : T(0);
   if (dims.r < dims.n) pr += nu.value[i] / static_cast<T>(col_d[c]);
   step_element(s, adam, nu, i, pr - geta[i]);
@@ -281,17 +288,29 @@ cudaError_t launch_engine_columns(const EngineDims& dims, const engine::Settings
 }
 
 template <typename T>
-cudaError_t launch_engine_genes(const EngineDims& dims, const engine::Settings& s,
-                                const engine::AdamScalars& adam, int64_t row, bool do_step,
-                                const double* ll_partial, const double* ll_const,
-                                const EngineColumns& col, const T* xg, const EngineParam<T>& beta,
-                                const EngineParam<T>& bias, const EngineParam<T>& sigma,
-                                const EngineParam<T>& theta_logit, const EngineGenes& genes,
-                                double* history, cudaStream_t stream) {
+cudaError_t launch_engine_record(const EngineDims& dims, const engine::Settings& s, int64_t row,
+                                 const double* ll_partial, const double* ll_const,
+                                 const EngineColumns& col, const EngineParam<T>& beta,
+                                 const EngineParam<T>& bias, const EngineParam<T>& sigma,
+                                 const EngineParam<T>& theta_logit, const EngineGenes& genes,
+                                 double* history, cudaStream_t stream) {
   if (dims.G == 0) return cudaSuccess;
-  engine_genes_kernel<T><<<blocks_for(dims.G, kGeneThreads), kGeneThreads, 0, stream>>>(
-      dims, s, adam, row, do_step, engine_spot_chunks(dims.n), ll_partial, ll_const, col, xg,
-      beta, bias, sigma, theta_logit, genes, history);
+  engine_record_kernel<T><<<blocks_for(dims.G, kGeneThreads), kGeneThreads, 0, stream>>>(
+      dims, s, row, engine_spot_chunks(dims.n), ll_partial, ll_const, col, beta, bias, sigma,
+      theta_logit, genes, history);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_engine_step(const EngineDims& dims, const engine::Settings& s,
+                               const engine::AdamScalars& adam, int64_t row,
+                               const EngineColumns& col, const T* xg, const EngineParam<T>& beta,
+                               const EngineParam<T>& bias, const EngineParam<T>& sigma,
+                               const EngineParam<T>& theta_logit, const EngineGenes& genes,
+                               cudaStream_t stream) {
+  if (dims.G == 0) return cudaSuccess;
+  engine_step_kernel<T><<<blocks_for(dims.G, kGeneThreads), kGeneThreads, 0, stream>>>(
+      dims, s, adam, row, col, xg, beta, bias, sigma, theta_logit, genes);
   return cudaGetLastError();
 }
 
@@ -315,11 +334,14 @@ cudaError_t launch_engine_nu(const EngineDims& dims, const engine::Settings& s,
                                                 const double*, T*, const T*, const T*, const T*,  \
                                                 const int64_t*, const EngineColumns&, int*,       \
                                                 cudaStream_t);                                    \
-  template cudaError_t launch_engine_genes<T>(                                                    \
-      const EngineDims&, const engine::Settings&, const engine::AdamScalars&, int64_t, bool,      \
-      const double*, const double*, const EngineColumns&, const T*, const EngineParam<T>&,        \
-      const EngineParam<T>&, const EngineParam<T>&, const EngineParam<T>&, const EngineGenes&,    \
-      double*, cudaStream_t);                                                                     \
+  template cudaError_t launch_engine_record<T>(                                                   \
+      const EngineDims&, const engine::Settings&, int64_t, const double*, const double*,          \
+      const EngineColumns&, const EngineParam<T>&, const EngineParam<T>&, const EngineParam<T>&,  \
+      const EngineParam<T>&, const EngineGenes&, double*, cudaStream_t);                          \
+  template cudaError_t launch_engine_step<T>(                                                     \
+      const EngineDims&, const engine::Settings&, const engine::AdamScalars&, int64_t,            \
+      const EngineColumns&, const T*, const EngineParam<T>&, const EngineParam<T>&,               \
+      const EngineParam<T>&, const EngineParam<T>&, const EngineGenes&, cudaStream_t);            \
   template cudaError_t launch_engine_nu<T>(const EngineDims&, const engine::Settings&,            \
                                            const engine::AdamScalars&, int64_t, bool,             \
                                            const EngineParam<T>&, const T*, const T*,             \

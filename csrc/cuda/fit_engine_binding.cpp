@@ -1,7 +1,7 @@
 // CUDA implementation of joint_gd_fit (schema: registration.cpp): the same fit as the CPU
 // engine (csrc/cpu/fit_engine_cpu.cpp, rules in engine_rules.h) with every epoch on the device.
 //
-// The host only enqueues: per epoch four kernels of fit_engine.cu and three GEMMs (at::mm_out,
+// The host only enqueues: per epoch five kernels of fit_engine.cu and three GEMMs (at::mm_out,
 // i.e. cuBLAS) over all genes at once, two with the kernel's eigenvectors and one with the
 // design. It reads one integer back every kCheckEvery epochs, the number of stopped genes, to
 // end the loop once every gene has stopped. Genes that have stopped are frozen but stay in the
@@ -30,6 +30,10 @@ namespace {
 // Epochs between two reads of the stopped-gene count (each read syncs the stream). After the
 // last gene stops, at most this many epochs run on frozen genes before the loop ends.
 constexpr int64_t kCheckEvery = 16;
+// Genes whose log-factorial constants are computed at once.
+constexpr int64_t kConstantsChunk = 1024;
+// CUDA's limit on a grid's second dimension (engine_multinom's chunks of spots).
+constexpr int64_t kMaxGridY = 65535;
 
 // One parameter of all genes in the layout the kernels use, with its optimiser state and best
 // snapshot.
@@ -64,14 +68,21 @@ std::vector<at::Tensor> fit_on_device(const at::Tensor& counts, const at::Tensor
   const auto f64 = opts.dtype(at::kDouble), i64 = opts.dtype(at::kLong);
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
+  TORCH_CHECK(cuda::engine_spot_chunks(n) <= kMaxGridY, "splisosm: the CUDA engine handles at "
+              "most ", kMaxGridY * cuda::kEngineSpotsPerChunk, " spots, got ", n);
   // The multinomial pass leaves count checks to this one synchronisation.
   TORCH_CHECK(at::isfinite(counts).all().item<bool>(),
               "splisosm: `counts` contains NaN or infinite values");
   TORCH_CHECK(!counts.lt(0).any().item<bool>(), "splisosm: `counts` contains negative values");
-  const auto counts64 = counts.to(at::kDouble);
-  // The log-factorial constants of the multinomial log-likelihood, once per fit.
-  const auto ll_const =
-      (at::lgamma(counts64.sum(-1) + 1).sum(1) - at::lgamma(counts64 + 1).sum({1, 2})).contiguous();
+  // The log-factorial constants of the multinomial log-likelihood, once per fit, in float64 and
+  // in chunks of genes (the float64 copies of the counts would otherwise be the fit's peak).
+  auto ll_const = at::empty({G}, f64);
+  for (int64_t g0 = 0; g0 < G; g0 += kConstantsChunk) {
+    const int64_t gc = std::min(kConstantsChunk, G - g0);
+    const auto c64 = counts.narrow(0, g0, gc).to(at::kDouble);
+    ll_const.narrow(0, g0, gc).copy_(at::lgamma(c64.sum(-1) + 1).sum(1) -
+                                     at::lgamma(c64 + 1).sum({1, 2}));
+  }
   const auto counts_t = counts.permute({1, 0, 2}).contiguous();  // (n, G, m)
   const auto X_c = X.contiguous();
   const auto X1t = at::cat({X_c, at::ones({n, 1}, opts)}, 1).t();  // (P + 1, n)
@@ -118,12 +129,19 @@ std::vector<at::Tensor> fit_on_device(const at::Tensor& counts, const at::Tensor
     if (r > 0) at::mm_out(prec, V, zw);
     at::mm_out(xg, X1t, geta);
   };
-  // Record into history row `row` (none for row < 0), snapshot, and step when asked.
+  // Record into history row `row` (none for row < 0) with the best snapshot, and step when
+  // asked: the step needs every gene's record (whether the group has stopped), so it is a kernel
+  // of its own.
   const auto update = [&](int64_t row, bool do_step, const engine::AdamScalars& adam) {
-    C10_CUDA_CHECK(cuda::launch_engine_genes<T>(
-        dims, s, adam, row, do_step, ll_partial.data_ptr<double>(), ll_const.data_ptr<double>(),
-        col, xg.data_ptr<T>(), beta.view<T>(), bias.view<T>(), sigma.view<T>(), theta.view<T>(),
-        genes, history.data_ptr<double>(), stream));
+    if (row >= 0)
+      C10_CUDA_CHECK(cuda::launch_engine_record<T>(
+          dims, s, row, ll_partial.data_ptr<double>(), ll_const.data_ptr<double>(), col,
+          beta.view<T>(), bias.view<T>(), sigma.view<T>(), theta.view<T>(), genes,
+          history.data_ptr<double>(), stream));
+    if (do_step)
+      C10_CUDA_CHECK(cuda::launch_engine_step<T>(dims, s, adam, row, col, xg.data_ptr<T>(),
+                                                 beta.view<T>(), bias.view<T>(), sigma.view<T>(),
+                                                 theta.view<T>(), genes, stream));
     C10_CUDA_CHECK(cuda::launch_engine_nu<T>(dims, s, adam, row, do_step, nu.view<T>(),
                                              geta.data_ptr<T>(),
                                              r > 0 ? prec.data_ptr<T>() : nullptr, col.d, genes,
@@ -144,7 +162,9 @@ std::vector<at::Tensor> fit_on_device(const at::Tensor& counts, const at::Tensor
     update(s.max_epochs - 1, false, engine::AdamScalars{0, 0});
   }
   const int64_t stopped_rows = all_stopped_rows.item<int64_t>();
-  const int64_t rows = stopped_rows >= 0 ? stopped_rows : s.max_epochs;
+  // As on the CPU, a group without genes has stopped at its first record.
+  const int64_t rows = G == 0 ? std::min<int64_t>(s.max_epochs, 1)
+                              : (stopped_rows >= 0 ? stopped_rows : s.max_epochs);
 
   const auto seen = best_epoch.ge(0);
   return {nu.result(seen.view({1, G, 1})).permute({1, 0, 2}).contiguous(),

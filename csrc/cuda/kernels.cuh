@@ -141,7 +141,8 @@ struct EngineGenes {
   int64_t* all_stopped_rows;  // history rows when the last gene stopped (-1 before)
 };
 
-// One parameter of all genes: values, Adam moments and best snapshot, `size` entries per gene.
+// One parameter of all genes: values, Adam moments and best snapshot; `size` entries per gene
+// in gene-major layout (the small parameters; nu is spot-major and indexed directly).
 template <typename T>
 struct EngineParam {
   T *value, *m1, *m2, *best;
@@ -171,17 +172,25 @@ cudaError_t launch_engine_columns(const EngineDims& dims, const engine::Settings
                                   const EngineColumns& out, int* low_variance,
                                   cudaStream_t stream);
 
-// Loss, record into history row `row` (none for row < 0), best snapshot and (do_step) the step
-// of beta, bias, sigma and theta_logit per gene; xg (P + 1, G q) = [X 1]^T geta; ll_const (G,)
-// the log-factorial constants.
+// Loss, early-stopping record into history row `row` (>= 0) and best snapshot of beta, bias,
+// sigma and theta_logit per gene; ll_const (G,) holds the log-factorial constants.
 template <typename T>
-cudaError_t launch_engine_genes(const EngineDims& dims, const engine::Settings& s,
-                                const engine::AdamScalars& adam, int64_t row, bool do_step,
-                                const double* ll_partial, const double* ll_const,
-                                const EngineColumns& col, const T* xg, const EngineParam<T>& beta,
-                                const EngineParam<T>& bias, const EngineParam<T>& sigma,
-                                const EngineParam<T>& theta_logit, const EngineGenes& genes,
-                                double* history, cudaStream_t stream);
+cudaError_t launch_engine_record(const EngineDims& dims, const engine::Settings& s, int64_t row,
+                                 const double* ll_partial, const double* ll_const,
+                                 const EngineColumns& col, const EngineParam<T>& beta,
+                                 const EngineParam<T>& bias, const EngineParam<T>& sigma,
+                                 const EngineParam<T>& theta_logit, const EngineGenes& genes,
+                                 double* history, cudaStream_t stream);
+
+// The optimiser step of beta, bias, sigma and theta_logit of the genes still stepped after the
+// record of row `row` (< 0: none yet); xg (P + 1, G q) = [X 1]^T geta.
+template <typename T>
+cudaError_t launch_engine_step(const EngineDims& dims, const engine::Settings& s,
+                               const engine::AdamScalars& adam, int64_t row,
+                               const EngineColumns& col, const T* xg, const EngineParam<T>& beta,
+                               const EngineParam<T>& bias, const EngineParam<T>& sigma,
+                               const EngineParam<T>& theta_logit, const EngineGenes& genes,
+                               cudaStream_t stream);
 
 // Best snapshot and (do_step) the step of the random effects nu (n, G q); prec (n, G q) = V w,
 // or null for a white-noise prior (r = 0); col_d (G q,) the white-noise variances.

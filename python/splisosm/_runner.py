@@ -136,8 +136,8 @@ def engine_group_size(plan: FitPlan, kernel: KernelPayload | None, n_spots: int,
         return 1
     q = max_isos - 1
     # parameters, gradients, two moments and the best snapshot; eta, its gradient and curvature;
-    # the transposed random effects and their prior product (float32)
-    per_gene = 4 * n_spots * (q * (9 + q) + max_isos)
+    # the transposed random effects and their prior product (float32); the loss history (float64)
+    per_gene = 4 * n_spots * (q * (9 + q) + max_isos) + 8 * int(configs["max_epochs"])
     return max(1, engine_group_bytes(device) // per_gene)
 
 
