@@ -482,25 +482,30 @@ def test_engine_groups_on_the_gpu_are_sized_by_its_memory() -> None:
 
 
 # ---------------------------------------------------------------------------- end to end
-def test_glmm_on_cuda_matches_cpu() -> None:
-    """A small simulated data set fitted and tested on both devices gives the same results."""
+def du_on_both_devices(n_genes: int, side: int, seed: int, **model_kwargs):
+    """DU score-test results of a simulated slide fitted on the CPU and on the GPU."""
     from splisosm import SplisosmGLMM
     from splisosm.simulation import simulate_isoform_data
 
-    adata = simulate_isoform_data(n_genes=6, n_isoforms=3, grid_size=(12, 12), du_fraction=0.5,
-                                  seed=3)
-    results = {}
+    adata = simulate_isoform_data(n_genes=n_genes, n_isoforms=3, grid_size=(side, side),
+                                  du_fraction=0.5, seed=seed)
+    results = []
     for device in ("cpu", "cuda"):
-        model = SplisosmGLMM(model_type="glmm-full", fitting_method="marginal_newton",
-                             device=device)
+        model = SplisosmGLMM(model_type="glmm-full", device=device, **model_kwargs)
         model.setup_data(adata, layer="counts", group_iso_by="gene_symbol",
                          group_gene_by_n_iso=True, design_mtx="covariate")
-        model.fit(batch_size=6, print_progress=False)
+        model.fit(batch_size=n_genes, print_progress=False)
         model.test_differential_usage(method="score", print_progress=False)
-        results[device] = model.get_formatted_test_results("du")
-    cpu, gpu = results["cpu"], results["cuda"]
+        results.append(model.get_formatted_test_results("du"))
+    cpu, gpu = results
     assert list(cpu["gene"]) == list(gpu["gene"])
-    assert np.isfinite(gpu["statistic"].to_numpy()).all()
+    assert np.isfinite(gpu["statistic"].to_numpy(dtype=float)).all()
+    return cpu, gpu
+
+
+def test_glmm_on_cuda_matches_cpu() -> None:
+    """A small simulated data set fitted and tested on both devices gives the same results."""
+    cpu, gpu = du_on_both_devices(6, 12, 3, fitting_method="marginal_newton")
     # Both devices run to the same Laplace optimum; differences are the fits' stopping noise.
     np.testing.assert_allclose(gpu["statistic"], cpu["statistic"], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(gpu["pvalue"], cpu["pvalue"], rtol=1e-3, atol=1e-6)
@@ -510,21 +515,6 @@ def test_glmm_joint_gd_on_cuda_uses_the_engine_and_matches_cpu() -> None:
     """The default pipeline (joint_gd, float32) on both devices: the same DU results up to the
     round-off that 500 float32 Adam epochs amplify (on the CPU the engine and the Python fitter
     differ by 4e-4 relative on these genes)."""
-    from splisosm import SplisosmGLMM
-    from splisosm.simulation import simulate_isoform_data
-
     assert engine_available(torch.device("cuda"))
-    adata = simulate_isoform_data(n_genes=8, n_isoforms=3, grid_size=(15, 15), du_fraction=0.5,
-                                  seed=5)
-    results = {}
-    for device in ("cpu", "cuda"):
-        model = SplisosmGLMM(model_type="glmm-full", device=device)
-        model.setup_data(adata, layer="counts", group_iso_by="gene_symbol",
-                         group_gene_by_n_iso=True, design_mtx="covariate")
-        model.fit(batch_size=8, print_progress=False)
-        model.test_differential_usage(method="score", print_progress=False)
-        results[device] = model.get_formatted_test_results("du")
-    cpu, gpu = results["cpu"], results["cuda"]
-    assert list(cpu["gene"]) == list(gpu["gene"])
-    assert np.isfinite(gpu["statistic"].to_numpy(dtype=float)).all()
+    cpu, gpu = du_on_both_devices(8, 15, 5)
     np.testing.assert_allclose(gpu["statistic"], cpu["statistic"], rtol=0.02, atol=0.01)
