@@ -23,6 +23,7 @@ from splisosm.ops.laplace import (
     laplace_sparse_logdet,
     sparse_shifted_solve,
 )
+from splisosm.ops._native import has_native_kernel
 from splisosm.ops.laplace_reference import LOW_RANK_CLIP, checked_cholesky
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,7 +63,9 @@ class LaplaceSystem:
     a full-rank eigenbasis together with ``precision`` solves and factors through the sparse
     precision (exact and fastest) and uses the eigenpairs for :meth:`prior_terms`; ``precision``
     alone uses the sparse op everywhere. Inputs may be float32 and on any device: the ops run in
-    float64 on the CPU and results come back in the dtype and device of the input.
+    float64, on the input's GPU for the eigenbasis and identity routes when splisosm was built
+    with its CUDA kernels, otherwise (and on the sparse route) on the CPU; results come back in the
+    dtype and device of the input.
     :meth:`prior_terms` and :meth:`logdet` are differentiable (first derivatives; the eigenbasis
     and identity forms to any order); :meth:`solve` and :meth:`solve_logdet` are not (inputs are
     detached).
@@ -94,6 +97,8 @@ class LaplaceSystem:
         self._evecs: Tensor | None = None
         self._csr: tuple[Tensor, Tensor, Tensor] | None = None
         self._logdet_precision: float | None = None
+        # GPU copies of the eigenpairs by (device, dtype), made on first use
+        self._eig_copies: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         if (evals is None) != (evecs is None):
             raise ValueError("`evals` and `evecs` must be given together")
         if evecs is not None:
@@ -171,8 +176,7 @@ class LaplaceSystem:
             return _identity_prior(nu, v)
         if self._evecs is None:
             return self._sparse_prior(nu, v, theta)
-        V = self._evecs.to(nu.device, nu.dtype)
-        lam = self._evals.to(nu.device, nu.dtype)
+        lam, V = self._eigenpairs(nu.device, nu.dtype)
         c = v[:, None, :] * (theta[:, None, :] * lam[None, :, None] + (1 - theta[:, None, :]))
         z = torch.einsum("sk,gsj->gkj", V, nu)  # (G, r, q)
         if self.rank == self.n:
@@ -228,14 +232,15 @@ class LaplaceSystem:
 
     def _logdet_differentiable(self, W: Tensor, v: Tensor, theta: Tensor) -> Tensor:
         self._check_system(W, v, theta)
-        W64, v64, t64 = (x.to(_CPU, torch.float64) for x in (W, v, theta))
+        work = self._work_device(W, theta)
+        W64, v64, t64 = (x.to(work, torch.float64) for x in (W, v, theta))
         if self._is_null(theta):
             ld = _identity_system(W64, None, v64, True)[1]
         elif self.route == "sparse":
             v64, t64 = _sparse_params(v64, t64)
             ld = laplace_sparse_logdet(W64, *self._csr, v64, t64)
         else:
-            ld = _eigen_logdet(W64, self._evals, self._evecs, v64, t64)
+            ld = _eigen_logdet(W64, *self._eigenpairs(work, torch.float64), v64, t64)
         return ld.to(W.device, W.dtype)
 
     def solve_logdet(
@@ -263,30 +268,52 @@ class LaplaceSystem:
                 f"got {getattr(rhs, 'shape', rhs)}"
             )
         device = W.device
-        W64 = W.detach().to(_CPU, torch.float64)
-        v64 = v.detach().to(_CPU, torch.float64)
-        t64 = theta.detach().to(_CPU, torch.float64)
-        b64 = None if rhs is None else rhs.detach().to(_CPU, torch.float64)
+        work = self._work_device(W, theta)
+        W64 = W.detach().to(work, torch.float64)
+        v64 = v.detach().to(work, torch.float64)
+        t64 = theta.detach().to(work, torch.float64)
+        b64 = None if rhs is None else rhs.detach().to(work, torch.float64)
         if self._is_null(theta):
             x, ld = _identity_system(W64, b64, v64, want_logdet)
         elif self.route == "sparse":
             x, ld = laplace_sparse(W64, b64, *self._csr, *_sparse_params(v64, t64))
         elif self.rank < self.n and (want_logdet or float(t64.max()) > CG_THETA_MAX):
-            x, ld = laplace_lowrank(W64, b64, self._evals, self._evecs, v64, t64)
+            x, ld = laplace_lowrank(W64, b64, *self._eigenpairs(work, torch.float64), v64, t64)
         else:
+            lam, V = self._eigenpairs(work, torch.float64)
             x = ld = None
             if want_solve:
-                x = laplace_solve_eig(
-                    W64, b64, self._evals, self._evecs, v64, t64,
-                    tol=self.cg_tol, max_iter=self.cg_max_iter,
-                )
+                x = laplace_solve_eig(W64, b64, lam, V, v64, t64, tol=self.cg_tol,
+                                      max_iter=self.cg_max_iter)
             if want_logdet:
-                ld = laplace_logdet_eig(W64, self._evals, self._evecs, v64, t64)
+                ld = laplace_logdet_eig(W64, lam, V, v64, t64)
         x = None if x is None else x.to(device, rhs.dtype)
         ld = None if ld is None else ld.to(device, W.dtype)
         return x, ld
 
     # ------------------------------------------------------------------ helpers
+    def _work_device(self, W: Tensor, theta: Tensor) -> torch.device:
+        """Where a Laplace computation runs: the input's GPU for the eigenbasis and identity
+        routes when the CUDA kernels are built, else the CPU (the sparse route always: its
+        factorisations are CPU code)."""
+        on_gpu = W.device.type == "cuda" and has_native_kernel("laplace_solve_eig", W.device)
+        if on_gpu and (self._is_null(theta) or self.route == "eigen"):
+            return W.device
+        return _CPU
+
+    def _eigenpairs(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The kernel's eigenvalues and eigenvectors on ``device`` in ``dtype``. A GPU copy is
+        made once and kept (a transfer per call would cost more than the call); a CPU copy in
+        another dtype is made per call, so that many models sharing the eigenpairs do not each
+        hold one."""
+        key = (torch.device(device), dtype)
+        if key[0].type == "cpu":
+            return self._evals.to(dtype), self._evecs.to(dtype)
+        if key not in self._eig_copies:
+            self._eig_copies[key] = (self._evals.to(device, dtype),
+                                     self._evecs.to(device, dtype).contiguous())
+        return self._eig_copies[key]
+
     def _is_null(self, theta: Tensor) -> bool:
         return self.identity or bool((theta.detach() < NULL_THETA).all())
 
@@ -439,7 +466,7 @@ def _eigen_logdet(W: Tensor, lam: Tensor, V: Tensor, v: Tensor, theta: Tensor) -
     LA = checked_cholesky(W + torch.diag_embed(1 / d)[:, None], "diag(1/d) + W_s")
     M = torch.einsum("sk,gsij,sl->gikjl", V, torch.cholesky_inverse(LA), V).reshape(G, q * r, q * r)
     LM = checked_cholesky(M, "U^T A^-1 U")
-    S = torch.eye(q * r, dtype=W.dtype) + LM.transpose(1, 2) @ (E[..., None] * LM)
+    S = torch.eye(q * r, dtype=W.dtype, device=W.device) + LM.transpose(1, 2) @ (E[..., None] * LM)
     return _logdet_chol(LA) + _logdet_chol(checked_cholesky(S, "the Laplace system H"))
 
 
