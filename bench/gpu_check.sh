@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU check in one device run (see bench/GPU_RUNBOOK.md): build on the GPU machine,
-# the CUDA tests, the pipeline benchmarks and the op benchmark, in order of importance, each
-# under its own time limit and all within SPLISOSM_GPU_DEADLINE seconds (default 560, under the
-# device tool's 10 minutes per command). Logs go to $OUT (the device tool's return folder) or
-# bench/out.
+# the CUDA tests, the pipeline benchmarks (joint_gd, then marginal_newton) and the op benchmark,
+# in order of importance, each under its own time limit and all within SPLISOSM_GPU_DEADLINE
+# seconds (default 560, under the device tool's 10 minutes per command). Logs go to $OUT (the
+# device tool's return folder) or bench/out.
 #
 # Usage (from the repository root, wheels of missing packages in .whl/):
 #   bash bench/gpu_check.sh
@@ -48,4 +48,5 @@ step pipeline-small 90 python3 bench/bench_cuda.py pipeline --preset small
 step pipeline-large-subset 90 python3 bench/bench_cuda.py pipeline --preset large --genes 2000 --no-du-test
 step ops 60 python3 bench/bench_cuda.py ops
 step pipeline-large 400 python3 bench/bench_cuda.py pipeline --preset large --no-du-test
+step pipeline-small-marginal 90 python3 bench/bench_cuda.py pipeline --preset small --method marginal_newton
 echo "== done, $(( deadline - $(date +%s) )) s before the deadline"
