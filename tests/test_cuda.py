@@ -375,7 +375,8 @@ def engine_args(case: dict, *, genes: int = 3, side: int = 5, epochs: int = 200,
     start = [0.1 * torch.randn(genes, n, q, dtype=F64, generator=gen),
              torch.zeros(genes, X.shape[1], q, dtype=F64), torch.zeros(genes, q, dtype=F64),
              torch.full((genes, C), 0.6, dtype=F64), torch.full((genes, C), -3.0, dtype=F64)]
-    return [[Y.to(dtype)], X.to(dtype), lam.to(dtype), V.to(dtype)] + [[t.to(dtype)] for t in start] + [
+    shared = [X.to(dtype), lam.to(dtype), V.to(dtype)]
+    return [[Y.to(dtype)], *shared] + [[t.to(dtype)] for t in start] + [
         case.get("train_sigma", False), case.get("train_theta", True), prior, alpha, beta, 0.01,
         1 - 1e-6, case.get("optim", "adam"), case.get("lr", 0.01), case.get("tol", 1e-5),
         case.get("tol_relative", False), case.get("patience", 5), epochs]

@@ -180,7 +180,8 @@ def test_opcheck(data):
                                       "test_faketensor"))
 
 
-@pytest.mark.parametrize("configs", [{}, {"tol": 0.05, "patience": 2}], ids=["default", "early-stop"])
+@pytest.mark.parametrize("configs", [{}, {"tol": 0.05, "patience": 2}],
+                         ids=["default", "early-stop"])
 def test_groups_fitted_together_equal_separate_fits(configs):
     # Genes of two isoform counts share one call (one product with V for both); each group's
     # fit, including when its genes stop, is that of a call of its own.

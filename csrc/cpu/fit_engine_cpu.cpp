@@ -21,10 +21,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <memory>
 #include <optional>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -69,7 +67,8 @@ struct Slot {
     T* __restrict m2 = row(v, g);
     const T step_size = static_cast<T>(adam.step_size), bias2 = static_cast<T>(adam.bias2_sqrt);
 #pragma omp simd
-    for (int64_t i = 0; i < size; ++i) engine::adam_update(p[i], m1[i], m2[i], gr[i], step_size, bias2);
+    for (int64_t i = 0; i < size; ++i)
+      engine::adam_update(p[i], m1[i], m2[i], gr[i], step_size, bias2);
   }
   void snapshot(int64_t g) const { std::copy(row(value, g), row(value, g) + size, row(best, g)); }
 };
@@ -266,7 +265,8 @@ class JointGdEngine {
                                                v_[row], th_[row], d_[row]);
           // 1 / (theta lambda_k + 1 - theta) and its log-sum depend on theta only: once per
           // variance component.
-          if (r_ > 0 && (j == 0 || C_ > 1)) spectrum_terms(th_[row], inv_a.data(), sum_log_a, dlog_a);
+          if (r_ > 0 && (j == 0 || C_ > 1))
+            spectrum_terms(th_[row], inv_a.data(), sum_log_a, dlog_a);
           double qd = 0, dq = 0, ld = 0, dld = 0, z_sq = 0;
           if (r_ > 0) {
             const T* z = zT.data_ptr<T>() + row * r_;

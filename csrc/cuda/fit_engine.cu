@@ -268,7 +268,8 @@ cudaError_t launch_engine_multinom(const EngineDims& dims, const T* X, const T* 
                                    const int64_t* stopped_at, T* geta, double* ll_partial,
                                    cudaStream_t stream) {
   if (dims.G == 0 || dims.n == 0) return cudaSuccess;
-  const dim3 grid(blocks_for(dims.G, kGeneThreads), static_cast<unsigned>(engine_spot_chunks(dims.n)));
+  const dim3 grid(blocks_for(dims.G, kGeneThreads),
+                  static_cast<unsigned>(engine_spot_chunks(dims.n)));
   engine_multinom_kernel<T><<<grid, kGeneThreads, 0, stream>>>(dims, X, counts, nu, beta, bias,
                                                                stopped_at, geta, ll_partial);
   return cudaGetLastError();

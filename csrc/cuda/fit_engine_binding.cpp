@@ -109,10 +109,11 @@ std::vector<at::Tensor> fit_on_device(const at::Tensor& counts, const at::Tensor
   auto n_stopped = at::zeros({1}, opts.dtype(at::kInt));
   auto all_stopped_rows = at::full({1}, -1, i64);
   auto low_variance = at::zeros({1}, opts.dtype(at::kInt));
-  const cuda::EngineGenes genes{stopped_at.data_ptr<int64_t>(), counter.data_ptr<int64_t>(),
-                                best_epoch.data_ptr<int64_t>(), best_loss.data_ptr<double>(),
-                                converged.data_ptr<bool>(),     improved.data_ptr<int>(),
-                                n_stopped.data_ptr<int>(),      all_stopped_rows.data_ptr<int64_t>()};
+  const cuda::EngineGenes genes{stopped_at.data_ptr<int64_t>(),   counter.data_ptr<int64_t>(),
+                                best_epoch.data_ptr<int64_t>(),   best_loss.data_ptr<double>(),
+                                converged.data_ptr<bool>(),       improved.data_ptr<int>(),
+                                n_stopped.data_ptr<int>(),
+                                all_stopped_rows.data_ptr<int64_t>()};
   auto history = at::empty({s.max_epochs, G}, f64);
 
   const auto nu_mat = nu.value.view({n, cols});
