@@ -38,7 +38,12 @@ step() {
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps .whl/*.whl || echo "wheel install failed"
+  # Into the interpreter's environment; where that is read-only, into a folder on the paths that
+  # Python and CMake's find_package (Eigen's config under cmeel.prefix) search.
+  if ! python3 -m pip install -q --no-index --no-deps .whl/*.whl; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site CMAKE_PREFIX_PATH=/tmp/site/cmeel.prefix
+  fi
 fi
 
 step build 240 python3 -m pip install --no-build-isolation --no-deps -v -Cbuild-dir=build .
