@@ -16,7 +16,6 @@
 //   variance d_j = v_j (1 - theta_j) outside span V); r = 0 is the white-noise prior v I.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/multinomial_cpu.h"
 #include "cpu/panel_gemm.h"
 #include "engine_rules.h"
 #include "engine_settings.h"
@@ -235,15 +235,10 @@ class JointGdEngine {
         }
       }
     });
-    static const auto multinom_terms =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("splisosm::multinom_terms", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
-                                                                   const at::Tensor&)>();
-    // Straight to the CPU kernel: through the autograd key the call would re-enter Python (the
-    // op's autograd formula is registered there) once per epoch.
-    std::tie(ll_, g_eta_, std::ignore) =
-        multinom_terms.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), eta_, counts_);
+    // Straight to the CPU kernel, without the curvature blocks the engine does not use (through
+    // the dispatcher the call would also re-enter Python, where the op's autograd formula is
+    // registered, once per epoch).
+    std::tie(ll_, g_eta_) = multinom_loglik_grad_cpu(eta_, counts_);
   }
 
   // The prior's quadratic forms and log-determinants of the active gene columns from their rows

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/multinomial_cpu.h"
 
 namespace splisosm {
 namespace {
@@ -117,8 +118,10 @@ void binomial_chunk(const T* eta, const T* counts, int64_t begin, int64_t end, T
                  .neg_()
                  .exp_();
   const auto l_t = t_t.log1p();
+  // Without curvature output (W null) the branch-free loop still writes one, into scratch.
+  std::vector<T> scratch(W ? 0 : len);
   binomial_terms(e, counts + 2 * begin, t_t.template data_ptr<T>(), l_t.template data_ptr<T>(),
-                 len, ll_spot + begin, grad + begin, W + begin);
+                 len, ll_spot + begin, grad + begin, W ? W + begin : scratch.data());
   binomial_constants(counts + 2 * begin, len, ll_spot + begin, bad);
 }
 
@@ -180,9 +183,10 @@ void multinom_chunk(const T* eta, const T* counts, int64_t begin, int64_t end, i
     T* pp = Q > 0 ? p : prob + i * m;  // dynamic q normalises in place
     for (int64_t j = 0; j < q; ++j) pp[j] = prob[i * m + j] * inv_z;
     T* g = grad + idx * q;
+    for (int64_t j = 0; j < q; ++j) g[j] = y[j] - total * pp[j];
+    if (!W) continue;  // no curvature wanted
     T* w = W + idx * q * q;
     for (int64_t j = 0; j < q; ++j) {
-      g[j] = y[j] - total * pp[j];
       for (int64_t k = 0; k < q; ++k) w[j * q + k] = -total * pp[j] * pp[k];
       w[j * q + j] += total * pp[j];
     }
@@ -224,24 +228,31 @@ void multinom_dispatch_q(const T* eta, const T* counts, int64_t spots, int64_t q
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multinom_terms_cpu(const at::Tensor& eta_in,
-                                                                  const at::Tensor& counts_in) {
+// The op's three outputs; W undefined (and not computed) without `curvature`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multinom_terms_impl(const at::Tensor& eta_in,
+                                                                   const at::Tensor& counts_in,
+                                                                   bool curvature) {
   check_multinom_inputs(eta_in, counts_in, c10::DeviceType::CPU);
   const auto eta = eta_in.contiguous();
   const auto counts = counts_in.contiguous();
   const int64_t G = eta.size(0), n = eta.size(1), q = eta.size(2);
   auto ll_spot = at::empty({G, n}, eta.options());
   auto grad = at::empty({G, n, q}, eta.options());
-  auto W = at::empty({G, n, q, q}, eta.options());
+  auto W = curvature ? at::empty({G, n, q, q}, eta.options()) : at::Tensor();
   std::atomic<int> bad{kCountsOk};
   AT_DISPATCH_FLOATING_TYPES(eta.scalar_type(), "multinom_terms_cpu", [&] {
     multinom_dispatch_q<scalar_t>(eta.data_ptr<scalar_t>(), counts.data_ptr<scalar_t>(), G * n, q,
-                              ll_spot.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                              W.data_ptr<scalar_t>(), bad);
+                                  ll_spot.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                                  curvature ? W.data_ptr<scalar_t>() : nullptr, bad);
   });
   TORCH_CHECK(bad.load() != kCountsNonFinite, "splisosm: `counts` contains NaN or infinite values");
   TORCH_CHECK(bad.load() != kCountsNegative, "splisosm: `counts` contains negative values");
   return {ll_spot.sum(1), grad, W};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multinom_terms_cpu(const at::Tensor& eta,
+                                                                  const at::Tensor& counts) {
+  return multinom_terms_impl(eta, counts, /*curvature=*/true);
 }
 
 template <typename T>
@@ -323,6 +334,12 @@ std::tuple<at::Tensor, at::Tensor> fixed_effect_info_cpu(const at::Tensor& X_in,
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> multinom_loglik_grad_cpu(const at::Tensor& eta,
+                                                            const at::Tensor& counts) {
+  auto [ll, grad, W] = multinom_terms_impl(eta, counts, /*curvature=*/false);
+  return {ll, grad};
+}
 
 TORCH_LIBRARY_IMPL(splisosm, CPU, m) {
   m.impl("multinom_terms", &multinom_terms_cpu);
