@@ -42,7 +42,7 @@ struct DeviceParam {
   int64_t per_gene;
 
   DeviceParam(const at::Tensor& start, int64_t genes)
-      : value(start.contiguous().clone()),
+      : value(start.clone(at::MemoryFormat::Contiguous)),
         m1(at::zeros_like(value)),
         m2(at::zeros_like(value)),
         best(value.clone()),
