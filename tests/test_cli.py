@@ -82,3 +82,20 @@ def test_module_entry_point_exit_status(tmp_path) -> None:
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     usage = subprocess.run([sys.executable, "-m", "splisosm.cli"], capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_calibrated_configuration_is_the_default() -> None:
+    from splisosm.cli import build_parser
+
+    for command in (["run", "data.h5ad", "--out", "res"], ["demo"]):
+        args = build_parser().parse_args(command)
+        assert args.fitting_method == "marginal_newton"
+    args = build_parser().parse_args(["run", "data.h5ad", "--out", "res"])
+    assert args.du_method == "marginal-score" and args.sv_method == "score"
+
+
+def test_run_sv_llr(h5ad, tmp_path) -> None:
+    out = tmp_path / "llr"
+    assert main(["run", str(h5ad), "--out", str(out), "--sv", "--sv-method", "llr", *FAST]) == 0
+    table = pd.read_csv(out / "sv_results.csv")
+    assert len(table) == 6 and table["pvalue"].between(0, 1).all()

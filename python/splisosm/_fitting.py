@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from splisosm._choices import FITTING_METHODS as GLMM_METHODS
 from splisosm.ops._native import check_cuda_kernels
 
-GLMM_METHODS = ("joint_gd", "joint_newton", "marginal_gd", "marginal_newton")
 NULL_METHODS = ("joint_gd", "marginal_gd", "marginal_newton")
 GLM_METHODS = ("iwls", "newton", "gd")
 OPTIMIZERS = ("adam", "sgd", "lbfgs")

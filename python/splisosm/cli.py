@@ -16,6 +16,15 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from splisosm._choices import (
+    DU_METHODS,
+    FITTING_METHODS,
+    RECOMMENDED_DU,
+    RECOMMENDED_FIT,
+    RECOMMENDED_SV,
+    SV_METHODS,
+)
+
 EXIT_USER_ERROR = 2
 _USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
 
@@ -23,8 +32,9 @@ _USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
 def _model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model options")
     group.add_argument("--model-type", default="glmm-full", choices=["glmm-full", "glmm-null", "glm"])
-    group.add_argument("--fitting-method", default="joint_gd",
-                       choices=["joint_gd", "joint_newton", "marginal_gd", "marginal_newton"])
+    group.add_argument("--fitting-method", default=RECOMMENDED_FIT, choices=list(FITTING_METHODS),
+                       help=f"fitting method (default {RECOMMENDED_FIT}; the Python API's default is "
+                            f"{FITTING_METHODS[0]}, splisosm 1.2.0's)")
     group.add_argument("--max-epochs", type=int, default=500, help="maximum epochs per fit (default 500)")
     group.add_argument("--k-neighbors", type=int, default=4)
     group.add_argument("--rho", type=float, default=0.99)
@@ -63,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="obs columns to test for differential usage")
     run.add_argument("--min-counts", type=int, default=10)
     run.add_argument("--min-bin-pct", type=float, default=0.0)
-    run.add_argument("--du-method", default="score", choices=["score", "wald"])
+    run.add_argument("--du-method", default=RECOMMENDED_DU, choices=list(DU_METHODS),
+                     help="differential-usage test (default marginal-score: calibrated; 'score' is "
+                          "splisosm 1.2.0's conservative conditional test)")
     run.add_argument("--sv", action="store_true",
-                     help="also fit null models and run the spatial-variability LLR test")
+                     help="also fit null models and run the spatial-variability test")
+    run.add_argument("--sv-method", default=RECOMMENDED_SV, choices=list(SV_METHODS),
+                     help="spatial-variability test (default score: calibrated after any fitting "
+                          "method; 'llr' needs --fitting-method marginal_newton)")
     run.add_argument("--top", type=int, default=10)
     _model_options(run)
     return parser
@@ -86,7 +101,8 @@ def _make_model(args: argparse.Namespace):
     )
 
 
-def _pipeline(model, args: argparse.Namespace, *, du: bool, sv: bool, du_method: str = "score") -> dict[str, pd.DataFrame]:
+def _pipeline(model, args: argparse.Namespace, *, du: bool, sv: bool, du_method: str = RECOMMENDED_DU,
+              sv_method: str = RECOMMENDED_SV) -> dict[str, pd.DataFrame]:
     """Fit and test; return the result tables by file stem."""
     model.fit(
         n_jobs=args.n_jobs,
@@ -100,7 +116,7 @@ def _pipeline(model, args: argparse.Namespace, *, du: bool, sv: bool, du_method:
         model.test_differential_usage(method=du_method)
         tables["du_results"] = model.get_formatted_test_results("du", with_gene_summary=True)
     if sv:
-        model.test_spatial_variability()
+        model.test_spatial_variability(method=sv_method)
         tables["sv_results"] = model.get_formatted_test_results("sv", with_gene_summary=True)
     return tables
 
@@ -165,7 +181,8 @@ def _run(args: argparse.Namespace) -> None:
         min_counts=args.min_counts,
         min_bin_pct=args.min_bin_pct,
     )
-    tables = _pipeline(model, args, du=args.design is not None, sv=args.sv, du_method=args.du_method)
+    tables = _pipeline(model, args, du=args.design is not None, sv=args.sv, du_method=args.du_method,
+                       sv_method=args.sv_method)
     paths = _write(tables, args.out)
     if "du_results" in tables:
         _print_top(tables["du_results"], args.top, "Top differential-usage hits:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -68,6 +69,37 @@ def bh_adjust(pvalues: np.ndarray) -> np.ndarray:
 def chi2_pvalues(statistic: np.ndarray, df: np.ndarray | int) -> np.ndarray:
     """Upper-tail chi-square p-values ``1 - F(T; df)`` in float64 (negative ``T`` gives 1)."""
     return chi2.sf(np.asarray(statistic, dtype=np.float64), np.asarray(df, dtype=np.float64))
+
+
+def chibar2_pvalues(statistic: np.ndarray, n_components: np.ndarray | int) -> np.ndarray:
+    """Upper-tail p-values of the chi-bar-square law of a likelihood ratio at a boundary.
+
+    With ``C`` variance components tested at zero (each on the edge of its parameter space),
+    the likelihood-ratio statistic is asymptotically the mixture
+    ``sum_k binom(C, k) 2^-C chi2(k)`` with ``chi2(0)`` the point mass at 0 (Self and Liang,
+    1987), so ``T <= 0`` gives 1 and ``T > 0`` about half the plain ``chi2(C)`` tail at ``C = 1``.
+
+    Parameters
+    ----------
+    statistic
+        ``(G,)`` statistics.
+    n_components
+        ``C`` per statistic (or one for all), ``>= 1``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(G,)`` float64 p-values.
+    """
+    stat = np.asarray(statistic, dtype=np.float64)
+    comps = np.broadcast_to(np.asarray(n_components, dtype=int), stat.shape)
+    pvalue = np.ones_like(stat)
+    for c in np.unique(comps):
+        rows = (comps == c) & (stat > 0)
+        k = np.arange(1, c + 1)
+        weights = np.array([math.comb(int(c), int(i)) for i in k]) / 2.0 ** c
+        pvalue[rows] = chi2.sf(stat[rows, None], k[None, :]) @ weights
+    return pvalue
 
 
 def _multinom_blocks(counts: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
