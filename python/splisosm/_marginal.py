@@ -180,7 +180,8 @@ def sv_score(counts: Tensor, nu: Tensor, omega: Tensor, v: Tensor, Xt: Tensor,
     Parameters
     ----------
     counts, nu, omega, v, Xt
-        As in :func:`null_mode` (the fitted null parameters; the mode is recomputed from them).
+        As in :func:`null_mode`, with ``(nu, omega)`` at the mode (its result): the residuals
+        are marginal scores only there.
     lam, U
         Kernel eigenpairs ``(r,)``, ``(n, r)``; the spatial kernel of the test is
         ``U diag(lam) U^T`` (the exact kernel at full rank).
@@ -192,7 +193,6 @@ def sv_score(counts: Tensor, nu: Tensor, omega: Tensor, v: Tensor, Xt: Tensor,
         dispersion ``phi`` and ``pvalue`` from the scaled chi-square ``kappa chi2(df)`` with the
         same two moments (``kappa = var / (2 mean)``, ``df = 2 mean^2 / var``); arrays ``(G,)``.
     """
-    nu, omega = null_mode(counts, nu, omega, v, Xt)
     eta = nu + torch.einsum("sf,gfj->gsj", Xt, omega)
     _, r, W = multinom_terms(eta, counts)
     _, D = _null_precision(W, v)
