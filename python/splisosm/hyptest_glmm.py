@@ -50,8 +50,14 @@ class SplisosmGLMM:
 
     Wraps the per-gene models :class:`splisosm.model.MultinomGLMM` (through
     :class:`IsoFullModel` / :class:`IsoNullNoSpVar`) and :class:`splisosm.model.MultinomGLM` for
-    batched fitting, the spatial-variability (SV) likelihood-ratio test and the
-    differential-usage (DU) score and Wald tests.
+    batched fitting, the spatial-variability (SV) tests (score and likelihood ratio) and the
+    differential-usage (DU) tests (marginal score, conditional score and Wald).
+
+    For calibrated p-values fit with ``fitting_method='marginal_newton'`` and use
+    ``test_differential_usage(method='marginal-score')`` and
+    ``test_spatial_variability(method='score')`` (after ``fit(from_null=True)``); the defaults
+    of this class are those of splisosm 1.2.0, whose DU score test is conservative and whose SV
+    LLR after ``joint_gd`` is uninformative (see the two test methods).
 
     Parameters
     ----------
@@ -112,11 +118,12 @@ class SplisosmGLMM:
 
     Examples
     --------
-    >>> model = SplisosmGLMM(model_type="glmm-full", fitting_method="joint_gd")
+    >>> model = SplisosmGLMM(model_type="glmm-full", fitting_method="marginal_newton")
     >>> model.setup_data(adata, layer="counts", group_iso_by="gene_symbol",
     ...                  group_gene_by_n_iso=True, design_mtx="covariate")
-    >>> model.fit(n_jobs=1, batch_size=20, with_design_mtx=False)
-    >>> model.test_differential_usage(method="score")
+    >>> model.fit(n_jobs=1, batch_size=20, from_null=True)
+    >>> model.test_differential_usage(method="marginal-score")
+    >>> model.test_spatial_variability(method="score")
     >>> du_results = model.get_formatted_test_results("du")
     """
 
