@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from _glmm_data import make_adata
-from scipy.stats import chi2
+from scipy.stats import chi2, norm
 
 from splisosm import _marginal
 from splisosm.hyptest_glmm import SplisosmGLMM
@@ -89,19 +89,75 @@ def test_score_moments_match_dense() -> None:
     v = torch.tensor([0.5, 0.8], dtype=torch.float64).expand(3, Q)
     _, D = _marginal._null_precision(W, v)
     Xt = _marginal.with_intercept(X, N, counts)
-    mean, var, trace = _marginal.score_moments(D, Xt, lam, U)
+    traces = _marginal.score_moments(D, Xt, lam, U)
     X0 = _column_design(Xt, Q)
     Kbig = torch.block_diag(*[K] * Q)
     for g in range(3):
         Dg = _blockdiag_spots(D[g])
         P = Dg - Dg @ X0 @ torch.linalg.solve(X0.T @ Dg @ X0, X0.T @ Dg)
-        assert mean[g] == pytest.approx(torch.trace(P @ Kbig).item(), rel=1e-6)
-        assert var[g] == pytest.approx(2 * torch.trace(P @ Kbig @ P @ Kbig).item(), rel=1e-6)
-        assert trace[g] == pytest.approx(torch.trace(P).item(), rel=1e-6)
+        expected = {"pk": P @ Kbig, "pkpk": P @ Kbig @ P @ Kbig, "p": P, "pkp": P @ Kbig @ P,
+                    "pp": P @ P}
+        for name, dense in expected.items():
+            got = getattr(traces, name)[g].item()
+            assert got == pytest.approx(torch.trace(dense).item(), rel=1e-6), name
         # and D is the inverse of the per-spot working covariance W^-1 + v I
         Wg = _blockdiag_spots(W[g])
         Vinv = torch.linalg.inv(torch.linalg.inv(Wg) + torch.diag(v[g].repeat_interleave(N)))
         torch.testing.assert_close(Dg, Vinv, rtol=1e-8, atol=1e-10)
+
+
+def test_sv_score_matches_dense() -> None:
+    K, lam, U = _kernel()
+    counts, nu, bias, X = _problem()
+    v = torch.tensor([[0.4, 0.7], [0.2, 0.2], [1.0, 0.5]], dtype=torch.float64)
+    Xt = _marginal.with_intercept(X, N, counts)
+    omega = torch.zeros(3, Xt.shape[1], Q, dtype=torch.float64)
+    omega[:, -1] = bias
+    nu, omega = _marginal.null_mode(counts, nu, omega, v, Xt)
+    res = _marginal.sv_score(counts, nu, omega, v, Xt, lam, U)
+    _, r, W = multinom_terms(nu + torch.einsum("sf,gfj->gsj", Xt, omega), counts)
+    _, D = _marginal._null_precision(W, v)
+    X0 = _column_design(Xt, Q)
+    Kbig = torch.block_diag(*[K] * Q)
+    for g in range(3):
+        Dg = _blockdiag_spots(D[g])
+        P = Dg - Dg @ X0 @ torch.linalg.solve(X0.T @ Dg @ X0, X0.T @ Dg)
+        rg = r[g].T.reshape(-1)
+        phi = (rg @ rg / torch.trace(P)).item()
+        a = (torch.trace(P @ Kbig) / torch.trace(P)).item()
+        A = Kbig - a * torch.eye(Q * N, dtype=torch.float64)
+        assert res["statistic"][g] == pytest.approx((rg @ Kbig @ rg).item(), rel=1e-8)
+        assert res["phi"][g] == pytest.approx(phi, rel=1e-8)
+        assert res["mean"][g] == pytest.approx(a * (rg @ rg).item(), rel=1e-8)
+        assert res["variance"][g] == pytest.approx(
+            phi ** 2 * 2 * torch.trace(P @ A @ P @ A).item(), rel=1e-6)
+    z = (res["statistic"] - res["mean"]) / np.sqrt(res["variance"])
+    np.testing.assert_allclose(res["pvalue"], _marginal.three_moment_sf(z, res["skewness"]))
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.9, 3.0])
+def test_spectral_skewness_matches_dense_cumulants(shift) -> None:
+    K, lam, U = _kernel()
+    block = torch.tensor([[0.8, -0.3], [-0.3, 0.5]], dtype=torch.float64)
+    D = block.expand(1, N, Q, Q)
+    got = _marginal.spectral_skewness(lam[:-3], N, torch.tensor([shift], dtype=torch.float64), D)
+    # the truncated kernel: its last three eigenvalues are zero
+    lowrank = (U[:, :-3] * lam[:-3]) @ U[:, :-3].T
+    A = _blockdiag_spots(D[0]) @ torch.kron(torch.eye(Q, dtype=torch.float64),
+                                            lowrank - shift * torch.eye(N, dtype=torch.float64))
+    k2, k3 = 2 * torch.trace(A @ A), 8 * torch.trace(A @ A @ A)
+    assert got.item() == pytest.approx((k3 / k2 ** 1.5).item(), rel=1e-8)
+
+
+def test_three_moment_sf_is_the_standardised_chi_square() -> None:
+    df = 5.0
+    x = np.array([0.5, 3.0, 11.0])
+    z = (x - df) / np.sqrt(2 * df)
+    skew = np.sqrt(8 / df)
+    np.testing.assert_allclose(_marginal.three_moment_sf(z, skew), chi2.sf(x, df), rtol=1e-12)
+    # a negative skewness mirrors it, and no skewness gives the normal tail
+    np.testing.assert_allclose(_marginal.three_moment_sf(-z, -skew), chi2.cdf(x, df), rtol=1e-12)
+    np.testing.assert_allclose(_marginal.three_moment_sf(z, 0.0), norm.sf(z), atol=1e-3)
 
 
 def test_kernel_square_apply_in_blocks(monkeypatch) -> None:

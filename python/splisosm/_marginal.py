@@ -12,11 +12,13 @@ absorbs (over-dispersion and spatial smoothness) and makes a conditional test co
   the Laplace system of the fit; the covariate's score is made efficient against the intercept.
 * Spatial variability (:func:`sv_score`): at the white-noise null ``Sigma = v I`` everything is
   per spot, ``V^-1 = D = W (I + v W)^-1``; the statistic ``sum_j r_j^T K r_j`` (the score of a
-  spatial variance component at ``theta = 0``) is referred to a scaled chi-square with its first
-  two null moments (Satterthwaite).
+  spatial variance component at ``theta = 0``), compared with its expectation given the residual
+  dispersion, is referred to a shifted, scaled chi-square with its first three null moments.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,7 +27,8 @@ from torch import Tensor
 
 from splisosm.ops import multinom_terms
 
-__all__ = ["du_marginal_score", "null_mode", "score_moments", "sv_score"]
+__all__ = ["ScoreTraces", "du_marginal_score", "null_mode", "score_moments", "spectral_skewness",
+           "sv_score", "three_moment_sf"]
 
 #: Ridge on information matrices that can be singular (a covariate collinear with the intercept).
 INFO_RIDGE = 1e-8
@@ -34,6 +37,8 @@ MODE_MAX_ITER = 50
 MODE_TOL = 1e-9
 #: Rows of ``K`` formed at a time when applying ``K o K`` (bounds memory to ``block x n``).
 KERNEL_ROW_BLOCK = 512
+#: Degrees of freedom above which the three-moment reference is taken as normal.
+MAX_REFERENCE_DF = 1e7
 
 
 def with_intercept(X: Tensor | None, n: int, like: Tensor) -> Tensor:
@@ -140,37 +145,84 @@ def _kernel_square_apply(lam: Tensor, U: Tensor, vecs: Tensor) -> Tensor:
     return out
 
 
-def score_moments(D: Tensor, Xt: Tensor, lam: Tensor, U: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Null moments of ``Q = r^T (I_q (x) K) r`` for ``r ~ N(0, P)`` at the white-noise null.
+class ScoreTraces(NamedTuple):
+    """Traces of the null covariance ``P`` of the residuals with the spatial kernel ``K``, each ``(G,)``."""
+
+    pk: Tensor
+    """``tr(P K)``."""
+    pkpk: Tensor
+    """``tr(P K P K)``."""
+    p: Tensor
+    """``tr(P)``."""
+    pkp: Tensor
+    """``tr(P K P)``."""
+    pp: Tensor
+    """``tr(P P)``."""
+
+
+def score_moments(D: Tensor, Xt: Tensor, lam: Tensor, U: Tensor) -> ScoreTraces:
+    """Traces that give the null moments of ``r^T (I_q (x) K) r`` and ``r^T r`` for ``r ~ N(0, P)``.
 
     ``P = D - B M B^T`` with ``D`` the per-spot blocks of ``V^-1``, ``B = D X0``,
     ``X0 = Xt (x) I_q`` and ``M = (X0^T D X0)^-1``; ``K = U diag(lam) U^T``.
-
-    Returns
-    -------
-    mean, variance, trace
-        ``tr(P K)``, ``2 tr(P K P K)`` and ``tr(P)``, each ``(G,)``.
     """
     G, n, q, _ = D.shape
     B = torch.einsum("gsjl,sf->gsjfl", D, Xt).reshape(G, n, q, -1)  # column f * q + l
     KB = torch.einsum("tk,gkjc->gtjc", U * lam, torch.einsum("sk,gsjc->gkjc", U, B))
+    DB = torch.einsum("gsjk,gskc->gsjc", D, B)
     Minv = torch.linalg.inv(_ridge(_kron_info(Xt, D)))
+    BB = torch.einsum("gsjc,gsjd->gcd", B, B)
+    MBB = Minv @ BB
     MBKB = Minv @ torch.einsum("gsjc,gsjd->gcd", B, KB)
     MKDK = Minv @ torch.einsum("gsjc,gsjk,gskd->gcd", KB, D, KB)
+
+    def tr(A: Tensor) -> Tensor:
+        return torch.diagonal(A, dim1=1, dim2=2).sum(1)
+
     k_diag = (U * U) @ lam
-    mean = torch.einsum("gsjj,s->g", D, k_diag) - torch.diagonal(MBKB, dim1=1, dim2=2).sum(1)
+    d_square = torch.einsum("gsjk,gsjk->gs", D, D)
     dvec = D.permute(1, 0, 2, 3).reshape(n, -1)
     tr_dkdk = (dvec * _kernel_square_apply(lam, U, dvec)).sum(0).reshape(G, q, q).sum((1, 2))
-    var = 2.0 * (tr_dkdk - 2.0 * torch.diagonal(MKDK, dim1=1, dim2=2).sum(1)
-                 + torch.diagonal(MBKB @ MBKB, dim1=1, dim2=2).sum(1))
-    trace = torch.einsum("gsjj->g", D) - torch.einsum("gcd,gsjd,gsjc->g", Minv, B, B)
-    return mean, var, trace
+    return ScoreTraces(
+        pk=torch.einsum("gsjj,s->g", D, k_diag) - tr(MBKB),
+        pkpk=tr_dkdk - 2.0 * tr(MKDK) + tr(MBKB @ MBKB),
+        p=torch.einsum("gsjj->g", D) - tr(MBB),
+        pkp=d_square @ k_diag - 2.0 * tr(Minv @ torch.einsum("gsjc,gsjd->gcd", KB, DB))
+        + tr(MBB @ MBKB),
+        pp=d_square.sum(1) - 2.0 * tr(Minv @ torch.einsum("gsjc,gsjd->gcd", B, DB))
+        + tr(MBB @ MBB),
+    )
 
 
-def _diagonal_variance(D: Tensor, lam: Tensor, U: Tensor) -> Tensor:
-    """``2 sum_s K_ss^2 tr(D_s^2)``: the null variance of ``sum_s K_ss r_s^T r_s`` for ``r ~ N(0, D)``."""
-    k_diag = (U * U) @ lam
-    return 2.0 * torch.einsum("s,gsjk,gsjk->g", k_diag * k_diag, D, D)
+def spectral_skewness(lam: Tensor, n: int, shift: Tensor, D: Tensor) -> Tensor:
+    """Skewness of ``r^T (I_q (x) (K - shift I)) r`` with ``r`` Gaussian, per-spot covariance ``mean_s D_s``.
+
+    With a common spot covariance (eigenvalues ``delta_j``) the quadratic form is a weighted sum of
+    chi-square(1) variables with weights ``delta_j (lam_i - shift)`` (``lam`` padded with zeros to
+    ``n``), so its skewness ``sqrt(8) k3 / k2^1.5`` needs only power sums of the two spectra. The
+    spot-to-spot variation of ``D_s`` and the fitted fixed effects are ignored here: the skewness
+    only shapes the reference, whose mean and variance are exact.
+    """
+    lam_sums = [torch.sum(lam ** m) for m in range(4)]
+    lam_sums[0] = torch.as_tensor(float(n), dtype=lam.dtype)
+    a = shift
+    w2 = lam_sums[2] - 2 * a * lam_sums[1] + a * a * lam_sums[0]
+    w3 = lam_sums[3] - 3 * a * lam_sums[2] + 3 * a * a * lam_sums[1] - a ** 3 * lam_sums[0]
+    delta = torch.linalg.eigvalsh(D.mean(1))
+    d2, d3 = (delta ** 2).sum(1), (delta ** 3).sum(1)
+    return 8.0 ** 0.5 * d3 * w3 / (d2 * w2) ** 1.5
+
+
+def three_moment_sf(z: np.ndarray, skewness: np.ndarray) -> np.ndarray:
+    """Upper tail at the standardised value ``z`` of the shifted, scaled chi-square with that skewness.
+
+    ``chi2(df)`` with ``df = 8 / skewness^2``, standardised (mirrored for a negative skewness);
+    the normal tail where the skewness is too small for a finite ``df`` to matter.
+    """
+    z, skewness = np.broadcast_arrays(np.asarray(z, float), np.asarray(skewness, float))
+    df = 8.0 / np.maximum(skewness * skewness, 8.0 / MAX_REFERENCE_DF)
+    shift = np.sqrt(2.0 * df) * z
+    return np.where(skewness >= 0, chi2.sf(df + shift, df), chi2.cdf(df - shift, df))
 
 
 def sv_score(counts: Tensor, nu: Tensor, omega: Tensor, v: Tensor, Xt: Tensor,
@@ -189,28 +241,33 @@ def sv_score(counts: Tensor, nu: Tensor, omega: Tensor, v: Tensor, Xt: Tensor,
     Returns
     -------
     dict
-        ``statistic`` ``sum_j r_j^T K r_j``, its null ``mean`` and ``variance``, the residual
-        dispersion ``phi`` and ``pvalue`` from the scaled chi-square ``kappa chi2(df)`` with the
-        same two moments (``kappa = var / (2 mean)``, ``df = 2 mean^2 / var``); arrays ``(G,)``.
+        ``statistic`` ``Q = sum_j r_j^T K r_j``; its null ``mean`` given the residual dispersion
+        ``phi``; the null ``variance`` and ``skewness`` of ``Q - mean``; and the ``pvalue`` from
+        the shifted, scaled chi-square with those three moments; arrays ``(G,)``.
     """
     eta = nu + torch.einsum("sf,gfj->gsj", Xt, omega)
     _, r, W = multinom_terms(eta, counts)
     _, D = _null_precision(W, v)
     z = torch.einsum("sk,gsj->gkj", U, r)
     stat = (lam[None, :, None] * z * z).sum((1, 2))
-    mean, var, trace = score_moments(D, Xt, lam, U)
+    t = score_moments(D, Xt, lam, U)
     # At a mode the random effect has absorbed part of each spot's noise, so the linearised
-    # covariance overstates the residual variance (by ~10 % at ~10 counts per spot); its scale
-    # is estimated from the residuals themselves, as a quasi-likelihood dispersion. Given that
-    # estimate, the diagonal part of Q (about sum_s r_s^T r_s) is no longer random: its variance
-    # leaves the reference, and only the spot-to-spot products remain.
-    phi = (r * r).sum((1, 2)) / trace
-    mean, var = phi * mean, phi * phi * (var - _diagonal_variance(D, lam, U))
-    stat, mean, var, phi = (x.cpu().numpy() for x in (stat, mean, var, phi))
-    kappa = var / (2.0 * mean)
-    df = 2.0 * mean * mean / var
-    return {"statistic": stat, "mean": mean, "variance": var, "phi": phi,
-            "pvalue": chi2.sf(stat / kappa, df)}
+    # covariance overstates the residual variance (by 1 % to 25 % at ~10 counts per spot); its
+    # scale is estimated from the residuals themselves, as a quasi-likelihood dispersion
+    # phi = S / tr(P) with S = r^T r. The test then compares Q with its expectation given that
+    # estimate, a S with a = tr(PK) / tr(P): Q - a S = r^T (K - a I) r has mean 0 and variance
+    # 2 tr(P (K - a) P (K - a)), free of the scale up to phi^2. Its distribution is skewed (a few
+    # large kernel eigenvalues against many small ones), so a two-moment (normal or Satterthwaite)
+    # reference puts too much mass below the mean and too little in the upper tail.
+    resid_sq = (r * r).sum((1, 2))
+    phi = resid_sq / t.p
+    a = t.pk / t.p
+    var = phi * phi * 2.0 * (t.pkpk - 2.0 * a * t.pkp + a * a * t.pp)
+    skew = spectral_skewness(lam, U.shape[0], a, D)
+    mean = a * resid_sq
+    stat, mean, var, skew, phi = (x.cpu().numpy() for x in (stat, mean, var, skew, phi))
+    return {"statistic": stat, "mean": mean, "variance": var, "skewness": skew, "phi": phi,
+            "pvalue": three_moment_sf((stat - mean) / np.sqrt(var), skew)}
 
 
 def du_marginal_score(X: Tensor, counts: Tensor, nu: Tensor, fixed_eta: Tensor, v: Tensor | None,
