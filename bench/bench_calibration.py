@@ -12,6 +12,9 @@ isoforms per gene, ~10 counts per spot.
   ``--effects`` is its own data set. For each configuration (fitting method, learned or fixed
   sigma): the conditional ``'score'`` and the ``'marginal-score'`` test.
 * ``perm``: the LLR with the permutation null on a subset of genes (``--perm-genes``).
+* ``cost``: seconds to fit and run the SV score test from a white-noise ('glmm-null') model
+  alone and from ``fit(from_null=True)`` of a 'glmm-full' model, ``--genes`` genes, with the
+  largest difference of their p-values.
 
 Prints one table row per test and configuration: false-positive rate at alpha 0.05 (and at 0.01
 and 0.1) on the null genes / covariates, the fraction of null p-values equal to 1, a 5-bin histogram of the null
@@ -149,9 +152,27 @@ def perm_rows(n_genes: int, n_perms: int, seed: int) -> list[dict]:
     return [_row(f"sv llr-perm({n_perms}) marginal_newton", p[~sv], p[sv], time.perf_counter() - t0)]
 
 
+def cost_rows(n_genes: int, seed: int) -> None:
+    adata = simulate_isoform_data(n_genes=n_genes, n_isoforms=_isoforms(n_genes), grid_size=GRID,
+                                  spatial_var=0.5, theta=0.5, sv_fraction=0.5, mean_depth=10,
+                                  seed=seed)
+    pvalues = []
+    for model_type, from_null in (("glmm-null", False), ("glmm-full", True)):
+        model = SplisosmGLMM(model_type=model_type, fitting_method="marginal_newton")
+        model.setup_data(adata, group_gene_by_n_iso=True)
+        t0 = time.perf_counter()
+        model.fit(from_null=from_null, batch_size=50, print_progress=False, random_seed=0)
+        t1 = time.perf_counter()
+        pvalues.append(model.test_spatial_variability(method="score", return_results=True,
+                                                      print_progress=False)["pvalue"])
+        print(f"sv score from {model_type} (from_null={from_null}): fit {t1 - t0:.2f} s, "
+              f"test {time.perf_counter() - t1:.2f} s", flush=True)
+    print(f"largest p-value difference {np.abs(pvalues[0] - pvalues[1]).max():.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="+", choices=["sv", "du", "perm"])
+    parser.add_argument("parts", nargs="+", choices=["sv", "du", "perm", "cost"])
     parser.add_argument("--genes", type=int, default=200)
     parser.add_argument("--effects", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--sv-methods", nargs="+", default=["joint_gd", "marginal_newton"])
@@ -162,6 +183,9 @@ def main() -> None:
     args = parser.parse_args()
     rows: list[dict] = []
     for part in args.parts:
+        if part == "cost":
+            cost_rows(args.genes, args.seed)
+            continue
         if part == "sv":
             new = sv_rows(args.genes, args.sv_methods, args.seed)
         elif part == "du":

@@ -233,12 +233,33 @@ def test_sv_score_results(fitted) -> None:
         fitted.test_spatial_variability(method="score", use_perm_null=True)
 
 
-def test_sv_score_needs_the_spatial_kernel() -> None:
-    model = SplisosmGLMM(model_type="glmm-null", fitting_configs={"max_epochs": 5})
-    model.setup_data(make_adata(), group_gene_by_n_iso=True)
-    model.fit(print_progress=False)
-    with pytest.raises(ValueError, match="model_type='glmm-full'"):
-        model.test_spatial_variability(method="score")
+def test_sv_score_from_a_white_noise_model_alone(fitted, tmp_path) -> None:
+    """A 'glmm-null' model fits only the white-noise models and gives the same score test."""
+    null = SplisosmGLMM(model_type="glmm-null", fitting_method="marginal_newton",
+                        fitting_configs={"max_epochs": 30})
+    null.setup_data(make_adata(du_effect=[2.0, 0, 0, 0]), group_gene_by_n_iso=True,
+                    design_mtx=["cov", "flag"])
+    with pytest.raises(ValueError, match=r"call fit\(\) first"):
+        null.test_spatial_variability(method="score")
+    null.fit(batch_size=2, print_progress=False, random_seed=0)
+    got = null.test_spatial_variability(method="score", return_results=True, print_progress=False)
+    expected = fitted.test_spatial_variability(method="score", return_results=True,
+                                               print_progress=False)
+    np.testing.assert_allclose(got["pvalue"], expected["pvalue"], rtol=1e-6)
+    np.testing.assert_allclose(got["statistic"], expected["statistic"], rtol=1e-5)
+    # a restored model has no coordinates to build the kernel from
+    null.save(tmp_path / "null.splisosm")
+    restored = SplisosmGLMM.load(tmp_path / "null.splisosm")
+    with pytest.raises(ValueError, match=r"setup_data\(\) again"):
+        restored.test_spatial_variability(method="score")
+
+
+def test_sv_score_needs_white_noise_fits() -> None:
+    glm = SplisosmGLMM(model_type="glm", fitting_configs={"max_epochs": 5})
+    glm.setup_data(make_adata(), group_gene_by_n_iso=True)
+    glm.fit(print_progress=False)
+    with pytest.raises(ValueError, match="model_type='glmm-null'"):
+        glm.test_spatial_variability(method="score")
     full = SplisosmGLMM(fitting_configs={"max_epochs": 5})
     full.setup_data(make_adata(), group_gene_by_n_iso=True)
     full.fit(print_progress=False)
