@@ -36,7 +36,7 @@ def test_api_page_example(tmp_path) -> None:
 
     model.test_differential_usage(method="score", print_progress=False)
     du_results = model.get_formatted_test_results("du")
-    assert list(du_results.columns) == ["gene", "covariate", "statistic", "pvalue", "pvalue_adj"]
+    assert list(du_results.columns) == ["gene", "covariate", "statistic", "pvalue", "pvalue_adj", "converged"]
     truth = adata.uns["simulation"]["genes"]
     du_genes = {g for g, flag in zip(truth["gene_symbol"], truth["is_du"]) if flag}
     top = set(du_results.nsmallest(len(du_genes), "pvalue")["gene"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -41,11 +43,18 @@ def test_bad_batch_size() -> None:
         _model("glm").fit(batch_size=0, print_progress=False)
 
 
-def test_n_jobs_resolution() -> None:
+def test_n_jobs_resolution(monkeypatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     assert _resolve_n_jobs(3, "cpu") == 3
-    assert _resolve_n_jobs(-1, "cpu") >= 1
+    assert _resolve_n_jobs(-1, "cpu") == 4
+    assert _resolve_n_jobs(-3, "cpu") == 2
+    with pytest.warns(UserWarning, match="more than the 4 cores available; using 4"):
+        assert _resolve_n_jobs(64, "cpu") == 4
     with pytest.warns(UserWarning, match="only supported on CPU"):
         assert _resolve_n_jobs(2, "cuda") == 1
+    for bad in (0, 2.0, "2", True):
+        with pytest.raises(ValueError, match="`n_jobs`"):
+            _resolve_n_jobs(bad, "cpu")
 
 
 def test_batch_size_ignored_without_grouping() -> None:

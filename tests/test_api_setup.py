@@ -58,7 +58,8 @@ def test_constructor_rejects_bad_options(kwargs, match) -> None:
 
 
 def test_glm_ignores_glmm_options() -> None:
-    model = SplisosmGLMM(model_type="glm", fitting_method="bogus")
+    with pytest.warns(UserWarning, match="`fitting_method` and `fitting_configs` are ignored"):
+        model = SplisosmGLMM(model_type="glm", fitting_method="bogus")
     assert model.model_configs["fitting_method"] == "bogus"
 
 
@@ -292,10 +293,10 @@ def test_rank_selection(adata, monkeypatch) -> None:
     assert model._kernel.eigvecs is None and model._kernel.precision.shape == (64, 64)
 
 
-def test_invalid_rho_at_setup(adata) -> None:
-    model = SplisosmGLMM(rho=1.0)
-    with pytest.raises(ValueError, match="rho"):
-        model.setup_data(adata)
+@pytest.mark.parametrize("rho", [1.0, -0.1, "high", float("nan")])
+def test_invalid_rho_at_construction(rho) -> None:
+    with pytest.raises(ValueError, match="`rho` must be"):
+        SplisosmGLMM(rho=rho)
 
 
 def test_duplicate_coordinates_warn(adata) -> None:

@@ -53,7 +53,7 @@ def test_du_results(model_type, method) -> None:
     model.fit(with_design_mtx=method == "wald", batch_size=2, print_progress=False)
     assert model.test_differential_usage(method=method, print_progress=False) is None
     res = model.test_differential_usage(method=method, print_progress=False, return_results=True)
-    assert set(res) == {"statistic", "pvalue", "method", "pvalue_adj"} and res["method"] == method
+    assert set(res) == {"statistic", "pvalue", "method", "pvalue_adj", "converged"} and res["method"] == method
     assert res["statistic"].shape == (4, 2) and res["pvalue"].dtype == torch.float64
     assert isinstance(res["pvalue_adj"], np.ndarray)
     df_q = np.array(model.n_isos_per_gene)[:, None] - 1
@@ -62,7 +62,7 @@ def test_du_results(model_type, method) -> None:
     # the strong effect of gene G0 on 'cov' is detected
     assert res["pvalue"][0, 0] < 1e-3
     table = model.get_formatted_test_results("du")
-    assert list(table.columns) == ["gene", "covariate", "statistic", "pvalue", "pvalue_adj"]
+    assert list(table.columns) == ["gene", "covariate", "statistic", "pvalue", "pvalue_adj", "converged"]
     assert list(table["gene"]) == [g for g in model.gene_names for _ in range(2)]
     assert list(table["covariate"][:2]) == ["cov", "flag"]
     assert isinstance(table.index, pd.RangeIndex)
@@ -110,7 +110,7 @@ def test_sv_validation() -> None:
 
 def test_sv_chibar2(sv_model) -> None:
     res = sv_model.test_spatial_variability(return_results=True, print_progress=False)
-    assert set(res) == {"statistic", "pvalue", "df", "method", "use_perm_null", "pvalue_adj"}
+    assert set(res) == {"statistic", "pvalue", "df", "method", "use_perm_null", "pvalue_adj", "converged"}
     assert (res["statistic"] >= 0).all()  # Q22: negative LLRs are reported as 0
     assert (res["df"] == 1).all()
     stat = res["statistic"].astype(float)
@@ -118,7 +118,7 @@ def test_sv_chibar2(sv_model) -> None:
     expected = np.where(stat > 0, 0.5 * chi2.sf(stat, 1), 1.0)
     np.testing.assert_allclose(res["pvalue"], expected, rtol=1e-6)
     table = sv_model.get_formatted_test_results("sv")
-    assert list(table.columns) == ["gene", "statistic", "pvalue", "pvalue_adj"]
+    assert list(table.columns) == ["gene", "statistic", "pvalue", "pvalue_adj", "converged"]
     assert list(table["gene"]) == sv_model.gene_names
 
 
@@ -205,7 +205,7 @@ def test_results_with_gene_summary(sv_model) -> None:
     sv_model.test_differential_usage(print_progress=False)
     summary_cols = ["n_isos", "perplexity", "pct_bin_on", "count_avg", "count_std", "major_ratio_avg"]
     sv = sv_model.get_formatted_test_results("sv", with_gene_summary=True)
-    assert list(sv.columns) == ["gene", "statistic", "pvalue", "pvalue_adj"] + summary_cols
+    assert list(sv.columns) == ["gene", "statistic", "pvalue", "pvalue_adj", "converged"] + summary_cols
     du = sv_model.get_formatted_test_results("du", with_gene_summary=True)
     assert len(du) == 8 and list(du["n_isos"]) == [n for n in sv_model.n_isos_per_gene for _ in range(2)]
 

@@ -35,6 +35,7 @@ SKIPPED_LINE = "splisosm: CUDA kernels not built"
 def cuda_torch_without_kernels(monkeypatch):
     """What a CUDA torch with a CPU-only build of splisosm looks like to the Python side."""
     monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(_native, "NATIVE_AVAILABLE", True)
     monkeypatch.setattr(_native, "cuda_kernels_built", lambda: False)
 
@@ -58,12 +59,15 @@ def test_per_gene_model_names_the_missing_cuda_kernels(cuda_torch_without_kernel
 def test_no_kernel_error_when_kernels_exist_or_torch_lacks_cuda(monkeypatch) -> None:
     monkeypatch.setattr(_native, "NATIVE_AVAILABLE", True)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(_native, "cuda_kernels_built", lambda: True)
     SplisosmGLMM(device="cuda")
-    # With a CPU-only torch, torch's own "not compiled with CUDA" error is the accurate one.
+    # A CPU-only torch: the accurate message is that torch has no CUDA, not a build hint.
     monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(_native, "cuda_kernels_built", lambda: False)
-    SplisosmGLMM(device="cuda")
+    with pytest.raises(ValueError, match="device='cuda' is not available: this torch build has no CUDA"):
+        SplisosmGLMM(device="cuda")
 
 
 def test_cuda_kernels_built_matches_the_dispatcher() -> None:

@@ -209,8 +209,8 @@ def test_api_page_example_runs_unchanged(adata) -> None:
     assert len(fitted_models) == 4 and all(type(m) is IsoFullModel for m in fitted_models)
     model.test_differential_usage(method="score", print_progress=False)
     du_results = model.get_formatted_test_results("du")
-    assert list(du_results.columns) == ["gene", "covariate", "statistic", "pvalue", "pvalue_adj"]
-    assert du_results.shape == (4, 5) and list(du_results["covariate"]) == ["cov"] * 4
+    assert list(du_results.columns) == ["gene", "covariate", "statistic", "pvalue", "pvalue_adj", "converged"]
+    assert du_results.shape == (4, 6) and list(du_results["covariate"]) == ["cov"] * 4
     assert model["G0"].n_isos == 2 and type(model.get_gene_model("G1")) is IsoFullModel
 
 

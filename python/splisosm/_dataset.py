@@ -16,7 +16,12 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
+from splisosm._checks import check_real
 from splisosm._design import subset_rows
+
+#: Fewest spots a data set may have: below this no variance component (spatial or not) can be
+#: told apart from noise, yet a fit would still produce confident-looking p-values.
+MIN_SPOTS = 10
 
 
 @dataclass
@@ -77,10 +82,14 @@ def check_adata_inputs(
             f"`group_iso_by`={group_iso_by!r} is not a column of adata.var "
             f"(available: {list(adata.var.columns)})"
         )
-    if min_counts < 0:
-        raise ValueError(f"`min_counts` must be >= 0, got {min_counts}")
-    if not 0 <= min_bin_pct <= 100:
-        raise ValueError(f"`min_bin_pct` must be within [0, 100], got {min_bin_pct}")
+    if adata.var[group_iso_by].isna().all():
+        raise ValueError(
+            f"Every value of adata.var[{group_iso_by!r}] (`group_iso_by`) is missing (NaN), so no "
+            "isoform belongs to a gene"
+        )
+    check_real("min_counts", min_counts, low=0.0)
+    check_real("min_bin_pct", min_bin_pct, low=0.0, high=100.0)
+    check_enough_spots(adata.n_obs, "`adata`")
     if isinstance(gene_names, (list, tuple, np.ndarray, pd.Series)):
         raise ValueError("`gene_names` must be the name of an adata.var column or None, not a list")
     if isinstance(min_component_size, bool) or not isinstance(min_component_size, int) or min_component_size < 1:
@@ -100,6 +109,15 @@ def check_adata_inputs(
     if adj_key is not None and not has_adj:
         raise ValueError(f"`adj_key`={adj_key!r} not found in adata.obsp")
     _check_counts(adata.layers[layer], layer)
+
+
+def check_enough_spots(n_spots: int, what: str) -> None:
+    """Refuse data sets with fewer than :data:`MIN_SPOTS` spots."""
+    if n_spots < MIN_SPOTS:
+        raise ValueError(
+            f"{what} has {n_spots} spot(s); splisosm needs at least {MIN_SPOTS} spots to estimate "
+            "isoform-usage variance"
+        )
 
 
 def _check_counts(counts: Any, layer: str) -> None:
@@ -182,6 +200,7 @@ def component_filter(
             f"All {adata.n_obs} spots lie in connected components smaller than "
             f"`min_component_size`={min_component_size}"
         )
+    check_enough_spots(int(keep.sum()), f"After `min_component_size`={min_component_size}, the data")
     warnings.warn(
         f"Removed {n_removed} spots in connected components with fewer than "
         f"{min_component_size} spots; {int(keep.sum())} spots remain.",
@@ -230,14 +249,16 @@ def select_isoforms(
     Warns
     -----
     UserWarning
-        When genes are dropped because only one of their isoforms passed the filters.
+        Once, when genes are dropped because fewer than two of their isoforms passed the
+        filters, or isoforms because they have no gene label.
     """
     counts = adata.layers[layer]
     n = adata.n_obs
     if sp.issparse(counts):
         csc = sp.csc_matrix(counts)
         totals = np.asarray(csc.sum(axis=0)).ravel()
-        nonzero = np.diff(csc.indptr)
+        # Explicitly stored zeros are not expression: count positive entries, not stored ones.
+        nonzero = np.asarray((csc > 0).sum(axis=0)).ravel()
     else:
         dense = np.asarray(counts)
         totals = dense.sum(axis=0)
@@ -252,15 +273,12 @@ def select_isoforms(
     kept = np.flatnonzero(passed)
     groups = pd.Series(group.to_numpy()[kept], dtype=object)
     per_gene = {key: idx for key, idx in groups.groupby(groups, sort=False).indices.items()}
-    single = [k for k, idx in per_gene.items() if len(idx) < 2]
     multi = [(k, kept[idx]) for k, idx in per_gene.items() if len(idx) >= 2]
-    if single:
-        warnings.warn(
-            f"{len(single)} genes were dropped because fewer than 2 of their isoforms passed the "
-            "filters (a single isoform has no usage ratio to test).",
-            UserWarning,
-            stacklevel=3,
-        )
+    _warn_dropped_genes(group, per_gene)
+    unlabelled = int(group.isna().sum())
+    if unlabelled:
+        warnings.warn(f"{unlabelled} isoforms have no gene label (NaN in adata.var[{group_iso_by!r}]) "
+                      "and were left out.", UserWarning, stacklevel=3)
     if not multi:
         raise ValueError(
             "No gene has at least 2 isoforms passing the filters; every gene was filtered out "
@@ -271,6 +289,22 @@ def select_isoforms(
     starts = np.cumsum([0] + [len(cols) for _, cols in multi])
     members = [np.arange(starts[i], starts[i + 1]) for i in range(len(multi))]
     return order, [k for k, _ in multi], members
+
+
+def _warn_dropped_genes(group: pd.Series, per_gene: dict[Any, np.ndarray]) -> None:
+    """One warning for the genes the isoform filters removed, split by why."""
+    single = sum(len(idx) == 1 for idx in per_gene.values())
+    none = group.dropna().nunique() - len(per_gene)
+    if single == 0 and none == 0:
+        return
+    parts = []
+    if single:
+        parts.append(f"{single} genes were dropped because fewer than 2 of their isoforms passed "
+                     "the filters (a single isoform has no usage ratio to test)")
+    if none:
+        parts.append(f"{none} genes were dropped because none of their isoforms passed the "
+                     "filters (e.g. all-zero or low counts)")
+    warnings.warn("; ".join(parts) + ".", UserWarning, stacklevel=4)
 
 
 def gene_table(

@@ -59,6 +59,13 @@ def _obs_columns(obs: pd.DataFrame, columns: Sequence[str]) -> tuple[np.ndarray,
         values = obs[col]
         if isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object:
             cat = values if isinstance(values.dtype, pd.CategoricalDtype) else values.astype("category")
+            if cat.isna().any():
+                # One-hot encoding would give these spots all-zero rows: a level of their own
+                # that nobody asked for.
+                raise ValueError(
+                    f"obs column {col!r} used in `design_mtx` has {int(cat.isna().sum())} missing "
+                    "(NaN) values; fill them or drop those spots before setup_data()"
+                )
             # All levels are kept (no reference level dropped): each level is tested on its own.
             onehot = np.stack(
                 [(cat == level).to_numpy(dtype=np.float32) for level in cat.cat.categories], axis=1

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from splisosm._checks import check_bool, check_dict, check_int, check_keys, check_real
 from splisosm._choices import FITTING_METHODS as GLMM_METHODS
 from splisosm.ops._native import check_cuda_kernels
 
@@ -57,41 +58,79 @@ def _check_choice(name: str, value, allowed: Iterable[str]) -> None:
         raise ValueError(f"Invalid {name} {value!r}; valid values are {', '.join(allowed)}.")
 
 
-def check_device(device) -> torch.device:
-    """Accept exactly ``'cpu'``, ``'cuda'`` or ``'mps'``.
+def check_device(device, name: str = "device") -> torch.device:
+    """Accept exactly ``'cpu'``, ``'cuda'`` or ``'mps'``, and only where torch can use it.
 
     ``'cuda'`` also needs the extension's CUDA kernels when torch has CUDA (see
-    :func:`splisosm.ops._native.check_cuda_kernels`).
+    :func:`splisosm.ops._native.check_cuda_kernels`). ``name`` is the argument named in errors.
     """
     if not isinstance(device, str) or device not in DEVICES:
-        raise ValueError(f"Invalid device {device!r}; valid values are {', '.join(DEVICES)}.")
+        raise ValueError(f"Invalid {name} {device!r}; valid values are {', '.join(DEVICES)}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else "no CUDA GPU is visible to torch")
+        raise ValueError(f"{name}='cuda' is not available: {why} (torch {torch.__version__}); "
+                         f"use {name}='cpu'.")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}='mps' is not available: torch finds no Apple GPU (MPS) here; "
+                         f"use {name}='cpu'.")
     if device == "cuda":
         check_cuda_kernels()
     return torch.device(device)
 
 
+#: End of the per-fit warning; ``SplisosmGLMM`` silences it and counts all batches in one.
+NOT_CONVERGED = "gene(s) did not converge"
+#: Keys of ``fitting_configs`` that are arguments of ``SplisosmGLMM.fit()`` instead.
+_FIT_ARGUMENT_KEYS = ("with_design_mtx", "from_null", "refit_null", "batch_size")
+#: ``max_epochs = -1`` asks for the long run of splisosm 1.2.0.
+UNLIMITED_EPOCHS = 10000
+
+
 def resolve_fitting_configs(method: str, user: dict | None) -> dict:
     """Base defaults, then the method's overrides, then the user's dict (user values win).
 
-    ``max_epochs = -1`` becomes 10000 and ``patience <= 0`` becomes 1 (SPEC §6.1).
+    Every key is checked: unknown keys (a misspelt ``max_epoch`` would otherwise be ignored),
+    wrong types and out-of-range values raise ``ValueError`` naming the key. ``max_epochs``
+    must be >= 1, or -1 for 10000; ``patience <= 0`` means 1.
     """
-    configs = {**_BASE_DEFAULTS, **_METHOD_OVERRIDES[method], **(user or {})}
+    user = check_dict("fitting_configs", user)
+    hints = {k: f"{k!r} is an argument of SplisosmGLMM.fit(), not a fitting config"
+             for k in _FIT_ARGUMENT_KEYS}
+    known = {*_BASE_DEFAULTS, *(k for o in _METHOD_OVERRIDES.values() for k in o)}
+    check_keys("fitting_configs", user, known, hints)
+    configs = {**_BASE_DEFAULTS, **_METHOD_OVERRIDES[method], **user}
     _check_choice("optim", configs["optim"], OPTIMIZERS)
-    if int(configs["max_epochs"]) == -1:
-        configs["max_epochs"] = 10000
-    configs["max_epochs"] = int(configs["max_epochs"])
-    configs["patience"] = max(int(configs["patience"]), 1)
+    configs["lr"] = check_real("fitting_configs['lr']", configs["lr"], low=0.0, low_open=True)
+    configs["tol"] = check_real("fitting_configs['tol']", configs["tol"], low=0.0)
+    configs["tol_relative"] = check_bool("fitting_configs['tol_relative']", configs["tol_relative"])
+    epochs = check_int("fitting_configs['max_epochs']", configs["max_epochs"], minimum=1, also=(-1,))
+    configs["max_epochs"] = UNLIMITED_EPOCHS if epochs == -1 else epochs
+    configs["patience"] = max(check_int("fitting_configs['patience']", configs["patience"]), 1)
     if "update_nu_every_k" in configs:
-        configs["update_nu_every_k"] = max(int(configs["update_nu_every_k"]), 1)
+        every = check_int("fitting_configs['update_nu_every_k']", configs["update_nu_every_k"])
+        configs["update_nu_every_k"] = max(every, 1)
     return configs
 
 
 def resolve_prior_params(var_prior_model: str, params: dict | None) -> dict:
-    """Merge user prior parameters over the documented defaults (``{}`` for ``'none'``)."""
+    """Merge user prior parameters over the documented defaults (``{}`` for ``'none'``).
+
+    Both parameters of either prior are positive; unknown keys are refused, and parameters
+    given with ``var_prior_model='none'`` draw a warning because nothing uses them.
+    """
     _check_choice("var_prior_model", var_prior_model, PRIOR_MODELS)
+    params = check_dict("var_prior_model_params", params)
+    check_keys("var_prior_model_params", params,
+               PRIOR_DEFAULTS.get(var_prior_model) or {k for p in PRIOR_DEFAULTS.values() for k in p})
     if var_prior_model == "none":
+        if params:
+            warnings.warn(
+                f"`var_prior_model_params` {params} is ignored with var_prior_model='none'; "
+                "choose 'gamma' or 'inv_gamma' to use a prior.", UserWarning, stacklevel=3)
         return {}
-    return {k: float(v) for k, v in {**PRIOR_DEFAULTS[var_prior_model], **(params or {})}.items()}
+    return {k: check_real(f"var_prior_model_params['{k}']", v, low=0.0, low_open=True)
+            for k, v in {**PRIOR_DEFAULTS[var_prior_model], **params}.items()}
 
 
 def validate_glmm_config(
@@ -118,8 +157,6 @@ def validate_glmm_config(
             "fitting_method='joint_newton' requires var_fix_sigma=False; valid methods with a "
             f"fixed sigma are {', '.join(m for m in GLMM_METHODS if m != 'joint_newton')}."
         )
-    if fitting_configs is not None and not isinstance(fitting_configs, dict):
-        raise ValueError(f"fitting_configs must be a dict or None, got {type(fitting_configs)}")
     return resolve_fitting_configs(fitting_method, fitting_configs)
 
 
@@ -307,8 +344,7 @@ def report_fit(logger: PatienceLogger, fitting_time: float) -> None:
     n_genes = logger.n_genes
     n_conv = int(logger.converged.sum())
     if n_conv < n_genes:
-        warnings.warn(f"{n_genes - n_conv} of {n_genes} gene(s) did not converge.",
-                      UserWarning, stacklevel=4)
+        warnings.warn(f"{n_genes - n_conv} of {n_genes} {NOT_CONVERGED}.", UserWarning, stacklevel=4)
     finite_best = logger.best_loss[torch.isfinite(logger.best_loss)]
     mean_best = finite_best.mean().item() if finite_best.numel() else float("nan")
     print(f"Fitted {n_genes} gene(s) in {fitting_time:.2f}s over {logger.epoch} epochs; "

@@ -10,6 +10,7 @@ which is what keeps the log through batching and parallelism (fix of quirk Q1).
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ import scipy.sparse as sp
 import torch
 from joblib import Parallel, delayed
 from tqdm.auto import tqdm
+
+from splisosm._fitting import NOT_CONVERGED
 
 GLMM_PARAMS = ("nu", "beta", "bias_eta", "sigma", "theta_logit")
 GLM_PARAMS = ("beta", "bias_eta")
@@ -254,7 +257,10 @@ def fit_batch(plan: FitPlan, counts: Sequence[np.ndarray], design: np.ndarray | 
     X = None if design is None else torch.as_tensor(np.asarray(design, dtype=np.float32))
 
     def fitted(models: list) -> list:
-        fit_together(models, quiet=plan.quiet, random_seed=random_seed)
+        with warnings.catch_warnings():
+            # SplisosmGLMM.fit counts the genes that did not converge over all batches.
+            warnings.filterwarnings("ignore", message=f".*{re.escape(NOT_CONVERGED)}")
+            fit_together(models, quiet=plan.quiet, random_seed=random_seed)
         return models
 
     def set_up(kind: str) -> list:

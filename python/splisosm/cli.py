@@ -90,10 +90,11 @@ def _make_model(args: argparse.Namespace):
     from splisosm.hyptest_glmm import SplisosmGLMM
 
     extra = {} if args.approx_rank is None else {"approx_rank": args.approx_rank}
+    if args.model_type != "glm":  # the GLM has a fitter of its own and no fitting options
+        extra.update(fitting_method=args.fitting_method,
+                     fitting_configs={"max_epochs": args.max_epochs})
     return SplisosmGLMM(
         model_type=args.model_type,
-        fitting_method=args.fitting_method,
-        fitting_configs={"max_epochs": args.max_epochs},
         var_fix_sigma=not args.learn_sigma,
         k_neighbors=args.k_neighbors,
         rho=args.rho,
@@ -163,12 +164,32 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"Total time: {time.perf_counter() - start:.1f} s")
 
 
-def _run(args: argparse.Namespace) -> None:
-    import anndata
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
-    if not os.path.exists(args.input):
-        raise ValueError(f"input file {args.input!r} does not exist")
-    adata = anndata.read_h5ad(args.input)
+
+def _read_input(path: str):
+    """The AnnData at ``path``; ``ValueError`` saying why when it is not a readable ``.h5ad`` file."""
+    import anndata
+    import h5py
+
+    if not os.path.exists(path):
+        raise ValueError(f"input file {path!r} does not exist")
+    not_h5ad = f"input {path!r} is not an AnnData .h5ad file"
+    if os.path.isdir(path):
+        raise ValueError(f"{not_h5ad} (it is a directory)")
+    if not h5py.is_hdf5(path):
+        raise ValueError(f"{not_h5ad} (it has no HDF5 signature)")
+    try:
+        return anndata.read_h5ad(path)
+    except _USER_ERRORS as err:
+        # An HDF5 file written by something other than AnnData.
+        raise ValueError(f"{not_h5ad} ({_first_line(err)})") from err
+
+
+def _run(args: argparse.Namespace) -> None:
+    adata = _read_input(args.input)
     model = _make_model(args)
     model.setup_data(
         adata,
@@ -197,8 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         (_demo if args.command == "demo" else _run)(args)
     except _USER_ERRORS as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"splisosm-glmm: error: {message}", file=sys.stderr)
+        print(f"splisosm-glmm: error: {_first_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 

@@ -28,7 +28,9 @@ from splisosm._design import resolve_design
 from splisosm._runner import FULL_KEY, GLM_KEY, NULL_KEY, FitPlan, GeneState, KernelPayload
 from splisosm._spatial import APPROX_RANK_AUTO, build_spatial, validate_approx_rank
 from splisosm.isomodels import IsoFullModel, IsoNullNoSpVar
-from splisosm.ops._native import check_cuda_kernels
+from splisosm._checks import check_bool, check_dict, check_int, check_real
+from splisosm._fitting import (check_device, resolve_fitting_configs, resolve_prior_params,
+                               validate_glmm_config)
 from splisosm import _marginal
 from splisosm._choices import DU_METHODS, SV_METHODS
 from splisosm.stats import bh_adjust, chi2_pvalues, chibar2_pvalues, score_statistics, wald_statistics
@@ -38,9 +40,7 @@ __all__ = ["SplisosmGLMM", "IsoFullModel", "IsoNullNoSpVar"]
 
 _APPROX_RANK_AUTO = APPROX_RANK_AUTO
 MODEL_TYPES = ("glmm-full", "glmm-null", "glm")
-DEVICES = ("cpu", "cuda", "mps")
 DEFAULT_FITTING_CONFIGS = {"max_epochs": 500}
-PRIOR_DEFAULTS = {"gamma": {"alpha": 2.0, "beta": 0.3}, "inv_gamma": {"alpha": 3.0, "beta": 0.5}}
 DEFAULT_N_PERMS = 20
 JOINT_METHODS = ("joint_gd", "joint_newton")
 
@@ -163,35 +163,29 @@ class SplisosmGLMM:
     ) -> None:
         if model_type not in MODEL_TYPES:
             raise ValueError(f"`model_type` must be one of {MODEL_TYPES}, got {model_type!r}")
-        if device not in DEVICES:
-            raise ValueError(f"`device` must be one of {DEVICES}, got {device!r}")
-        if device == "cuda":
-            check_cuda_kernels()
-        if isinstance(k_neighbors, bool) or not isinstance(k_neighbors, (int, np.integer)) or k_neighbors < 1:
-            raise ValueError(f"`k_neighbors` must be a positive int, got {k_neighbors!r}")
+        check_device(device)
+        k_neighbors = check_int("k_neighbors", k_neighbors, minimum=1)
+        rho = check_real("rho", rho, low=0.0, high=1.0, high_open=True)
         validate_approx_rank(approx_rank)
-        if fitting_configs is not None and not isinstance(fitting_configs, dict):
-            raise ValueError(f"`fitting_configs` must be a dict or None, got {type(fitting_configs).__name__}")
-        if var_prior_model_params is not None and not isinstance(var_prior_model_params, dict):
-            raise ValueError(
-                f"`var_prior_model_params` must be a dict or None, got {type(var_prior_model_params).__name__}"
-            )
+        if model_type == GLM_KEY and (fitting_method != "joint_gd"
+                                      or (fitting_configs or {}) not in ({}, DEFAULT_FITTING_CONFIGS)):
+            warnings.warn(
+                "model_type='glm' fits with its own Newton (IWLS) method; `fitting_method` and "
+                "`fitting_configs` are ignored.", UserWarning, stacklevel=2)
         self.model_type = model_type
         self.model_configs: dict[str, Any] = {
-            "share_variance": share_variance,
-            "var_fix_sigma": var_fix_sigma,
+            "share_variance": check_bool("share_variance", share_variance),
+            "var_fix_sigma": check_bool("var_fix_sigma", var_fix_sigma),
             "var_prior_model": var_prior_model,
-            "var_prior_model_params": {
-                **PRIOR_DEFAULTS.get(var_prior_model, {}),
-                **(var_prior_model_params or {}),
-            },
+            "var_prior_model_params": resolve_prior_params(var_prior_model, var_prior_model_params),
             "init_ratio": init_ratio,
             "fitting_method": fitting_method,
-            "fitting_configs": {**DEFAULT_FITTING_CONFIGS, **(fitting_configs or {})},
+            "fitting_configs": {**DEFAULT_FITTING_CONFIGS,
+                                **check_dict("fitting_configs", fitting_configs)},
         }
         if model_type != GLM_KEY:
             _validate_glmm_options(self.model_configs, null_only=model_type == NULL_KEY)
-        self.k_neighbors = int(k_neighbors)
+        self.k_neighbors = k_neighbors
         self.rho = rho
         self.approx_rank = approx_rank
         self.device = device
@@ -447,11 +441,33 @@ class SplisosmGLMM:
             "batch_size": int(batch_size),
         }
         self._is_trained = True
+        fitted = states.get(self.model_type) or next(iter(states.values()))
+        n_conv = sum(state.converged for state in fitted)
         if print_progress or not quiet:
-            fitted = states.get(self.model_type) or next(iter(states.values()))
-            n_conv = sum(state.converged for state in fitted)
             print(f"Fitting finished in {time.perf_counter() - start:.1f} s; {n_conv} of "
                   f"{len(fitted)} genes converged", file=sys.stderr)
+        self._warn_unconverged(states)
+
+    def _warn_unconverged(self, states: dict[str, list[GeneState]]) -> None:
+        """One warning for every gene whose fit did not converge, whatever ``quiet`` says."""
+        counts = {key: sum(not s.converged for s in fitted) for key, fitted in states.items()}
+        if not any(counts.values()):
+            return
+        if self.model_type == GLM_KEY:  # the GLM always fits with its own defaults
+            configs = resolve_fitting_configs("iwls", None)
+        else:
+            configs = resolve_fitting_configs(self.model_configs["fitting_method"],
+                                              self.model_configs["fitting_configs"])
+        rule = "relative" if configs["tol_relative"] else "absolute"
+        per_model = ", ".join(f"{n} of {self.n_genes} {key} fits" for key, n in counts.items() if n)
+        warnings.warn(
+            f"{per_model} did not converge (early-stopping rule: loss improvement below the "
+            f"{rule} tol={configs['tol']:g} for {configs['patience']} epochs, within "
+            f"max_epochs={configs['max_epochs']}). Their test results are flagged "
+            "converged=False in get_formatted_test_results() and get_training_summary(); "
+            "consider more max_epochs, or fitting_configs={'tol_relative': True} to judge the "
+            "loss change relative to the loss.",
+            UserWarning, stacklevel=3)
 
     def _batches(self, plan: FitPlan, batch_size: int, n_jobs: int) -> list[list[int]]:
         grouped = self._setup_args["grouped"]
@@ -476,6 +492,28 @@ class SplisosmGLMM:
     def _require_fit(self) -> None:
         if not self._is_trained:
             raise RuntimeError("The model has not been fitted: call fit() first")
+
+    def _fitted_genes(self, keys: tuple[str, ...], *results: np.ndarray) -> np.ndarray:
+        """Per gene, whether every fit a test reads converged; NaN results where one never ran.
+
+        A fit that never reached a finite loss (``best_epoch < 0``) still holds its starting
+        values, which would give a confident-looking statistic; its rows of ``results`` (numpy
+        views, written in place) become NaN, with one warning.
+        """
+        converged = np.ones(self.n_genes, dtype=bool)
+        unfitted = np.zeros(self.n_genes, dtype=bool)
+        for key in keys:
+            states = self._states(key)
+            converged &= np.array([s.converged for s in states], dtype=bool)
+            unfitted |= np.array([s.best_epoch < 0 for s in states], dtype=bool)
+        if unfitted.any():
+            for values in results:
+                values[unfitted] = np.nan
+            names = [self.gene_names[g] for g in np.flatnonzero(unfitted)[:5]]
+            warnings.warn(
+                f"{int(unfitted.sum())} gene(s) never reached a finite loss while fitting (e.g. "
+                f"{names}); their statistics and p-values are NaN.", UserWarning, stacklevel=3)
+        return converged
 
     def _states(self, key: str) -> list[GeneState]:
         return self._fitted_states[key]
@@ -684,8 +722,10 @@ class SplisosmGLMM:
             if use_perm_null:
                 raise ValueError("`use_perm_null` applies to method='llr' only")
             stat, pvalue = self._sv_score(print_progress)
+            converged = self._fitted_genes((NULL_KEY,), stat, pvalue)
         else:
             stat, pvalue = self._sv_llr(df, use_perm_null, n_perms_per_gene, print_progress, kwargs)
+            converged = self._fitted_genes((FULL_KEY, NULL_KEY), stat, pvalue)
         self._sv_test_results = {
             "statistic": stat,
             "pvalue": pvalue,
@@ -693,6 +733,7 @@ class SplisosmGLMM:
             "method": method,
             "use_perm_null": bool(use_perm_null),
             "pvalue_adj": bh_adjust(pvalue),
+            "converged": converged,
         }
         return self._sv_test_results if return_results else None
 
@@ -901,11 +942,13 @@ class SplisosmGLMM:
         stat = torch.stack(_runner.evaluate_groups(groups, statistics, self.n_genes, print_progress, "DU test"))
         df = np.array(self.n_isos_per_gene)[:, None] - 1
         pvalue = torch.from_numpy(chi2_pvalues(stat.numpy(), df))
+        converged = self._fitted_genes((self.model_type,), stat.numpy(), pvalue.numpy())
         self._du_test_results = {
             "statistic": stat,
             "pvalue": pvalue,
             "method": method,
             "pvalue_adj": bh_adjust(pvalue.numpy()),
+            "converged": converged,
         }
         return self._du_test_results if return_results else None
 
@@ -916,9 +959,12 @@ class SplisosmGLMM:
         Parameters
         ----------
         test_type
-            ``'sv'``: columns ``gene, statistic, pvalue, pvalue_adj`` (one row per gene);
-            ``'du'``: ``gene, covariate, statistic, pvalue, pvalue_adj`` (gene-major, one row
-            per gene and covariate).
+            ``'sv'``: columns ``gene, statistic, pvalue, pvalue_adj, converged`` (one row per
+            gene); ``'du'``: ``gene, covariate, statistic, pvalue, pvalue_adj, converged``
+            (gene-major, one row per gene and covariate). ``converged`` says whether every fit
+            the test reads (LLR: full and null; SV score: null; DU: the model's) met the
+            early-stopping rule; treat the p-values of ``False`` rows with caution. Genes
+            whose fit never reached a finite loss have NaN statistics and p-values.
         with_gene_summary
             Append the gene summary columns of :meth:`extract_feature_summary` (matched by
             gene position, so duplicate display names are safe).
@@ -943,6 +989,7 @@ class SplisosmGLMM:
                 "pvalue_adj": np.asarray(results["pvalue_adj"]),
             })
             rows = np.arange(self.n_genes)
+            df["converged"] = _converged_column(results, rows)
         else:
             P = self.n_factors
             labels = self.covariate_names or [f"factor_{i}" for i in range(P)]
@@ -954,6 +1001,7 @@ class SplisosmGLMM:
                 "pvalue_adj": np.asarray(results["pvalue_adj"]).reshape(-1),
             })
             rows = np.repeat(np.arange(self.n_genes), P)
+            df["converged"] = _converged_column(results, rows)
         if with_gene_summary:
             summary = self.extract_feature_summary("gene", print_progress=False).reset_index(drop=True)
             df = pd.concat([df, summary.iloc[rows].reset_index(drop=True)], axis=1)
@@ -1013,12 +1061,24 @@ class SplisosmGLMM:
         path
             File written by :meth:`save`.
         map_location
-            Device for the loaded model (e.g. ``'cpu'``); default: the saved device.
+            Device for the loaded model: ``'cpu'``, ``'cuda'`` or ``'mps'``; default: the saved
+            device.
 
         Raises
         ------
+        FileNotFoundError
+            ``path`` does not exist.
+        IsADirectoryError
+            ``path`` is a directory.
+        splisosm.persistence.DamagedModelError
+            (a ``ValueError``) The file is damaged: an archive member that cannot be read
+            (bad checksum, cut short, not in its format) or parts that disagree with each
+            other; the message names the member, key or tensor at fault.
         ValueError
-            The file is not a splisosm GLMM archive or has an unsupported format version.
+            The file is not a model saved by :meth:`save`, has another format version, or
+            ``map_location`` (or, without it, the saved device) is not ``'cpu'``, ``'cuda'``
+            or ``'mps'`` or is not available on this machine. Loading never runs code stored
+            in the file.
         """
         from splisosm.persistence import load_model
 
@@ -1096,6 +1156,12 @@ def _marginal_du(model, X: torch.Tensor) -> torch.Tensor:
                                        v.to(torch.float64), theta.to(torch.float64), model.system)
 
 
+def _converged_column(results: dict, rows: np.ndarray) -> np.ndarray:
+    """The per-gene ``converged`` flags of a result for the table's rows (None: not recorded)."""
+    flags = results.get("converged")
+    return np.full(len(rows), None, dtype=object) if flags is None else np.asarray(flags)[rows]
+
+
 def _status(results: dict) -> str:
     return f"Completed ({results['method']})" if results else "NA"
 
@@ -1109,8 +1175,13 @@ def _resolve_n_jobs(n_jobs: Any, device: str) -> int:
         raise ValueError(f"`n_jobs` must be an int, got {n_jobs!r}")
     if n_jobs == 0:
         raise ValueError("`n_jobs` must be a positive int or a negative count back from all cores, not 0")
+    cores = _available_cores()
     if n_jobs < 0:
-        n_jobs = max(1, (os.cpu_count() or 1) + 1 + int(n_jobs))
+        n_jobs = max(1, cores + 1 + int(n_jobs))
+    if n_jobs > cores:
+        warnings.warn(f"`n_jobs`={n_jobs} is more than the {cores} cores available; using {cores}.",
+                      UserWarning, stacklevel=3)
+        n_jobs = cores
     if n_jobs > 1 and device != "cpu":
         warnings.warn(
             f"Parallel fitting is only supported on CPU; using one process on {device!r}.",
@@ -1121,10 +1192,16 @@ def _resolve_n_jobs(n_jobs: Any, device: str) -> int:
     return int(n_jobs)
 
 
-def _validate_glmm_options(configs: dict[str, Any], *, null_only: bool) -> None:
-    """Check GLMM fitting options at construction through the models' validator (Q24)."""
-    from splisosm._fitting import validate_glmm_config
+def _available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the platform tells it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return max(1, os.cpu_count() or 1)
 
+
+def _validate_glmm_options(configs: dict[str, Any], *, null_only: bool) -> None:
+    """Check GLMM fitting options at construction through the models' validator."""
     validate_glmm_config(
         fitting_method=configs["fitting_method"],
         init_ratio=configs["init_ratio"],
