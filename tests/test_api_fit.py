@@ -157,7 +157,8 @@ def test_from_null_stores_both_and_denovo_clears_null() -> None:
 def test_from_null_without_refit() -> None:
     model = _model("glmm-null")
     model.fit(from_null=True, refit_null=False, print_progress=False)
-    assert model._fit_info == {"with_design_mtx": False, "from_null": True, "refit_null": False, "batch_size": 1}
+    assert model._fit_info == {"with_design_mtx": False, "from_null": True, "refit_null": False, "batch_size": 1,
+                               "design_scale": None}
     assert all(type(m) is IsoNullNoSpVar for m in model.get_fitted_models())
 
 

@@ -142,9 +142,10 @@ def test_initialisation(kernel):
     model = MultinomGLMM(init_ratio="observed", share_variance=False)
     model.setup_data(Y, corr_sp=kernel)
     assert model.nu.dtype == torch.float32 and model.nu.shape == (2, 16, 2)
-    p = Y / (Y.sum(-1, keepdim=True) + 1e-5)
-    torch.testing.assert_close(model.nu.detach(),
-                               torch.log((p[..., :2] + 1e-5) / (p[..., 2:] + 1e-5)).float())
+    assert (model.nu == 0).all()
+    pooled = Y.sum(1)
+    torch.testing.assert_close(model.bias_eta.detach(),
+                               torch.log((pooled[:, :2] + 0.5) / (pooled[:, 2:] + 0.5)).float())
     fano = Y.var(1).mean(-1) / Y.sum(-1).mean(-1).clamp(min=1)
     torch.testing.assert_close(model.sigma.detach(),
                                fano.clamp(1e-4, 0.9).sqrt()[:, None].expand(2, 2).float())

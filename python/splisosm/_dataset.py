@@ -162,9 +162,23 @@ def read_coordinates(adata: Any, spatial_key: str) -> np.ndarray | None:
     return coords
 
 
-def symmetrised_adjacency(adjacency: Any) -> sp.csc_matrix:
-    """CSC copy of a supplied adjacency, averaged with its transpose when not symmetric."""
+def symmetrised_adjacency(adjacency: Any, adj_key: str) -> sp.csc_matrix:
+    """CSC copy of a supplied adjacency, averaged with its transpose when not symmetric.
+
+    Raises
+    ------
+    ValueError
+        If the graph has no edge between two different spots: its spatial kernel would be the
+        identity, the white-noise model itself, and a spatial test would compare a model with
+        itself.
+    """
     adj = sp.csc_matrix(adjacency, dtype=np.float64)
+    off_diagonal = adj - sp.diags(adj.diagonal())
+    if not (off_diagonal != 0).nnz:
+        raise ValueError(
+            f"adata.obsp[{adj_key!r}] (`adj_key`) has no edge between two different spots, so "
+            "there is no spatial structure to model"
+        )
     if (adj != adj.T).nnz > 0:
         warnings.warn(
             "The supplied adjacency matrix is not symmetric; it was symmetrised as (A + A^T) / 2.",

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -27,7 +28,7 @@ from splisosm import _dataset, _runner
 from splisosm._design import resolve_design
 from splisosm._runner import FULL_KEY, GLM_KEY, NULL_KEY, FitPlan, GeneState, KernelPayload
 from splisosm._spatial import APPROX_RANK_AUTO, build_spatial, validate_approx_rank
-from splisosm.isomodels import IsoFullModel, IsoNullNoSpVar
+from splisosm.isomodels import GD_CHAIN_CONFIGS, IsoFullModel, IsoNullNoSpVar
 from splisosm._checks import check_bool, check_dict, check_int, check_real
 from splisosm._fitting import (check_device, resolve_fitting_configs, resolve_prior_params,
                                validate_glmm_config)
@@ -75,7 +76,9 @@ class SplisosmGLMM:
         Prior parameters merged over the defaults ``{'alpha': 2.0, 'beta': 0.3}`` (gamma) and
         ``{'alpha': 3, 'beta': 0.5}`` (inverse gamma; the documented values, fix of quirk Q10).
     init_ratio
-        ``'uniform'`` or ``'observed'`` initial isoform ratios.
+        ``'uniform'`` or ``'observed'`` initial isoform ratios (``'observed'``: the gene's
+        pooled ratios; unlike splisosm 1.2.0, not each spot's own, which left ``joint_gd`` fits
+        far from their optimum after 500 epochs and took most of the DU test's power).
     fitting_method
         ``'joint_gd'``, ``'joint_newton'``, ``'marginal_gd'`` or ``'marginal_newton'``.
     fitting_configs
@@ -307,7 +310,7 @@ class SplisosmGLMM:
         coords = _dataset.read_coordinates(adata, spatial_key)
         adjacency = None
         if adj_key is not None:
-            adjacency = _dataset.symmetrised_adjacency(adata.obsp[adj_key])
+            adjacency = _dataset.symmetrised_adjacency(adata.obsp[adj_key], adj_key)
         elif min_component_size > 1 or (self.model_type == FULL_KEY and coords is not None):
             from splisosm.kernel import mutual_knn_adjacency
 
@@ -379,10 +382,17 @@ class SplisosmGLMM:
         print_progress
             Show a progress bar over batches on stderr.
         with_design_mtx
-            Include the covariates as fixed effects (for the Wald test).
+            Include the covariates as fixed effects (for the Wald test). Covariates with
+            values beyond +-10 are divided by their largest magnitude for the fit, so that one
+            of large magnitude cannot derail it; the models returned by
+            :meth:`get_gene_model` and :meth:`get_fitted_models` carry the original design and
+            fixed effects on its scale.
         from_null
             Fit the white-noise null first and start the spatial model from it; stores both
-            null and full fits (needed by :meth:`test_spatial_variability`).
+            null and full fits (needed by :meth:`test_spatial_variability`). With a
+            gradient-descent method, the user's ``lr``, ``optim`` and ``patience`` apply to
+            that first fit only (a warning says so); the later fits use ``lr=0.01``, Adam and
+            ``patience=5``, as in splisosm 1.2.0.
         refit_null
             With ``from_null``, refit the null from the full fit and the full from a better
             null, choosing per gene (fix of quirk Q20).
@@ -419,16 +429,20 @@ class SplisosmGLMM:
             raise ValueError("from_null=True needs a GLMM model_type ('glmm-full' or 'glmm-null'), not 'glm'")
         if from_null and self.model_configs["fitting_method"] == "joint_newton":
             raise ValueError("from_null=True fits a null model, which does not support fitting_method='joint_newton'")
+        if from_null:
+            self._warn_chain_overrides()
         plan = self._plan(from_null=from_null, refit_null=refit_null, quiet=quiet)
         batches = self._batches(plan, int(batch_size), n_jobs)
         if print_progress:
             where = "single core" if n_jobs == 1 else f"{n_jobs} cores"
             print(f"Fitting {self.n_genes} genes ({self.model_type}) on {where}, batch size {batch_size}",
                   file=sys.stderr)
+        scale = _design_scale(self.design_mtx) if with_design_mtx else None
         start = time.perf_counter()
         states = _runner.run_batches(
-            plan, self._genes.counts, self.design_mtx if with_design_mtx else None, self._kernel,
-            batches, n_jobs=n_jobs, random_seed=random_seed, progress=print_progress, desc="Fitting",
+            plan, self._genes.counts, _scaled(self.design_mtx, scale) if with_design_mtx else None,
+            self._kernel, batches, n_jobs=n_jobs, random_seed=random_seed, progress=print_progress,
+            desc="Fitting",
         )
         generation = self._fit_generation + 1
         self._reset_fit()
@@ -439,6 +453,7 @@ class SplisosmGLMM:
             "from_null": bool(from_null),
             "refit_null": bool(refit_null),
             "batch_size": int(batch_size),
+            "design_scale": scale,
         }
         self._is_trained = True
         fitted = states.get(self.model_type) or next(iter(states.values()))
@@ -447,6 +462,18 @@ class SplisosmGLMM:
             print(f"Fitting finished in {time.perf_counter() - start:.1f} s; {n_conv} of "
                   f"{len(fitted)} genes converged", file=sys.stderr)
         self._warn_unconverged(states)
+
+    def _warn_chain_overrides(self) -> None:
+        """Say which of the user's optimiser settings only the first from-null fit uses."""
+        if not self.model_configs["fitting_method"].endswith("_gd"):
+            return
+        user = self.model_configs["fitting_configs"]
+        mine = {k: user[k] for k, v in GD_CHAIN_CONFIGS.items() if k in user and user[k] != v}
+        if mine:
+            warnings.warn(
+                f"With from_null=True, fitting_configs {mine} apply to the first white-noise fit "
+                f"only; the spatial fit and the refits after it use {GD_CHAIN_CONFIGS} (as "
+                "splisosm 1.2.0 does).", UserWarning, stacklevel=3)
 
     def _warn_unconverged(self, states: dict[str, list[GeneState]]) -> None:
         """One warning for every gene whose fit did not converge, whatever ``quiet`` says."""
@@ -519,7 +546,10 @@ class SplisosmGLMM:
         return self._fitted_states[key]
 
     def _design_for_models(self) -> torch.Tensor | None:
-        return self.design_mtx if self._fit_info.get("with_design_mtx") else None
+        """The design the stored fixed effects belong to (rescaled as in :func:`_design_scale`)."""
+        if not self._fit_info.get("with_design_mtx"):
+            return None
+        return _scaled(self.design_mtx, self._fit_info.get("design_scale"))
 
     def _group_counts(self, genes: list[int], counts: list[torch.Tensor] | None = None) -> torch.Tensor:
         source = self._genes.counts if counts is None else counts
@@ -532,6 +562,16 @@ class SplisosmGLMM:
             key, self.model_configs, [source[g] for g in genes], self._group_counts(genes, counts),
             self._design_for_models() if design is None else design, self._kernel, self.device,
         )
+
+    def _rebuild_for_user(self, genes: list[int]):
+        """A rebuilt model on the user's covariate scale (fixed effects divided back)."""
+        scale = self._fit_info.get("design_scale")
+        if scale is None:
+            return self._rebuild(self.model_type, genes)
+        per_unit = torch.as_tensor(scale, dtype=torch.float32)[:, None]
+        states = [replace(s, params={**s.params, "beta": s.params["beta"] / per_unit.to(s.params["beta"])})
+                  for s in self._states(self.model_type)]
+        return self._rebuild(self.model_type, genes, design=self.design_mtx, states=states)
 
     # ------------------------------------------------------------------ accessors
     def get_fitted_models(self) -> list:
@@ -546,7 +586,7 @@ class SplisosmGLMM:
         """
         if not self._is_trained:
             return []
-        return [self._rebuild(self.model_type, [g]) for g in range(self.n_genes)]
+        return [self._rebuild_for_user([g]) for g in range(self.n_genes)]
 
     def get_gene_model(self, gene_name: str):
         """Return a freshly rebuilt fitted model of the gene with display name ``gene_name``.
@@ -567,7 +607,7 @@ class SplisosmGLMM:
             raise KeyError(
                 f"Gene {gene_name!r} not found; known genes start with {self.gene_names[:5]}"
             ) from None
-        return self._rebuild(self.model_type, [g])
+        return self._rebuild_for_user([g])
 
     def __getitem__(self, gene_name: str):
         """Same as :meth:`get_gene_model`."""
@@ -936,7 +976,7 @@ class SplisosmGLMM:
             if method == "score":
                 return score_statistics(X.to(probs.device), counts, probs).cpu()
             beta = torch.cat([self._states(self.model_type)[g].params["beta"] for g in genes]).to(probs.device)
-            return wald_statistics(X.to(probs.device), counts, probs, beta).cpu()
+            return wald_statistics(self._design_for_models().to(probs.device), counts, probs, beta).cpu()
 
         groups = _dataset.same_size_groups(self.n_isos_per_gene, list(range(self.n_genes)))
         stat = torch.stack(_runner.evaluate_groups(groups, statistics, self.n_genes, print_progress, "DU test"))
@@ -1154,6 +1194,31 @@ def _marginal_du(model, X: torch.Tensor) -> torch.Tensor:
     v, theta = model._variance(warn=False)
     return _marginal.du_marginal_score(X, counts, model.nu.to(torch.float64), fixed,
                                        v.to(torch.float64), theta.to(torch.float64), model.system)
+
+
+#: Covariates whose values reach beyond this magnitude are rescaled for fixed-effect fits.
+DESIGN_SCALE_LIMIT = 10.0
+
+
+def _design_scale(design: torch.Tensor) -> list[float] | None:
+    """Per covariate, the divisor applied to its values for a fit with the design.
+
+    Gradient steps on the fixed effects have a fixed size, so a covariate of large magnitude
+    (say ``1e10 * x``) throws the fit off in its first step and its Wald statistic with it.
+    Columns reaching beyond :data:`DESIGN_SCALE_LIMIT` are divided by their largest magnitude;
+    the others (indicators, standardised covariates) keep their values and their fits. None
+    when no column needs it. The Wald statistic does not depend on a covariate's scale, and
+    fixed effects are reported on the user's scale.
+    """
+    largest = design.abs().amax(dim=0).double().cpu().numpy()
+    scale = np.where(largest > DESIGN_SCALE_LIMIT, largest, 1.0)
+    return None if (scale == 1.0).all() else [float(v) for v in scale]
+
+
+def _scaled(design: torch.Tensor, scale: list[float] | None) -> torch.Tensor:
+    if scale is None:
+        return design
+    return design / torch.as_tensor(scale, dtype=design.dtype, device=design.device)
 
 
 def _converged_column(results: dict, rows: np.ndarray) -> np.ndarray:

@@ -17,14 +17,15 @@ from splisosm.model import MultinomGLMM
 
 __all__ = ["IsoFullModel", "IsoNullNoSpVar"]
 
-_GD_OVERWRITE = {"lr": 0.01, "optim": "adam", "patience": 5}
+#: Settings of every gradient-descent fit after the first in a from-null chain (as in 1.2.0).
+GD_CHAIN_CONFIGS = {"lr": 0.01, "optim": "adam", "patience": 5}
 
 
 def _converted_kwargs(source: MultinomGLMM, method: str) -> dict:
     kwargs = source._config_kwargs()
     configs = dict(kwargs["fitting_configs"])
     if method.endswith("_gd"):
-        configs.update(_GD_OVERWRITE)
+        configs.update(GD_CHAIN_CONFIGS)
     kwargs.update(fitting_method=method, fitting_configs=configs)
     return kwargs
 

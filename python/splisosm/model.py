@@ -318,7 +318,8 @@ class MultinomGLMM(_CountModel):
         ``'none'``, ``'gamma'`` or ``'inv_gamma'``; parameters merged over the documented
         defaults (gamma ``alpha=2, beta=0.3``; inverse gamma ``alpha=3, beta=0.5``).
     init_ratio
-        ``'uniform'`` (``nu = 0``) or ``'observed'`` (empirical log-ratios).
+        ``'uniform'`` (all ratios equal) or ``'observed'`` (the intercept at the gene's pooled
+        log-ratios, with 0.5 added to each count; the random effect starts at 0 either way).
     fitting_method
         ``'joint_gd'``, ``'joint_newton'``, ``'marginal_gd'`` or ``'marginal_newton'``.
     fitting_configs
@@ -429,17 +430,21 @@ class MultinomGLMM(_CountModel):
         C = 1 if self.share_variance else q
         opts = {"dtype": self.dtype, "device": self.device}
         Y = self.counts
+        nu = torch.zeros(G, n, q, **opts)
+        bias = torch.zeros(G, q, **opts)
         if self.init_ratio == "observed":
-            p = Y / (Y.sum(-1, keepdim=True) + 1e-5)
-            nu = torch.log((p[..., :q] + 1e-5) / (p[..., q:] + 1e-5))
-        else:
-            nu = torch.zeros(G, n, q, **opts)
+            # The gene's pooled ratios start the intercept; the random effect starts at 0. Spot
+            # log-ratios as its start (splisosm 1.2.0) put every zero count near +-11.5, which
+            # 500 Adam epochs of step ~lr cannot undo: the random effect then still mirrors the
+            # spots' own ratios, the residuals shrink, and the DU score test loses its power.
+            pooled = Y.sum(1)
+            bias = torch.log((pooled[:, :q] + 0.5) / (pooled[:, q:] + 0.5)).to(**opts)
         var = Y.var(dim=1) if n > 1 else torch.zeros(G, m, **opts)
         fano = var.mean(-1) / Y.sum(-1).mean(-1).clamp(min=1.0)
         sigma = fano.clamp(1e-4, 0.9).sqrt()[:, None].expand(G, C)
         self.nu = nn.Parameter(nu.contiguous())
         self.beta = nn.Parameter(torch.zeros(G, P, q, **opts))
-        self.bias_eta = nn.Parameter(torch.zeros(G, q, **opts))
+        self.bias_eta = nn.Parameter(bias.contiguous())
         self.sigma = nn.Parameter(sigma.contiguous(), requires_grad=not self.var_fix_sigma)
         self.theta_logit = nn.Parameter(torch.full((G, C), -3.0, **opts))
         self._freeze_null()
