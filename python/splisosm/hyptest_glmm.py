@@ -1101,7 +1101,8 @@ class SplisosmGLMM:
         path
             File written by :meth:`save`.
         map_location
-            Device for the loaded model: ``'cpu'``, ``'cuda'`` or ``'mps'``; default: the saved
+            Device for the loaded model: ``'cpu'``, ``'cuda'`` or ``'mps'`` (also as
+            ``'cuda:0'`` or a ``torch.device``, as ``torch.load`` accepts); default: the saved
             device.
 
         Raises

@@ -440,18 +440,7 @@ def load_model(path: str | os.PathLike, map_location: str | None = None):
         ``'cpu'``, ``'cuda'`` or ``'mps'`` (also as ``'cuda:0'`` or a ``torch.device``); None
         keeps the saved device.
 
-    Raises
-    ------
-    FileNotFoundError
-        ``path`` does not exist.
-    IsADirectoryError
-        ``path`` is a directory.
-    DamagedModelError
-        (a ``ValueError``) ``path`` is damaged: an unreadable member, or parts that disagree
-        with each other; the message names the member, key or tensor at fault.
-    ValueError
-        ``path`` is not a saved model or has another format version, or ``map_location``
-        (or, without it, the saved device) is invalid or not available here.
+    The errors are those listed on :meth:`SplisosmGLMM.load <splisosm.hyptest_glmm.SplisosmGLMM.load>`.
     """
     from splisosm._fitting import check_device
 
