@@ -49,6 +49,16 @@ def test_wrapper_names_the_missing_cuda_kernels(cuda_torch_without_kernels) -> N
     SplisosmGLMM(device="cpu")  # CPU stays available
 
 
+def test_missing_kernels_named_before_a_missing_gpu(cuda_torch_without_kernels, monkeypatch) -> None:
+    # On a machine without a GPU the build problem is still the one to fix first.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="built without its CUDA kernels"):
+        SplisosmGLMM(device="cuda")
+    monkeypatch.setattr(_native, "cuda_kernels_built", lambda: True)
+    with pytest.raises(ValueError, match="no CUDA GPU is visible to torch"):
+        SplisosmGLMM(device="cuda")
+
+
 def test_per_gene_model_names_the_missing_cuda_kernels(cuda_torch_without_kernels) -> None:
     counts = torch.ones(1, 5, 3)
     with pytest.raises(RuntimeError, match="built without its CUDA kernels"):

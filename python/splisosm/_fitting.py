@@ -66,16 +66,17 @@ def check_device(device, name: str = "device") -> torch.device:
     """
     if not isinstance(device, str) or device not in DEVICES:
         raise ValueError(f"Invalid {name} {device!r}; valid values are {', '.join(DEVICES)}.")
-    if device == "cuda" and not torch.cuda.is_available():
-        why = ("this torch build has no CUDA support" if torch.version.cuda is None
-               else "no CUDA GPU is visible to torch")
-        raise ValueError(f"{name}='cuda' is not available: {why} (torch {torch.__version__}); "
-                         f"use {name}='cpu'.")
+    if device == "cuda":
+        # A build without the CUDA kernels is the problem to name first: a GPU would not help.
+        check_cuda_kernels()
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA GPU is visible to torch")
+            raise ValueError(f"{name}='cuda' is not available: {why} (torch {torch.__version__}); "
+                             f"use {name}='cpu'.")
     if device == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{name}='mps' is not available: torch finds no Apple GPU (MPS) here; "
                          f"use {name}='cpu'.")
-    if device == "cuda":
-        check_cuda_kernels()
     return torch.device(device)
 
 
