@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -13,10 +17,10 @@ from splisosm.ops.engine import panel_matmul, panel_matmul_available
 pytestmark = pytest.mark.skipif(not panel_matmul_available(),
                                 reason="the packed-panel product needs an x86-64 CPU with AVX2/FMA")
 
-# Row counts around the 6-row tile, depths around the 256-deep chunk, widths around the 16-wide
-# panel, and empty operands.
+# Row counts around the 6-row (AVX2) and 12-row (AVX-512) tiles, depths around the 256-deep
+# chunk, widths around the 16-wide panel, and empty operands.
 SHAPES = [(1, 1, 1), (5, 7, 15), (6, 256, 16), (7, 257, 17), (13, 513, 33), (12, 1100, 40),
-          (2, 900, 90), (0, 4, 3), (3, 0, 5), (4, 6, 0)]
+          (11, 300, 20), (25, 700, 47), (2, 900, 90), (0, 4, 3), (3, 0, 5), (4, 6, 0)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -27,6 +31,30 @@ def test_matches_matmul(shape):
     expected = (a.double() @ b.double()).float()
     # float32 accumulation over K terms of size ~1: error grows like sqrt(K) eps
     torch.testing.assert_close(panel_matmul(a, b), expected, rtol=0, atol=1e-5 * max(K, 1) ** 0.5)
+
+
+_PRODUCTS = """
+import sys, torch, splisosm
+g = torch.Generator().manual_seed(11)
+shapes = [(1, 5, 3), (11, 300, 20), (12, 256, 16), (13, 513, 33), (25, 700, 47)]
+pairs = [(torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)) for m, k, n in shapes]
+torch.save([torch.ops.splisosm.panel_matmul(a, b) for a, b in pairs], sys.argv[1])
+"""
+
+
+def test_kernels_give_the_same_bits(tmp_path):
+    # The AVX-512 and AVX2 kernels run the same fused multiply-adds per element in the same
+    # order, so which one a CPU picks must not change a fit by a single bit. (On a CPU without
+    # AVX-512 both runs take the AVX2 kernel.)
+    results = []
+    for kernel in ("default", "avx2"):
+        env = {**os.environ, "SPLISOSM_PANEL_KERNEL": kernel}
+        out = tmp_path / f"{kernel}.pt"
+        subprocess.run([sys.executable, "-c", _PRODUCTS, str(out)], env=env, check=True)
+        results.append(torch.load(out, weights_only=True))
+    assert len(results[0]) == 5
+    for fast, plain in zip(*results):
+        assert torch.equal(fast, plain)
 
 
 def test_strided_operands():

@@ -3,8 +3,8 @@
 // The fitting engine multiplies the kernel's eigenvectors by a few to a few hundred rows, twice
 // per epoch, for hundreds of epochs. BLAS re-packs B into its panel layout on every call; with
 // few rows that packing costs as much as the arithmetic (and MKL's generic path on non-Intel
-// CPUs runs at a fraction of the FMA units' speed). Packing B once and running an AVX2/FMA
-// micro-kernel over it removes both costs.
+// CPUs runs at a fraction of the FMA units' speed). Packing B once and running an AVX2/FMA (or,
+// where the CPU has it, AVX-512) micro-kernel over it removes both costs.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -12,7 +12,7 @@ namespace splisosm {
 
 class PackedPanels {
  public:
-  // Whether this CPU can run the kernel (x86-64 with AVX2 and FMA, checked at run time).
+  // Whether this CPU can run the kernels (x86-64 with AVX2 and FMA, checked at run time).
   static bool available();
 
   // Packs B (K, N), float32, any strides. Requires available().
