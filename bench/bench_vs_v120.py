@@ -35,6 +35,8 @@ Workloads (``--workloads``, default ``du du10k sv pergene``):
 * ``pergene``: ``IsoFullModel(fitting_method='joint_gd', fitting_configs={'max_epochs': 100})``,
   ``setup_data(counts, corr_sp_eigvals=, corr_sp_eigvecs=)`` with the eigenpairs of each package's
   own ``SpatialCovKernel`` of the same coordinates, 20 genes x 900 spots, one gene at a time.
+* ``du-marginal``: the ``du`` data and settings with ``fitting_method='marginal_newton'`` (the fit
+  the README recommends), 50 genes.
 * ``exact-joint`` / ``exact-marginal``: the ``du10k`` data with ``approx_rank=None`` and
   ``joint_gd`` / ``marginal_newton``. Ours only, unless ``--v120-exact`` (1.2.0 asks its iterative
   eigensolver for n - 2 eigenpairs there, spec quirk Q16); that 1.2.0 run is then killed after
@@ -86,6 +88,10 @@ WORKLOADS = {
     "pergene": dict(data="grid30", genes=20,
                     job=["--kind", "pergene", "--fitting-method", "joint_gd", "--max-epochs", "100"],
                     label="per-gene IsoFullModel, 900 spots, joint_gd 100 ep, full-rank eigenpairs"),
+    "du-marginal": dict(data="grid30", genes=50,
+                        job=["--kind", "pipeline", "--test", "du", "--batch-size", "20",
+                             "--fitting-method", "marginal_newton"],
+                        label="DU pipeline, 900 spots, marginal_newton (the calibrated fit), batch 20, score test"),
     "exact-joint": dict(data="grid100", genes=6, v120=False,
                         job=["--kind", "pipeline", "--test", "du", "--batch-size", "20",
                              "--approx-rank", "none", "--fitting-method", "joint_gd"],
