@@ -284,3 +284,15 @@ def test_chain_overrides_of_user_settings_are_announced() -> None:
     model.setup_data(make_adata(side=5), group_gene_by_n_iso=True)
     with pytest.warns(UserWarning, match=r"fitting_configs \{'lr': 0.5, 'optim': 'lbfgs'\} apply to the first"):
         model.fit(from_null=True, print_progress=False)
+
+
+def test_fit_with_design_but_no_covariates_runs() -> None:
+    # Nothing to rescale: the fit runs as without the design, and the DU tests say what is missing.
+    model = SplisosmGLMM(fitting_configs={"max_epochs": 5})
+    model.setup_data(make_adata(side=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model.fit(with_design_mtx=True, print_progress=False)
+    assert model._fit_info["design_scale"] is None
+    with pytest.raises(ValueError, match="No design matrix"):
+        model.test_differential_usage("wald", print_progress=False)

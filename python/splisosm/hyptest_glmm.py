@@ -437,7 +437,7 @@ class SplisosmGLMM:
             where = "single core" if n_jobs == 1 else f"{n_jobs} cores"
             print(f"Fitting {self.n_genes} genes ({self.model_type}) on {where}, batch size {batch_size}",
                   file=sys.stderr)
-        scale = _design_scale(self.design_mtx) if with_design_mtx else None
+        scale = _design_scale(self.design_mtx) if with_design_mtx and self.n_factors else None
         start = time.perf_counter()
         states = _runner.run_batches(
             plan, self._genes.counts, _scaled(self.design_mtx, scale) if with_design_mtx else None,
