@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
-from splisosm._checks import check_real
+from splisosm._checks import check_int, check_real
 from splisosm._design import subset_rows
 
 #: Fewest spots a data set may have: below this no variance component (spatial or not) can be
@@ -92,8 +92,7 @@ def check_adata_inputs(
     check_enough_spots(adata.n_obs, "`adata`")
     if isinstance(gene_names, (list, tuple, np.ndarray, pd.Series)):
         raise ValueError("`gene_names` must be the name of an adata.var column or None, not a list")
-    if isinstance(min_component_size, bool) or not isinstance(min_component_size, int) or min_component_size < 1:
-        raise ValueError(f"`min_component_size` must be an int >= 1, got {min_component_size!r}")
+    check_int("min_component_size", min_component_size, minimum=1)
     shape = getattr(design_mtx, "shape", None)
     if shape is not None and len(shape) > 0 and shape[0] != adata.n_obs:
         raise ValueError(
@@ -288,11 +287,7 @@ def select_isoforms(
     groups = pd.Series(group.to_numpy()[kept], dtype=object)
     per_gene = {key: idx for key, idx in groups.groupby(groups, sort=False).indices.items()}
     multi = [(k, kept[idx]) for k, idx in per_gene.items() if len(idx) >= 2]
-    _warn_dropped_genes(group, per_gene)
-    unlabelled = int(group.isna().sum())
-    if unlabelled:
-        warnings.warn(f"{unlabelled} isoforms have no gene label (NaN in adata.var[{group_iso_by!r}]) "
-                      "and were left out.", UserWarning, stacklevel=3)
+    _warn_dropped(group, per_gene, group_iso_by)
     if not multi:
         raise ValueError(
             "No gene has at least 2 isoforms passing the filters; every gene was filtered out "
@@ -305,12 +300,12 @@ def select_isoforms(
     return order, [k for k, _ in multi], members
 
 
-def _warn_dropped_genes(group: pd.Series, per_gene: dict[Any, np.ndarray]) -> None:
-    """One warning for the genes the isoform filters removed, split by why."""
+def _warn_dropped(group: pd.Series, per_gene: dict[Any, np.ndarray], group_iso_by: str) -> None:
+    """One warning for the genes the isoform filters removed, split by why, and the isoforms
+    left out for want of a gene label."""
     single = sum(len(idx) == 1 for idx in per_gene.values())
     none = group.dropna().nunique() - len(per_gene)
-    if single == 0 and none == 0:
-        return
+    unlabelled = int(group.isna().sum())
     parts = []
     if single:
         parts.append(f"{single} genes were dropped because fewer than 2 of their isoforms passed "
@@ -318,7 +313,11 @@ def _warn_dropped_genes(group: pd.Series, per_gene: dict[Any, np.ndarray]) -> No
     if none:
         parts.append(f"{none} genes were dropped because none of their isoforms passed the "
                      "filters (e.g. all-zero or low counts)")
-    warnings.warn("; ".join(parts) + ".", UserWarning, stacklevel=4)
+    if unlabelled:
+        parts.append(f"{unlabelled} isoforms have no gene label (NaN in "
+                     f"adata.var[{group_iso_by!r}]) and were left out")
+    if parts:
+        warnings.warn("; ".join(parts) + ".", UserWarning, stacklevel=4)
 
 
 def gene_table(

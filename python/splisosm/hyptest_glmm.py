@@ -414,8 +414,7 @@ class SplisosmGLMM:
         if self._genes is None:
             raise RuntimeError("call setup_data() before fit()")
         n_jobs = _resolve_n_jobs(n_jobs, self.device)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+        batch_size = check_int("batch_size", batch_size, minimum=1)
         if batch_size > 1 and not self._setup_args["grouped"]:
             warnings.warn(
                 # the leading words are those of splisosm 1.2.0, for scripts that filter on them
@@ -569,8 +568,10 @@ class SplisosmGLMM:
         if scale is None:
             return self._rebuild(self.model_type, genes)
         per_unit = torch.as_tensor(scale, dtype=torch.float32)[:, None]
-        states = [replace(s, params={**s.params, "beta": s.params["beta"] / per_unit.to(s.params["beta"])})
-                  for s in self._states(self.model_type)]
+        states = list(self._states(self.model_type))
+        for g in genes:
+            beta = states[g].params["beta"]
+            states[g] = replace(states[g], params={**states[g].params, "beta": beta / per_unit.to(beta)})
         return self._rebuild(self.model_type, genes, design=self.design_mtx, states=states)
 
     # ------------------------------------------------------------------ accessors
@@ -797,8 +798,7 @@ class SplisosmGLMM:
         if not use_perm_null:
             return stat.astype(np.float32), chibar2_pvalues(stat, df)
         n_perms = DEFAULT_N_PERMS if n_perms_per_gene is None else n_perms_per_gene
-        if isinstance(n_perms, bool) or not isinstance(n_perms, (int, np.integer)) or n_perms < 1:
-            raise ValueError(f"`n_perms_per_gene` must be a positive int, got {n_perms!r}")
+        n_perms = check_int("n_perms_per_gene", n_perms, minimum=1)
         perm_stats = self._permutation_stats(int(n_perms), print_progress=print_progress, **kwargs)
         pvalue = ((1 + (perm_stats >= stat[None, :]).sum(0)) / (n_perms + 1)).astype(np.float32)
         return stat.astype(np.float32), pvalue
@@ -1029,7 +1029,6 @@ class SplisosmGLMM:
                 "pvalue_adj": np.asarray(results["pvalue_adj"]),
             })
             rows = np.arange(self.n_genes)
-            df["converged"] = _converged_column(results, rows)
         else:
             P = self.n_factors
             labels = self.covariate_names or [f"factor_{i}" for i in range(P)]
@@ -1041,7 +1040,7 @@ class SplisosmGLMM:
                 "pvalue_adj": np.asarray(results["pvalue_adj"]).reshape(-1),
             })
             rows = np.repeat(np.arange(self.n_genes), P)
-            df["converged"] = _converged_column(results, rows)
+        df["converged"] = _converged_column(results, rows)
         if with_gene_summary:
             summary = self.extract_feature_summary("gene", print_progress=False).reset_index(drop=True)
             df = pd.concat([df, summary.iloc[rows].reset_index(drop=True)], axis=1)
@@ -1237,8 +1236,7 @@ def _numpy(x: Any) -> np.ndarray:
 
 
 def _resolve_n_jobs(n_jobs: Any, device: str) -> int:
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)):
-        raise ValueError(f"`n_jobs` must be an int, got {n_jobs!r}")
+    n_jobs = check_int("n_jobs", n_jobs)
     if n_jobs == 0:
         raise ValueError("`n_jobs` must be a positive int or a negative count back from all cores, not 0")
     cores = _available_cores()
