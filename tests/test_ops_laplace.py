@@ -180,6 +180,49 @@ def test_sparse_logdet_gradients_match_dense_autograd(n, q, theta, shared) -> No
         got[1], got[1].transpose(-1, -2)) < 1e-14
 
 
+def irregular_precision(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A CAR-like precision on a graph unlike a grid: a random 5-nearest-neighbour component, a
+    path, a star around one hub, and isolated spots, in shuffled order (several elimination-tree
+    roots, long chains, one wide column)."""
+    rng = np.random.default_rng(seed)
+    xy = rng.random((60, 2))
+    d = ((xy[:, None] - xy[None]) ** 2).sum(-1)
+    knn = np.argsort(d, 1)[:, 1:6]
+    edges = [(i, int(j)) for i in range(60) for j in knn[i]]
+    edges += [(60 + i, 61 + i) for i in range(24)]  # path of 25 spots
+    edges += [(85, 86 + i) for i in range(30)]  # hub 85 with 30 leaves
+    n = 85 + 31 + 4  # 4 isolated spots
+    rows, cols = zip(*edges)
+    A = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    A = ((A + A.T) > 0).astype(float)
+    deg = np.asarray(A.sum(1)).ravel()
+    M = sp.diags(np.maximum(deg, 1.0)) - 0.9 * A
+    order = rng.permutation(n)
+    return csr_tensors(M.tocsr()[order][:, order])
+
+
+@pytest.mark.parametrize("q", [1, 3])
+def test_sparse_ops_on_irregular_graphs(q: int) -> None:
+    gen = torch.Generator().manual_seed(40 + q)
+    csr = irregular_precision(q)
+    n = csr[0].numel() - 1
+    W = random_W(2, n, q, gen)
+    rhs = torch.randn(2, 3, n, q, dtype=F64, generator=gen)
+    v, t = variance(2, q, 0.6, False, gen)
+    x, ld = laplace_sparse(W, rhs, *csr, v, t)
+    x_ref, ld_ref = ref.laplace_sparse_reference(W, rhs, *csr, v, t)
+    assert rel(x, x_ref) < 1e-10 and rel(ld, ld_ref) < 1e-12
+    assert_grads_close(laplace_sparse_logdet_grad(W, *csr, v, t),
+                       ref.laplace_sparse_logdet_grad_reference(W, *csr, v, t), "irregular")
+    scale, shift = torch.tensor([0.7, 3.0], dtype=F64), torch.tensor([0.0, 2.5], dtype=F64)
+    b = torch.randn(2, 2, n, dtype=F64, generator=gen)
+    got = sparse_shifted_solve(*csr, scale, shift, b, trace_inverse=True)
+    want = ref.sparse_shifted_solve_reference(*csr, scale, shift, b, True)
+    for a, w in zip(got, want):
+        assert rel(a, w) < 1e-10
+    assert rel(sparse_inverse_diagonal(*csr), ref.sparse_inverse_diagonal_reference(*csr)) < 1e-12
+
+
 def test_sparse_logdet_autograd_and_float32() -> None:
     gen = torch.Generator().manual_seed(21)
     ker = kernel(7)

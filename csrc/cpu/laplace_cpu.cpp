@@ -9,10 +9,10 @@
 #include <torch/library.h>
 
 #include <Eigen/Dense>
-#include <Eigen/SparseCholesky>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <deque>
 #include <limits>
 #include <map>
 #include <memory>
@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "block_cholesky.h"
 #include "checks.h"
 #include "laplace_prior.h"
 
@@ -30,8 +31,6 @@ namespace {
 using MatX = Eigen::MatrixXd;
 using VecX = Eigen::VectorXd;
 using RowMatX = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using SpMat = Eigen::SparseMatrix<double, Eigen::ColMajor, int>;
-using SparseLLT = Eigen::SimplicialLLT<SpMat, Eigen::Lower, Eigen::AMDOrdering<int>>;
 
 at::Tensor to_f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
 
@@ -447,155 +446,6 @@ std::tuple<at::Tensor, at::Tensor> laplace_lowrank_cpu(const at::Tensor& W_in,
 // Sparse-precision form
 // ------------------------------------------------------------------------------------------
 
-// Symmetric pattern of I_q (x) Q plus full q x q blocks on the diagonal, unknowns spot-major
-// (s * q + j). For every stored entry we keep where its value comes from, so a gene's matrix is
-// filled without searching. Solvers that have analysed the pattern (ordering and symbolic
-// factorisation) are pooled here and reused across genes and calls.
-struct BlockPattern {
-  int64_t n = 0, q = 0;
-  SpMat structure;              // values unused
-  std::vector<int64_t> q_src;   // index into Q's values, or -1
-  std::vector<int32_t> column;  // isoform column j of the entry's row
-  std::vector<int64_t> block;   // s * q * q + j * q + k inside a diagonal block, or -1
-
-  std::mutex mutex;
-  std::vector<std::unique_ptr<SparseLLT>> pool;
-};
-
-struct PatternKey {
-  int64_t n, q, nnz;
-  uint64_t hash;
-  bool operator<(const PatternKey& o) const {
-    return std::tie(n, q, nnz, hash) < std::tie(o.n, o.q, o.nnz, o.hash);
-  }
-};
-
-uint64_t fnv_hash(const int64_t* a, int64_t len, uint64_t h) {
-  for (int64_t i = 0; i < len; ++i) {
-    h ^= static_cast<uint64_t>(a[i]);
-    h *= 1099511628211ULL;
-  }
-  return h;
-}
-
-// Also validates the CSR structure (once per pattern): sorted, unique, symmetric.
-std::shared_ptr<BlockPattern> build_pattern(const int64_t* crow, const int64_t* col, int64_t n,
-                                            int64_t q) {
-  auto pat = std::make_shared<BlockPattern>();
-  pat->n = n;
-  pat->q = q;
-  const auto find = [&](int64_t s, int64_t t) -> int64_t {
-    const int64_t* lo = col + crow[s];
-    const int64_t* hi = col + crow[s + 1];
-    const int64_t* it = std::lower_bound(lo, hi, t);
-    return (it != hi && *it == t) ? it - col : -1;
-  };
-  std::vector<int64_t> outer(n * q + 1, 0);
-  std::vector<int> inner;
-  for (int64_t s = 0; s < n; ++s) {
-    for (int64_t p = crow[s]; p < crow[s + 1]; ++p) {
-      TORCH_CHECK(p == crow[s] || col[p] > col[p - 1], "splisosm: `col` indices must be sorted "
-                  "and unique within each row (row ", s, ")");
-      TORCH_CHECK(find(col[p], s) >= 0, "splisosm: the sparse precision must be symmetric; entry (",
-                  s, ", ", col[p], ") has no transpose");
-    }
-    const int64_t diag = find(s, s);
-    for (int64_t j = 0; j < q; ++j) {
-      const auto add = [&](int64_t column, int64_t src, int64_t blk) {
-        inner.push_back(static_cast<int>(column));
-        pat->q_src.push_back(src);
-        pat->column.push_back(static_cast<int32_t>(j));
-        pat->block.push_back(blk);
-      };
-      int64_t p = crow[s];
-      for (; p < crow[s + 1] && col[p] < s; ++p) add(col[p] * q + j, p, -1);
-      for (int64_t k = 0; k < q; ++k) add(s * q + k, k == j ? diag : -1, (s * q + j) * q + k);
-      for (; p < crow[s + 1]; ++p)
-        if (col[p] > s) add(col[p] * q + j, p, -1);
-      outer[s * q + j + 1] = static_cast<int64_t>(inner.size());
-    }
-  }
-  TORCH_CHECK(inner.size() < static_cast<size_t>(std::numeric_limits<int>::max()),
-              "splisosm: sparse system too large for 32-bit indices");
-  std::vector<int> outer32(outer.begin(), outer.end());
-  std::vector<double> zeros(inner.size(), 0.0);
-  pat->structure = Eigen::Map<const SpMat>(n * q, n * q, static_cast<int>(inner.size()),
-                                           outer32.data(), inner.data(), zeros.data());
-  return pat;
-}
-
-std::shared_ptr<BlockPattern> cached_pattern(const at::Tensor& crow, const at::Tensor& col,
-                                             int64_t q) {
-  static std::mutex mutex;
-  static std::map<PatternKey, std::shared_ptr<BlockPattern>> cache;
-  constexpr size_t kMaxPatterns = 16;
-  const int64_t n = crow.numel() - 1;
-  const int64_t* cr = crow.data_ptr<int64_t>();
-  const int64_t* cl = col.data_ptr<int64_t>();
-  const PatternKey key{n, q, col.numel(),
-                       fnv_hash(cl, col.numel(), fnv_hash(cr, n + 1, 14695981039346656037ULL))};
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    const auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
-  }
-  auto pat = build_pattern(cr, cl, n, q);
-  std::lock_guard<std::mutex> lock(mutex);
-  if (cache.size() >= kMaxPatterns) cache.clear();  // rare: many datasets in one process
-  return cache.emplace(key, pat).first->second;
-}
-
-// A solver that has analysed `pat`, borrowed from its pool for one thread and returned after use.
-class PooledSolver {
- public:
-  explicit PooledSolver(std::shared_ptr<BlockPattern> pat) : pat_(std::move(pat)) {
-    {
-      std::lock_guard<std::mutex> lock(pat_->mutex);
-      if (!pat_->pool.empty()) {
-        solver_ = std::move(pat_->pool.back());
-        pat_->pool.pop_back();
-      }
-    }
-    if (!solver_) {
-      solver_ = std::make_unique<SparseLLT>();
-      solver_->analyzePattern(pat_->structure);
-    }
-    matrix_ = pat_->structure;
-  }
-  ~PooledSolver() {
-    std::lock_guard<std::mutex> lock(pat_->mutex);
-    pat_->pool.push_back(std::move(solver_));
-  }
-  PooledSolver(const PooledSolver&) = delete;
-  PooledSolver& operator=(const PooledSolver&) = delete;
-
-  // Fills scale_j Q + the per-spot diagonal blocks and factorises; false if not SPD.
-  bool factorize(const double* qval, const double* scale, const double* blocks) {
-    const BlockPattern& p = *pat_;
-    double* x = matrix_.valuePtr();
-    for (size_t i = 0; i < p.q_src.size(); ++i)
-      x[i] = (p.q_src[i] >= 0 ? qval[p.q_src[i]] * scale[p.column[i]] : 0.0) +
-             (p.block[i] >= 0 ? blocks[p.block[i]] : 0.0);
-    solver_->factorize(matrix_);
-    return solver_->info() == Eigen::Success;
-  }
-
-  double logdet() const {
-    const SpMat& L = solver_->matrixL().nestedExpression();
-    double sum = 0;
-    // Each column of the simplicial factor starts with its diagonal entry.
-    for (int j = 0; j < L.outerSize(); ++j) sum += std::log(L.valuePtr()[L.outerIndexPtr()[j]]);
-    return 2 * sum;
-  }
-
-  const SparseLLT& solver() const { return *solver_; }
-
- private:
-  std::shared_ptr<BlockPattern> pat_;
-  std::unique_ptr<SparseLLT> solver_;
-  SpMat matrix_;
-};
-
 void check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val) {
   for (auto [t, name] :
        {std::pair{&crow, "crow"}, std::pair{&col, "col"}, std::pair{&val, "val"}}) {
@@ -625,89 +475,135 @@ struct Csr {
   const int64_t* col;
   const double* val;
   int64_t n;
+  uint64_t values;  // hash of val: which Q, among those sharing a pattern
 };
 
-// Entries of M^-1 on the pattern of the Cholesky factor L L^T = P M P^T of a factorised solver.
-// Takahashi recursions: Z = (L L^T)^-1 satisfies L^T Z = L^-1, so for i <= j,
-// Z_ij = (delta_ij / L_ii - sum_{k > i} L_ki Z_kj) / L_ii. Columns are processed from last to
-// first; every Z_kj needed lies on the pattern of L (the rows of a column of L form a clique of
-// the filled graph), so Z is stored in L's own arrays. That pattern contains M's, hence every
-// entry the gradients below read.
-class SelectedInverse {
+uint64_t fnv_hash(const int64_t* a, int64_t len, uint64_t h) {
+  for (int64_t i = 0; i < len; ++i) {
+    h ^= static_cast<uint64_t>(a[i]);
+    h *= 1099511628211ULL;
+  }
+  return h;
+}
+constexpr uint64_t kFnvSeed = 14695981039346656037ULL;
+
+// crow, col and val contiguous and checked by check_csr.
+Csr csr_view(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val) {
+  const int64_t n = crow.numel() - 1;
+  static_assert(sizeof(double) == sizeof(int64_t), "hashing doubles by their bits");
+  const auto* bits = reinterpret_cast<const int64_t*>(val.data_ptr<double>());
+  return {crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), val.data_ptr<double>(), n,
+          fnv_hash(bits, val.numel(), kFnvSeed)};
+}
+
+// log det(scale Q + shift I) by exact arguments. A gene's prior terms and its Laplace system at
+// one parameter value need the same ones, and each costs a sparse factorisation.
+class ShiftedLogdets {
  public:
-  explicit SelectedInverse(const SparseLLT& llt)
-      : L_(llt.matrixL().nestedExpression()), perm_(llt.permutationP().indices().data()) {
-    const int64_t n = L_.outerSize();
-    const int* cp = L_.outerIndexPtr();
-    const int* ri = L_.innerIndexPtr();
-    const double* lx = L_.valuePtr();
-    Z_.assign(L_.nonZeros(), 0.0);
-    std::vector<double> l_col(n, 0.0), acc(n, 0.0);
-    std::vector<int64_t> mark(n, -1);
-    for (int64_t i = n - 1; i >= 0; --i) {
-      const int first = cp[i] + 1, last = cp[i + 1];  // below-diagonal rows of column i
-      const double lii = lx[cp[i]];
-      for (int p = first; p < last; ++p) {
-        mark[ri[p]] = i;
-        l_col[ri[p]] = lx[p];
-      }
-      // acc_j = sum_{k in S} L_ki Z_kj for j in S, reading column k of Z (rows >= k).
-      for (int p = first; p < last; ++p) {
-        const int k = ri[p];
-        acc[k] += Z_[cp[k]] * l_col[k];
-        for (int t = cp[k] + 1; t < cp[k + 1]; ++t) {
-          const int j = ri[t];
-          if (mark[j] != i) continue;
-          acc[j] += Z_[t] * l_col[k];
-          acc[k] += Z_[t] * l_col[j];
-        }
-      }
-      double diag_sum = 0;
-      for (int p = first; p < last; ++p) {
-        const int j = ri[p];
-        Z_[p] = -acc[j] / lii;
-        diag_sum += lx[p] * Z_[p];
-        acc[j] = 0;
-      }
-      Z_[cp[i]] = (1 / lii - diag_sum) / lii;
+  bool find(uint64_t values, double scale, double shift, double& out) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = known_.find({values, scale, shift});
+    if (it == known_.end()) return false;
+    out = it->second;
+    return true;
+  }
+  void store(uint64_t values, double scale, double shift, double logdet) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Key key{values, scale, shift};
+    if (!known_.emplace(key, logdet).second) return;
+    order_.push_back(key);
+    if (order_.size() > kCapacity) {
+      known_.erase(order_.front());
+      order_.pop_front();
     }
   }
 
-  // (M^-1)_ik in M's own numbering; (i, k) must lie on the filled pattern. The simplicial
-  // factorisation appends rows in increasing order, so each column of L is sorted.
-  double operator()(int64_t i, int64_t k) const {
-    const int a = perm_[i], b = perm_[k];
-    const int c = std::min(a, b), r = std::max(a, b);
-    const int* cp = L_.outerIndexPtr();
-    if (r == c) return Z_[cp[c]];
-    const int* lo = L_.innerIndexPtr() + cp[c] + 1;
-    const int* hi = L_.innerIndexPtr() + cp[c + 1];
-    const int* it = std::lower_bound(lo, hi, r);
-    TORCH_CHECK(it != hi && *it == r, "splisosm: internal error: entry (", i, ", ", k,
-                ") is not on the pattern of the Cholesky factor");
-    return Z_[cp[c] + (it - L_.innerIndexPtr() - cp[c])];
-  }
+ private:
+  using Key = std::tuple<uint64_t, double, double>;
+  static constexpr size_t kCapacity = 4096;
+  mutable std::mutex mutex_;
+  std::map<Key, double> known_;
+  std::deque<Key> order_;  // oldest first
+};
 
-  // sum_st Q_st (M^-1)_{s stride + j, t stride + j}: tr(M^-1 Q) restricted to one column j of an
-  // unknown layout with `stride` unknowns per spot.
-  double trace_with(const Csr& Q, int64_t stride, int64_t j) const {
-    double sum = 0;
-    for (int64_t s = 0; s < Q.n; ++s)
-      for (int64_t p = Q.crow[s]; p < Q.crow[s + 1]; ++p)
-        sum += Q.val[p] * (*this)(s * stride + j, Q.col[p] * stride + j);
-    return sum;
-  }
+// Symbolic analyses of Q's pattern (one per pattern and q, shared by every gene and call) with
+// a pool of factor objects on each, so a call does not reallocate a factor's panels per thread.
+struct CachedPattern {
+  std::shared_ptr<const BlockCholeskyPattern> analysis;
+  std::mutex mutex;
+  std::vector<std::unique_ptr<BlockCholesky>> pool;
+  ShiftedLogdets shifted_logdets;  // used on the one-unknown-per-spot pattern
+};
 
-  double trace() const {
-    double sum = 0;
-    for (int64_t i = 0; i < L_.outerSize(); ++i) sum += (*this)(i, i);
-    return sum;
+struct PatternKey {
+  int64_t n, q, nnz;
+  uint64_t hash;
+  bool operator<(const PatternKey& o) const {
+    return std::tie(n, q, nnz, hash) < std::tie(o.n, o.q, o.nnz, o.hash);
   }
+};
+
+// Once per pattern: the CSR structure the factorisation relies on (sorted, unique, symmetric).
+void check_symmetric_pattern(const int64_t* crow, const int64_t* col, int64_t n) {
+  const auto has = [&](int64_t s, int64_t t) {
+    return std::binary_search(col + crow[s], col + crow[s + 1], t);
+  };
+  for (int64_t s = 0; s < n; ++s)
+    for (int64_t p = crow[s]; p < crow[s + 1]; ++p) {
+      TORCH_CHECK(p == crow[s] || col[p] > col[p - 1], "splisosm: `col` indices must be sorted "
+                  "and unique within each row (row ", s, ")");
+      TORCH_CHECK(has(col[p], s), "splisosm: the sparse precision must be symmetric; entry (", s,
+                  ", ", col[p], ") has no transpose");
+    }
+}
+
+std::shared_ptr<CachedPattern> cached_pattern(const Csr& Q, int64_t q) {
+  static std::mutex mutex;
+  static std::map<PatternKey, std::shared_ptr<CachedPattern>> cache;
+  constexpr size_t kMaxPatterns = 16;
+  const int64_t nnz = Q.crow[Q.n];
+  const PatternKey key{Q.n, q, nnz,
+                       fnv_hash(Q.col, nnz, fnv_hash(Q.crow, Q.n + 1, kFnvSeed))};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  check_symmetric_pattern(Q.crow, Q.col, Q.n);
+  auto entry = std::make_shared<CachedPattern>();
+  entry->analysis = std::make_shared<const BlockCholeskyPattern>(Q.crow, Q.col, Q.n, q);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() >= kMaxPatterns) cache.clear();  // rare: many datasets in one process
+  return cache.emplace(key, entry).first->second;
+}
+
+// A factor on a cached pattern, borrowed from its pool for one thread and returned after use.
+class PooledFactor {
+ public:
+  explicit PooledFactor(std::shared_ptr<CachedPattern> pattern) : pattern_(std::move(pattern)) {
+    {
+      std::lock_guard<std::mutex> lock(pattern_->mutex);
+      if (!pattern_->pool.empty()) {
+        factor_ = std::move(pattern_->pool.back());
+        pattern_->pool.pop_back();
+      }
+    }
+    if (!factor_) factor_ = std::make_unique<BlockCholesky>(pattern_->analysis);
+  }
+  ~PooledFactor() {
+    std::lock_guard<std::mutex> lock(pattern_->mutex);
+    pattern_->pool.push_back(std::move(factor_));
+  }
+  PooledFactor(const PooledFactor&) = delete;
+  PooledFactor& operator=(const PooledFactor&) = delete;
+
+  BlockCholesky& operator*() const { return *factor_; }
+  BlockCholesky* operator->() const { return factor_.get(); }
+  CachedPattern& pattern() const { return *pattern_; }
 
  private:
-  const SpMat& L_;
-  const int* perm_;
-  std::vector<double> Z_;
+  std::shared_ptr<CachedPattern> pattern_;
+  std::unique_ptr<BlockCholesky> factor_;
 };
 
 // Per gene, the white-noise part of the prior is eliminated spot by spot. With
@@ -718,14 +614,15 @@ class SelectedInverse {
 // blocks), so log det H = sum_s log det(T + W_s) + log det A - sum_j log det(a_j Q + tau_j I).
 class SparseGene {
  public:
-  SparseGene(std::shared_ptr<BlockPattern> pattern, std::shared_ptr<BlockPattern> pattern1,
+  SparseGene(std::shared_ptr<CachedPattern> pattern, std::shared_ptr<CachedPattern> pattern1,
              int64_t q)
       : A(std::move(pattern)),
         a(q),
         tau(q),
         shifted_(std::move(pattern1)),
         ld_col_(q),
-        M_(q, q) {}
+        M_(q, q),
+        B_(q, q) {}
 
   // Factorises gene g; false (with `why`) if a system is not positive definite. With
   // `column_traces`, also tr((a_j Q + tau_j I)^-1) and tr((a_j Q + tau_j I)^-1 Q) per column.
@@ -741,28 +638,32 @@ class SparseGene {
     // Per spot: (T + W_s)^-1, and T - T (T + W_s)^-1 T written as T (T + W_s)^-1 W_s, which
     // stays accurate when tau is large (theta -> 1).
     logdet = 0;
+    // In place on preallocated q x q buffers: this runs for every spot of every factorisation.
+    Eigen::Map<MatX> M(M_.data(), q, q), B(B_.data(), q, q);
     for (int64_t s = 0; s < n; ++s) {
       const Eigen::Map<const MatX> Ws(w + s * q * q, q, q);
-      M_ = Ws;
-      M_.diagonal() += tau;
-      Eigen::LLT<MatX> llt(M_);
+      M = Ws;
+      M.diagonal() += tau;
+      Eigen::LLT<Eigen::Ref<MatX>> llt(M);
       if (llt.info() != Eigen::Success) {
         why = "T + W_s is not positive definite at spot " + std::to_string(s) +
               " (is W positive semi-definite?)";
         return false;
       }
-      logdet += 2 * llt.matrixLLT().diagonal().array().log().sum();
+      logdet += 2 * M.diagonal().array().log().sum();
       Eigen::Map<MatX> Minv(minv.data() + s * q * q, q, q);
-      Minv = llt.solve(MatX::Identity(q, q));
-      const MatX B = tau.asDiagonal() * Minv * Ws;
+      Minv.setIdentity();
+      llt.solveInPlace(Minv);
+      B.noalias() = Minv.lazyProduct(Ws);
+      B = tau.asDiagonal() * B;
       Eigen::Map<MatX>(blocks_.data() + s * q * q, q, q) = (B + B.transpose()) / 2;
     }
-    if (!A.factorize(Q.val, a.data(), blocks_.data())) {
+    if (!A->factorize(Q.val, a.data(), blocks_.data())) {
       why = "the eliminated sparse system is not positive definite "
             "(sparse Cholesky failed; is the precision Q positive definite?)";
       return false;
     }
-    logdet += A.logdet();
+    logdet += A->logdet();
     trace_inv.setConstant(q, NAN);
     trace_inv_q.setConstant(q, NAN);
     // Once per distinct (a_j, tau_j) of the gene.
@@ -774,18 +675,20 @@ class SparseGene {
         ld_col_[j] = ld_col_[same];
         trace_inv[j] = trace_inv[same];
         trace_inv_q[j] = trace_inv_q[same];
-      } else {
+      } else if (column_traces ||
+                 !shifted_.pattern().shifted_logdets.find(Q.values, a[j], tau[j], ld_col_[j])) {
         one_blocks_.assign(n, tau[j]);
-        if (!shifted_.factorize(Q.val, a.data() + j, one_blocks_.data())) {
+        if (!shifted_->factorize(Q.val, a.data() + j, one_blocks_.data())) {
           why = "Q / (v theta) + I / (v (1 - theta)) is not positive definite "
                 "(is the precision Q positive definite?)";
           return false;
         }
-        ld_col_[j] = shifted_.logdet();
+        ld_col_[j] = shifted_->logdet();
+        shifted_.pattern().shifted_logdets.store(Q.values, a[j], tau[j], ld_col_[j]);
         if (column_traces) {
-          const SelectedInverse Z(shifted_.solver());
-          trace_inv[j] = Z.trace();
-          trace_inv_q[j] = Z.trace_with(Q, 1, 0);
+          shifted_->select_inverse();
+          trace_inv[j] = shifted_->trace_inverse();
+          trace_inv_q[j] = shifted_->trace_with(Q.crow, Q.col, Q.val, 0);
         }
       }
       logdet -= ld_col_[j];
@@ -793,16 +696,16 @@ class SparseGene {
     return true;
   }
 
-  PooledSolver A;             // the eliminated system, factorised
+  PooledFactor A;             // the eliminated system, factorised
   VecX a, tau;                // prior split of the gene
   std::vector<double> minv;   // (T + W_s)^-1 per spot, (n, q, q)
   double logdet = 0;          // log det H
   VecX trace_inv, trace_inv_q;
 
  private:
-  PooledSolver shifted_;
+  PooledFactor shifted_;
   VecX ld_col_;
-  MatX M_;
+  MatX M_, B_;  // per-spot scratch
   std::vector<double> blocks_, one_blocks_;
 };
 
@@ -821,15 +724,15 @@ std::tuple<at::Tensor, at::Tensor> laplace_sparse_cpu(const at::Tensor& W_in,
   const auto W = to_f64(W_in), rhs = to_f64(rhs_in), v = to_f64(v_in), theta = to_f64(theta_in);
   const auto crow = crow_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
   const int64_t G = W.size(0), n = W.size(1), q = W.size(2), R = rhs.size(1);
-  const Csr Q{crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), val.data_ptr<double>(), n};
-  const auto pattern = cached_pattern(crow, col, q);
-  const auto pattern1 = q == 1 ? pattern : cached_pattern(crow, col, 1);
+  const Csr Q = csr_view(crow, col, val);
+  const auto pattern = cached_pattern(Q, q);
+  const auto pattern1 = q == 1 ? pattern : cached_pattern(Q, 1);
   auto x = at::empty_like(rhs);
   auto logdet = at::empty({G}, W.options());
   GeneFailures failures(G);
   at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
     SparseGene gene(pattern, pattern1, q);
-    VecX b(n * q), u(n * q);
+    std::vector<double> u(n * q * R);
     std::string why;
     for (int64_t g = begin; g < end; ++g) {
       const double* w = W.data_ptr<double>() + g * n * q * q;
@@ -839,22 +742,25 @@ std::tuple<at::Tensor, at::Tensor> laplace_sparse_cpu(const at::Tensor& W_in,
         continue;
       }
       logdet.data_ptr<double>()[g] = gene.logdet;
+      if (R == 0) continue;
       // H^-1 g: u = A^-1 T (T + W)^-1 g, then nu = (T + W)^-1 (g + T u) = u + (T + W)^-1 (g - W u).
-      for (int64_t r = 0; r < R; ++r) {
-        const Eigen::Map<const VecX> gv(rhs.data_ptr<double>() + (g * R + r) * n * q, n * q);
+      const double* gv = rhs.data_ptr<double>() + g * R * n * q;
+      for (int64_t r = 0; r < R; ++r)
         for (int64_t s = 0; s < n; ++s)
-          b.segment(s * q, q) = gene.tau.asDiagonal() *
-                                (Eigen::Map<const MatX>(gene.minv.data() + s * q * q, q, q) *
-                                 gv.segment(s * q, q));
-        u = gene.A.solver().solve(b);
-        Eigen::Map<VecX> xv(x.data_ptr<double>() + (g * R + r) * n * q, n * q);
+          Eigen::Map<VecX>(u.data() + (r * n + s) * q, q) =
+              gene.tau.asDiagonal() * (Eigen::Map<const MatX>(gene.minv.data() + s * q * q, q, q) *
+                                       Eigen::Map<const VecX>(gv + (r * n + s) * q, q));
+      gene.A->solve_in_place(u.data(), R);
+      double* xv = x.data_ptr<double>() + g * R * n * q;
+      for (int64_t r = 0; r < R; ++r)
         for (int64_t s = 0; s < n; ++s) {
+          const int64_t off = (r * n + s) * q;
           const Eigen::Map<const MatX> Ws(w + s * q * q, q, q);
-          xv.segment(s * q, q) =
-              u.segment(s * q, q) + Eigen::Map<const MatX>(gene.minv.data() + s * q * q, q, q) *
-                                        (gv.segment(s * q, q) - Ws * u.segment(s * q, q));
+          const Eigen::Map<const VecX> us(u.data() + off, q);
+          Eigen::Map<VecX>(xv + off, q) =
+              us + Eigen::Map<const MatX>(gene.minv.data() + s * q * q, q, q) *
+                       (Eigen::Map<const VecX>(gv + off, q) - Ws * us);
         }
-      }
     }
   });
   failures.raise_first("laplace_sparse");
@@ -880,9 +786,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> laplace_sparse_logdet
   const auto W = to_f64(W_in), v = to_f64(v_in), theta = to_f64(theta_in);
   const auto crow = crow_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
   const int64_t G = W.size(0), n = W.size(1), q = W.size(2);
-  const Csr Q{crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), val.data_ptr<double>(), n};
-  const auto pattern = cached_pattern(crow, col, q);
-  const auto pattern1 = q == 1 ? pattern : cached_pattern(crow, col, 1);
+  const Csr Q = csr_view(crow, col, val);
+  const auto pattern = cached_pattern(Q, q);
+  const auto pattern1 = q == 1 ? pattern : cached_pattern(Q, 1);
   auto logdet = at::empty({G}, W.options());
   auto grad_W = at::empty_like(W);
   auto grad_v = at::empty_like(v), grad_theta = at::empty_like(theta);
@@ -901,11 +807,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> laplace_sparse_logdet
         continue;
       }
       logdet.data_ptr<double>()[g] = gene.logdet;
-      const SelectedInverse Z(gene.A.solver());
+      gene.A->select_inverse();
       d_tau = -gene.trace_inv;
       for (int64_t s = 0; s < n; ++s) {
-        for (int64_t j = 0; j < q; ++j)
-          for (int64_t k = 0; k < q; ++k) Ass(j, k) = Z(s * q + j, s * q + k);
+        gene.A->inverse_block(s, Ass.data());  // symmetric: row- and column-major agree
         const Eigen::Map<const MatX> Minv(gene.minv.data() + s * q * q, q, q);
         const Eigen::Map<const MatX> Ws(w + s * q * q, q, q);
         Ms = Minv * gene.tau.asDiagonal();
@@ -914,7 +819,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> laplace_sparse_logdet
             Minv + Ms * Ass * Ms.transpose();
         d_tau += (Ns * Ass * Ns.transpose()).diagonal() + Minv.diagonal();
       }
-      for (int64_t j = 0; j < q; ++j) d_a[j] = Z.trace_with(Q, q, j) - gene.trace_inv_q[j];
+      for (int64_t j = 0; j < q; ++j)
+        d_a[j] = gene.A->trace_with(Q.crow, Q.col, Q.val, j) - gene.trace_inv_q[j];
       for (int64_t j = 0; j < q; ++j) {
         const double a = gene.a[j], tau = gene.tau[j];
         grad_v.data_ptr<double>()[g * q + j] = -(a * d_a[j] + tau * d_tau[j]) / vg[j];
@@ -948,27 +854,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_shifted_solve_cpu(
               "splisosm: `scale` must be positive and `shift` non-negative");
   const auto crow = crow_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
   const auto scale = to_f64(scale_in), shift = to_f64(shift_in), rhs = to_f64(rhs_in);
-  const auto pattern = cached_pattern(crow, col, 1);
+  const Csr Q = csr_view(crow, col, val);
+  const auto pattern = cached_pattern(Q, 1);
   auto x = at::empty_like(rhs);
   auto logdet = at::empty({G}, rhs.options());
   auto trace = at::empty({trace_inverse ? G : 0}, rhs.options());
   GeneFailures failures(G);
   at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
-    PooledSolver M(pattern);
+    PooledFactor M(pattern);
     std::vector<double> diag(n);
     for (int64_t g = begin; g < end; ++g) {
       std::fill(diag.begin(), diag.end(), shift.data_ptr<double>()[g]);
-      if (!M.factorize(val.data_ptr<double>(), scale.data_ptr<double>() + g, diag.data())) {
+      if (!M->factorize(Q.val, scale.data_ptr<double>() + g, diag.data())) {
         failures.set(g, "scale * Q + shift * I is not positive definite (sparse Cholesky failed)");
         continue;
       }
-      logdet.data_ptr<double>()[g] = M.logdet();
-      if (trace_inverse) trace.data_ptr<double>()[g] = SelectedInverse(M.solver()).trace();
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t off = (g * R + r) * n;
-        Eigen::Map<VecX>(x.data_ptr<double>() + off, n) =
-            M.solver().solve(Eigen::Map<const VecX>(rhs.data_ptr<double>() + off, n));
+      logdet.data_ptr<double>()[g] = M->logdet();
+      M.pattern().shifted_logdets.store(Q.values, scale.data_ptr<double>()[g],
+                                        shift.data_ptr<double>()[g], M->logdet());
+      if (trace_inverse) {
+        M->select_inverse();
+        trace.data_ptr<double>()[g] = M->trace_inverse();
       }
+      double* xg = x.data_ptr<double>() + g * R * n;
+      std::copy_n(rhs.data_ptr<double>() + g * R * n, R * n, xg);
+      if (R > 0) M->solve_in_place(xg, R);
     }
   });
   failures.raise_first("sparse_shifted_solve");
@@ -981,15 +891,16 @@ at::Tensor sparse_inverse_diagonal_cpu(const at::Tensor& crow_in, const at::Tens
   check_csr(crow_in, col_in, val_in);
   const auto crow = crow_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
   const int64_t n = crow.numel() - 1;
-  PooledSolver M(cached_pattern(crow, col, 1));
+  const Csr Q = csr_view(crow, col, val);
+  PooledFactor M(cached_pattern(Q, 1));
   const double one = 1.0;
   const std::vector<double> zeros(n, 0.0);
-  TORCH_CHECK(M.factorize(val.data_ptr<double>(), &one, zeros.data()),
+  TORCH_CHECK(M->factorize(Q.val, &one, zeros.data()),
               "splisosm::sparse_inverse_diagonal: the matrix is not positive definite "
               "(sparse Cholesky failed)");
-  const SelectedInverse Z(M.solver());
+  M->select_inverse();
   auto out = at::empty({n}, val.options());
-  for (int64_t s = 0; s < n; ++s) out.data_ptr<double>()[s] = Z(s, s);
+  for (int64_t s = 0; s < n; ++s) M->inverse_block(s, out.data_ptr<double>() + s);
   return out;
 }
 

@@ -341,8 +341,8 @@ std::tuple<at::Tensor, at::Tensor> laplace_lowrank_cuda(const at::Tensor& W_in,
 // Sparse-precision ops: CPU fallback
 // ---------------------------------------------------------------------------------------------
 //
-// These ops factorise one sparse Cholesky per gene (Eigen SimplicialLLT with a shared symbolic
-// analysis). A GPU version would need a sparse direct solver (cuDSS / cuSOLVER-sp), which is not
+// These ops factorise one sparse Cholesky per gene (supernodal, with a shared symbolic
+// analysis; csrc/cpu/block_cholesky.h). A GPU version would need a sparse direct solver (cuDSS / cuSOLVER-sp), which is not
 // a dependency, and supernodal factorisations of ~10^4 unknowns per gene are latency-bound on a
 // GPU anyway; the inputs and outputs are O(G n q^2), small next to the factorisation work. So the
 // CUDA kernel copies to the host, calls the CPU kernel through the dispatcher (the CPU tensors

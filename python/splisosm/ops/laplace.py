@@ -426,8 +426,9 @@ def sparse_shifted_solve(
 def sparse_inverse_diagonal(crow: Tensor, col: Tensor, val: Tensor) -> Tensor:
     """``diag(M^-1)`` ``(n,)`` of a sparse symmetric positive definite CSR matrix ``M``.
 
-    Uses one sparse Cholesky factor and the Takahashi recursions (selected inversion on the
-    factor's pattern) instead of ``n`` solves.
+    Uses one supernodal sparse Cholesky factor and selected inversion (the entries of ``M^-1``
+    on the factor's pattern, computed supernode by supernode from the last) instead of ``n``
+    solves.
     """
     crow, col, val = check_csr(crow, col, val)
     if has_native_kernel("sparse_inverse_diagonal", val.device):

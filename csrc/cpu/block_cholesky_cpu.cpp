@@ -1,0 +1,471 @@
+// Supernodal multifrontal Cholesky on Q's graph (see block_cholesky.h).
+//
+// Symbolic phase, once per (pattern, q): approximate minimum degree ordering of Q's graph,
+// elimination tree, its postorder, the structure of each column of the factor, fundamental
+// supernodes merged into larger ones where few explicit zeros result (small supernodes waste the
+// dense kernels), and the index maps for assembly and extend-add. Numeric phase, per system: in
+// postorder, each supernode's frontal matrix receives its entries of A and its children's update
+// matrices, the dense diagonal block is factorised, the panel below it is solved, and the Schur
+// complement is handed to the parent on a stack.
+#include "block_cholesky.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <Eigen/Dense>
+#include <Eigen/OrderingMethods>
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace splisosm {
+namespace {
+
+using MatX = Eigen::MatrixXd;
+using MapMat = Eigen::Map<MatX>;
+using ConstMapMat = Eigen::Map<const MatX>;
+
+// Relaxed amalgamation: a child supernode joins its parent while the merged one stays at most
+// this many spots wide, or at most kRelaxedWide wide with at most kRelaxedZeros explicit zeros.
+constexpr int64_t kAlwaysMerge = 4;
+constexpr int64_t kRelaxedWide = 32;
+constexpr double kRelaxedZeros = 0.2;
+// Fronts with at least this many w m^2 multiply-adds use the BLAS path of partial_cholesky.
+constexpr double kLibraryFlops = 2e6;
+
+// Approximate minimum degree ordering of Q's graph: old_of[new] = old.
+std::vector<int64_t> amd_order(const int64_t* crow, const int64_t* col, int64_t n) {
+  using SpMat = Eigen::SparseMatrix<double, Eigen::ColMajor, int>;
+  std::vector<Eigen::Triplet<double, int>> entries;
+  entries.reserve(crow[n]);
+  for (int64_t s = 0; s < n; ++s)
+    for (int64_t p = crow[s]; p < crow[s + 1]; ++p)
+      entries.emplace_back(static_cast<int>(col[p]), static_cast<int>(s), 1.0);
+  SpMat pattern(n, n);
+  pattern.setFromTriplets(entries.begin(), entries.end());
+  Eigen::PermutationMatrix<Eigen::Dynamic, Eigen::Dynamic, int> pinv;
+  Eigen::AMDOrdering<int>()(pattern, pinv);
+  return std::vector<int64_t>(pinv.indices().data(), pinv.indices().data() + n);
+}
+
+// One step of the multifrontal factorisation on the m x m front F (lower triangle): F11 = L11
+// L11^T, F21 <- F21 L11^-T, F22 <- F22 - F21 F21^T. Large fronts, where almost all the
+// arithmetic of a factorisation is, go to torch's BLAS and LAPACK, which pick the CPU's widest
+// vector kernels at run time (this file is compiled for the baseline instruction set); small
+// ones stay in Eigen, where a library call would cost more than the arithmetic. The BLAS path
+// also writes F22's upper triangle, which is never read.
+bool partial_cholesky(MapMat& F, int64_t w) {
+  const int64_t m = F.rows();
+  if (double(w) * double(m) * double(m) < kLibraryFlops) {
+    auto F11 = F.topLeftCorner(w, w);
+    Eigen::LLT<Eigen::Ref<MatX>> llt(F11);
+    if (llt.info() != Eigen::Success) return false;
+    if (m > w) {
+      auto F21 = F.bottomLeftCorner(m - w, w);
+      F11.triangularView<Eigen::Lower>().adjoint().solveInPlace<Eigen::OnTheRight>(F21);
+      F.bottomRightCorner(m - w, m - w).selfadjointView<Eigen::Lower>().rankUpdate(F21, -1.0);
+    }
+    return true;
+  }
+  // column-major F seen as a tensor: element (i, j) at i + j m
+  const at::Tensor front = at::from_blob(F.data(), {m, m}, {1, m}, at::dtype(at::kDouble));
+  const at::Tensor F11 = front.narrow(0, 0, w).narrow(1, 0, w);
+  const auto [L, info] = at::linalg_cholesky_ex(F11);
+  if (info.item<int64_t>() != 0) return false;
+  F11.copy_(L);
+  if (m > w) {
+    const at::Tensor F21 = front.narrow(0, w, m - w).narrow(1, 0, w);
+    F21.copy_(at::linalg_solve_triangular(L.t(), F21, /*upper=*/true, /*left=*/false));
+    front.narrow(0, w, m - w).narrow(1, w, m - w).addmm_(F21, F21.t(), 1.0, -1.0);
+  }
+  return true;
+}
+
+}  // namespace
+
+BlockCholeskyPattern::BlockCholeskyPattern(const int64_t* crow, const int64_t* col, int64_t n,
+                                           int64_t q)
+    : n_(n), q_(q) {
+  TORCH_CHECK(n >= 1 && q >= 1, "splisosm: a sparse system needs n >= 1 spots and q >= 1");
+  // --- ordering: AMD, then the postorder of its elimination tree (same fill, and every subtree
+  // occupies consecutive spots, which the supernodes and the update stack rely on)
+  const std::vector<int64_t> amd = amd_order(crow, col, n);
+  std::vector<int64_t> amd_new(n);
+  for (int64_t i = 0; i < n; ++i) amd_new[amd[i]] = i;
+  const auto neighbours = [&](int64_t i, const std::vector<int64_t>& old_of,
+                              const std::vector<int64_t>& new_of, std::vector<int64_t>& out) {
+    out.clear();
+    const int64_t s = old_of[i];
+    for (int64_t p = crow[s]; p < crow[s + 1]; ++p) out.push_back(new_of[col[p]]);
+  };
+  std::vector<int64_t> parent(n, -1), ancestor(n, -1), adj;
+  for (int64_t i = 0; i < n; ++i) {  // Liu's algorithm with path compression
+    neighbours(i, amd, amd_new, adj);
+    for (int64_t k : adj) {
+      while (k != -1 && k < i) {
+        const int64_t next = ancestor[k];
+        ancestor[k] = i;
+        if (next == -1) parent[k] = i;
+        k = next;
+      }
+    }
+  }
+  std::vector<int64_t> head(n, -1), next(n, -1), post;
+  post.reserve(n);
+  for (int64_t i = n - 1; i >= 0; --i)
+    if (parent[i] != -1) {
+      next[i] = head[parent[i]];
+      head[parent[i]] = i;
+    }
+  std::vector<int64_t> stack;
+  for (int64_t root = 0; root < n; ++root) {
+    if (parent[root] != -1) continue;
+    stack.push_back(root);
+    while (!stack.empty()) {
+      const int64_t i = stack.back();
+      if (head[i] != -1) {
+        const int64_t child = head[i];
+        head[i] = next[child];
+        stack.push_back(child);
+      } else {
+        post.push_back(i);
+        stack.pop_back();
+      }
+    }
+  }
+  old_of_.resize(n);
+  new_of_.resize(n);
+  std::vector<int64_t> tree(n, -1), post_of(n);
+  for (int64_t i = 0; i < n; ++i) post_of[post[i]] = i;
+  for (int64_t i = 0; i < n; ++i) {
+    old_of_[i] = amd[post[i]];
+    tree[i] = parent[post[i]] == -1 ? -1 : post_of[parent[post[i]]];
+  }
+  for (int64_t i = 0; i < n; ++i) new_of_[old_of_[i]] = i;
+
+  // --- structure of each column below the diagonal: its neighbours after it, and its
+  // children's structures without itself
+  std::vector<std::vector<int64_t>> below(n);
+  std::vector<int64_t> n_children(n, 0), mark(n, -1);
+  for (int64_t i = 0; i < n; ++i)
+    if (tree[i] != -1) ++n_children[tree[i]];
+  std::vector<std::vector<int64_t>> kids(n);
+  for (int64_t i = 0; i < n; ++i)
+    if (tree[i] != -1) kids[tree[i]].push_back(i);
+  for (int64_t j = 0; j < n; ++j) {
+    std::vector<int64_t>& out = below[j];
+    mark[j] = j;
+    neighbours(j, old_of_, new_of_, adj);
+    for (int64_t k : adj)
+      if (k > j && mark[k] != j) {
+        mark[k] = j;
+        out.push_back(k);
+      }
+    for (int64_t c : kids[j])
+      for (int64_t k : below[c])
+        if (mark[k] != j) {
+          mark[k] = j;
+          out.push_back(k);
+        }
+    std::sort(out.begin(), out.end());
+  }
+
+  // --- fundamental supernodes, then relaxed amalgamation (children come before parents)
+  std::vector<int64_t> sn_first, sn_last;  // inclusive spot range
+  for (int64_t j = 0; j < n; ++j) {
+    const bool extends = j > 0 && tree[j - 1] == j && n_children[j] == 1 &&
+                         below[j - 1].size() == below[j].size() + 1;
+    if (extends) {
+      sn_last.back() = j;
+    } else {
+      sn_first.push_back(j);
+      sn_last.push_back(j);
+    }
+  }
+  const int64_t S0 = static_cast<int64_t>(sn_first.size());
+  std::vector<int64_t> sn_of(n);
+  for (int64_t s = 0; s < S0; ++s)
+    for (int64_t j = sn_first[s]; j <= sn_last[s]; ++j) sn_of[j] = s;
+  // entries stored (dense lower trapezoid) and truly non-zero, per supernode
+  const auto stored = [&](int64_t first, int64_t last) {
+    const int64_t w = last - first + 1, r = static_cast<int64_t>(below[last].size());
+    return w * (w + 1) / 2 + w * r;
+  };
+  std::vector<int64_t> actual(S0, 0);
+  for (int64_t s = 0; s < S0; ++s)
+    for (int64_t j = sn_first[s]; j <= sn_last[s]; ++j)
+      actual[s] += 1 + static_cast<int64_t>(below[j].size());
+  std::vector<int64_t> merged_into(S0, -1);
+  for (int64_t s = 0; s < S0; ++s) {
+    // the supernode ending just before s is a candidate while it is s's child
+    while (sn_first[s] > 0) {
+      const int64_t c = sn_of[sn_first[s] - 1];
+      if (merged_into[c] != -1 || tree[sn_last[c]] < sn_first[s] || tree[sn_last[c]] > sn_last[s])
+        break;
+      const int64_t w = sn_last[s] - sn_first[c] + 1;
+      const double zeros =
+          1.0 - double(actual[s] + actual[c]) / double(stored(sn_first[c], sn_last[s]));
+      if (!(w <= kAlwaysMerge || (w <= kRelaxedWide && zeros <= kRelaxedZeros))) break;
+      merged_into[c] = s;
+      actual[s] += actual[c];
+      sn_first[s] = sn_first[c];
+      for (int64_t j = sn_first[c]; j <= sn_last[c]; ++j) sn_of[j] = s;
+    }
+  }
+  first_.clear();
+  std::vector<int64_t> last;
+  for (int64_t s = 0; s < S0; ++s)
+    if (merged_into[s] == -1) {
+      first_.push_back(sn_first[s]);
+      last.push_back(sn_last[s]);
+    }
+  const int64_t S = static_cast<int64_t>(first_.size());
+  first_.push_back(n);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t j = first_[s]; j <= last[s]; ++j) sn_of[j] = s;
+  sn_of_ = sn_of;
+
+  // --- rows, panels, parents' relative positions, assembly maps
+  row_off_.assign(S + 1, 0);
+  panel_off_.assign(S + 1, 0);
+  children_.assign(S, 0);
+  for (int64_t s = 0; s < S; ++s) {
+    const auto& rows = below[last[s]];
+    rows_.insert(rows_.end(), rows.begin(), rows.end());
+    row_off_[s + 1] = static_cast<int64_t>(rows_.size());
+    const int64_t w = (last[s] - first_[s] + 1) * q, m = w + static_cast<int64_t>(rows.size()) * q;
+    panel_off_[s + 1] = panel_off_[s] + m * w;
+    max_front_ = std::max(max_front_, m);
+    max_update_ = std::max(max_update_, m - w);
+    if (!rows.empty()) ++children_[sn_of[rows.front()]];
+  }
+  const auto front_position = [&](int64_t s, int64_t spot) { return position(s, spot); };
+  rel_.resize(rows_.size());
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t p = row_off_[s]; p < row_off_[s + 1]; ++p) {
+      const int64_t parent_sn = sn_of[rows_[row_off_[s]]];
+      rel_[p] = front_position(parent_sn, rows_[p]);
+    }
+  std::vector<std::vector<int64_t>> entries(S);  // (src, row, col) triples
+  for (int64_t s = 0; s < n; ++s) {
+    const int64_t c = new_of_[s], sn = sn_of[c];
+    for (int64_t p = crow[s]; p < crow[s + 1]; ++p) {
+      const int64_t t = new_of_[col[p]];
+      if (t < c) continue;
+      entries[sn].insert(entries[sn].end(), {p, front_position(sn, t), c - first_[sn]});
+    }
+  }
+  asm_off_.assign(S + 1, 0);
+  for (int64_t s = 0; s < S; ++s) {
+    for (size_t e = 0; e < entries[s].size(); e += 3) {
+      asm_src_.push_back(entries[s][e]);
+      asm_row_.push_back(entries[s][e + 1]);
+      asm_col_.push_back(entries[s][e + 2]);
+    }
+    asm_off_[s + 1] = static_cast<int64_t>(asm_src_.size());
+  }
+}
+
+int64_t BlockCholeskyPattern::position(int64_t s, int64_t spot) const {
+  if (spot < first_[s + 1]) return spot - first_[s];
+  const auto lo = rows_.begin() + row_off_[s], hi = rows_.begin() + row_off_[s + 1];
+  const auto it = std::lower_bound(lo, hi, spot);
+  TORCH_CHECK(it != hi && *it == spot, "splisosm: internal error: spot ", spot,
+              " is not on the pattern of supernode ", s);
+  return (first_[s + 1] - first_[s]) + (it - lo);
+}
+
+double BlockCholeskyPattern::flops() const {
+  double total = 0;
+  for (int64_t s = 0; s < supernodes(); ++s) {
+    const double w = double(first_[s + 1] - first_[s]) * q_;
+    const double r = double(row_off_[s + 1] - row_off_[s]) * q_;
+    total += w * w * w / 3 + w * w * r + w * r * r;  // potrf, trsm, syrk
+  }
+  return total;
+}
+
+BlockCholesky::BlockCholesky(std::shared_ptr<const BlockCholeskyPattern> pattern)
+    : p_(std::move(pattern)) {
+  panels_.resize(p_->factor_size());
+  front_.resize(p_->max_front_ * p_->max_front_);
+}
+
+bool BlockCholesky::factorize(const double* qval, const double* scale, const double* blocks) {
+  const BlockCholeskyPattern& p = *p_;
+  const int64_t q = p.q_, S = p.supernodes();
+  stack_.clear();
+  pending_.clear();
+  logdet_ = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t width = p.first_[s + 1] - p.first_[s], r = p.row_off_[s + 1] - p.row_off_[s];
+    const int64_t w = width * q, m = w + r * q;
+    MapMat F(front_.data(), m, m);
+    F.triangularView<Eigen::Lower>().setZero();
+    for (int64_t e = p.asm_off_[s]; e < p.asm_off_[s + 1]; ++e) {
+      const double value = qval[p.asm_src_[e]];
+      const int64_t row = p.asm_row_[e] * q, column = p.asm_col_[e] * q;
+      for (int64_t j = 0; j < q; ++j) F(row + j, column + j) += scale[j] * value;
+    }
+    for (int64_t i = 0; i < width; ++i) {
+      const double* B = blocks + p.old_of_[p.first_[s] + i] * q * q;
+      for (int64_t k = 0; k < q; ++k)
+        for (int64_t j = k; j < q; ++j) F(i * q + j, i * q + k) += B[j * q + k];
+    }
+    // extend-add: the children's update matrices are the last ones on the stack
+    for (int64_t c = 0; c < p.children_[s]; ++c) {
+      const int64_t child = pending_.back();
+      pending_.pop_back();
+      const int64_t* rel = p.rel_.data() + p.row_off_[child];
+      const int64_t rc = p.row_off_[child + 1] - p.row_off_[child], u = rc * q;
+      const size_t start = stack_.size() - static_cast<size_t>(u * u);
+      const ConstMapMat U(stack_.data() + start, u, u);
+      for (int64_t b = 0; b < rc; ++b)
+        for (int64_t jb = 0; jb < q; ++jb) {
+          const int64_t col = rel[b] * q + jb;
+          for (int64_t ja = jb; ja < q; ++ja) F(rel[b] * q + ja, col) += U(b * q + ja, b * q + jb);
+          for (int64_t a = b + 1; a < rc; ++a)
+            for (int64_t ja = 0; ja < q; ++ja) F(rel[a] * q + ja, col) += U(a * q + ja, b * q + jb);
+        }
+      stack_.resize(start);
+    }
+    if (!partial_cholesky(F, w)) return false;
+    logdet_ += 2 * F.topLeftCorner(w, w).diagonal().array().log().sum();
+    if (r > 0) {
+      auto F22 = F.bottomRightCorner(m - w, m - w);
+      const size_t start = stack_.size();
+      stack_.resize(start + static_cast<size_t>((m - w) * (m - w)));
+      MapMat(stack_.data() + start, m - w, m - w) = F22;
+      pending_.push_back(s);
+    }
+    MapMat(panels_.data() + p.panel_off_[s], m, w) = F.leftCols(w);
+  }
+  return std::isfinite(logdet_);
+}
+
+void BlockCholesky::solve_in_place(double* x, int64_t nrhs) const {
+  const BlockCholeskyPattern& p = *p_;
+  const int64_t q = p.q_, n = p.n_, S = p.supernodes(), N = n * q;
+  work_.resize(static_cast<size_t>(N * nrhs));
+  MapMat y(work_.data(), N, nrhs);  // in elimination order
+  for (int64_t c = 0; c < nrhs; ++c)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < q; ++j) y(i * q + j, c) = x[c * N + p.old_of_[i] * q + j];
+  std::vector<double>& g = gather_;
+  for (int64_t s = 0; s < S; ++s) {  // L y = b
+    const int64_t w = (p.first_[s + 1] - p.first_[s]) * q, r = p.row_off_[s + 1] - p.row_off_[s];
+    const ConstMapMat L(panels_.data() + p.panel_off_[s], w + r * q, w);
+    auto ys = y.middleRows(p.first_[s] * q, w);
+    L.topRows(w).triangularView<Eigen::Lower>().solveInPlace(ys);
+    if (r == 0) continue;
+    g.resize(static_cast<size_t>(r * q * nrhs));
+    MapMat t(g.data(), r * q, nrhs);
+    t.noalias() = L.bottomRows(r * q) * ys;
+    const int64_t* rows = p.rows_.data() + p.row_off_[s];
+    for (int64_t a = 0; a < r; ++a) y.middleRows(rows[a] * q, q) -= t.middleRows(a * q, q);
+  }
+  for (int64_t s = S - 1; s >= 0; --s) {  // L^T x = y
+    const int64_t w = (p.first_[s + 1] - p.first_[s]) * q, r = p.row_off_[s + 1] - p.row_off_[s];
+    const ConstMapMat L(panels_.data() + p.panel_off_[s], w + r * q, w);
+    auto ys = y.middleRows(p.first_[s] * q, w);
+    if (r > 0) {
+      g.resize(static_cast<size_t>(r * q * nrhs));
+      MapMat t(g.data(), r * q, nrhs);
+      const int64_t* rows = p.rows_.data() + p.row_off_[s];
+      for (int64_t a = 0; a < r; ++a) t.middleRows(a * q, q) = y.middleRows(rows[a] * q, q);
+      ys.noalias() -= L.bottomRows(r * q).transpose() * t;
+    }
+    L.topRows(w).triangularView<Eigen::Lower>().adjoint().solveInPlace(ys);
+  }
+  for (int64_t c = 0; c < nrhs; ++c)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < q; ++j) x[c * N + p.old_of_[i] * q + j] = y(i * q + j, c);
+}
+
+// Supernode by supernode from the last, with Y = L21 L11^-1 and Z22 the (already computed)
+// inverse on the supernode's rows: Z21 = -Z22 Y and Z11 = L11^-T L11^-1 + Y^T Z22 Y. The rows
+// of a supernode form a clique of the filled graph, so Z22 lies on the pattern of later panels.
+void BlockCholesky::select_inverse() {
+  const BlockCholeskyPattern& p = *p_;
+  const int64_t q = p.q_, S = p.supernodes();
+  inv_.assign(panels_.size(), 0.0);
+  MatX Y, Z22, Linv;
+  for (int64_t s = S - 1; s >= 0; --s) {
+    const int64_t w = (p.first_[s + 1] - p.first_[s]) * q, r = p.row_off_[s + 1] - p.row_off_[s];
+    const int64_t rq = r * q;
+    const ConstMapMat L(panels_.data() + p.panel_off_[s], w + rq, w);
+    MapMat Z(inv_.data() + p.panel_off_[s], w + rq, w);
+    Linv = L.topRows(w).triangularView<Eigen::Lower>().solve(MatX::Identity(w, w));
+    if (r == 0) {
+      Z.topRows(w).noalias() = Linv.transpose() * Linv;
+      continue;
+    }
+    Y = L.bottomRows(rq);
+    L.topRows(w).triangularView<Eigen::Lower>().solveInPlace<Eigen::OnTheRight>(Y);
+    Z22.resize(rq, rq);
+    const int64_t* rows = p.rows_.data() + p.row_off_[s];
+    for (int64_t b = 0; b < r; ++b) {
+      const int64_t t = p.sn_of_[rows[b]], cb = rows[b] - p.first_[t];
+      const int64_t wt = p.first_[t + 1] - p.first_[t];
+      const ConstMapMat Zt(inv_.data() + p.panel_off_[t],
+                           (wt + p.row_off_[t + 1] - p.row_off_[t]) * q, wt * q);
+      const int64_t* trow = p.rows_.data() + p.row_off_[t];
+      int64_t k = 0;  // walks t's rows alongside ours (both ascending)
+      for (int64_t a = b; a < r; ++a) {
+        int64_t pos;
+        if (rows[a] < p.first_[t + 1]) {
+          pos = rows[a] - p.first_[t];
+        } else {
+          while (trow[k] < rows[a]) ++k;
+          pos = wt + k;
+        }
+        Z22.block(a * q, b * q, q, q) = Zt.block(pos * q, cb * q, q, q);
+      }
+    }
+    Z22.triangularView<Eigen::StrictlyUpper>() = Z22.transpose();
+    Z.bottomRows(rq).noalias() = -Z22 * Y;
+    Z.topRows(w).noalias() = Linv.transpose() * Linv;
+    Z.topRows(w).noalias() -= Y.transpose() * Z.bottomRows(rq);
+  }
+}
+
+double BlockCholesky::inverse_entry(int64_t a, int64_t b, int64_t ja, int64_t jb) const {
+  const BlockCholeskyPattern& p = *p_;
+  const int64_t q = p.q_;
+  int64_t i = p.new_of_[a], k = p.new_of_[b];
+  if (i < k) {
+    std::swap(i, k);
+    std::swap(ja, jb);
+  }
+  const int64_t t = p.sn_of_[k], wt = p.first_[t + 1] - p.first_[t];
+  const int64_t m = (wt + p.row_off_[t + 1] - p.row_off_[t]) * q;
+  return inv_[p.panel_off_[t] + ((k - p.first_[t]) * q + jb) * m + p.position(t, i) * q + ja];
+}
+
+double BlockCholesky::trace_inverse() const {
+  const BlockCholeskyPattern& p = *p_;
+  const int64_t q = p.q_;
+  double sum = 0;
+  for (int64_t s = 0; s < p.supernodes(); ++s) {
+    const int64_t w = (p.first_[s + 1] - p.first_[s]) * q;
+    const int64_t m = w + (p.row_off_[s + 1] - p.row_off_[s]) * q;
+    sum += ConstMapMat(inv_.data() + p.panel_off_[s], m, w).topRows(w).trace();
+  }
+  return sum;
+}
+
+double BlockCholesky::trace_with(const int64_t* crow, const int64_t* col, const double* qval,
+                                 int64_t j) const {
+  double sum = 0;
+  for (int64_t s = 0; s < p_->n_; ++s)
+    for (int64_t e = crow[s]; e < crow[s + 1]; ++e) sum += qval[e] * inverse_entry(s, col[e], j, j);
+  return sum;
+}
+
+void BlockCholesky::inverse_block(int64_t s, double* out) const {
+  const int64_t q = p_->q_;
+  for (int64_t j = 0; j < q; ++j)
+    for (int64_t k = 0; k < q; ++k) out[j * q + k] = inverse_entry(s, s, j, k);
+}
+
+}  // namespace splisosm
