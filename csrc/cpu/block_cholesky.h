@@ -46,7 +46,8 @@ class BlockCholeskyPattern {
   // Q entries to assemble per supernode: index into Q's values, front row, front column
   // (in spots, front row >= front column).
   std::vector<int64_t> asm_off_, asm_src_, asm_row_, asm_col_;
-  int64_t max_front_ = 0, max_update_ = 0;  // in unknowns
+  int64_t max_front_ = 0;  // largest front, in unknowns
+  int64_t max_stack_ = 0;  // doubles on the update stack at its deepest
 };
 
 // The numerical factor of one system on a shared pattern; one object per thread.
@@ -77,8 +78,15 @@ class BlockCholesky {
   double inverse_entry(int64_t a, int64_t b, int64_t ja, int64_t jb) const;
 
   std::shared_ptr<const BlockCholeskyPattern> p_;
+  // A child's rows [from, from + size) of its update matrix go to [to, to + size) of the front.
+  struct Run {
+    int64_t from, to, size;
+  };
+
   std::vector<double> panels_, front_, stack_;
+  int64_t top_ = 0;                              // end of the used part of stack_
   std::vector<int64_t> pending_;                 // supernodes whose update waits on stack_
+  std::vector<Run> runs_;
   mutable std::vector<double> work_, gather_;    // scratch of the solves
   std::vector<double> inv_;  // selected inverse, same layout as panels_
   double logdet_ = 0;

@@ -236,10 +236,26 @@ BlockCholeskyPattern::BlockCholeskyPattern(const int64_t* crow, const int64_t* c
     const int64_t w = (last[s] - first_[s] + 1) * q, m = w + static_cast<int64_t>(rows.size()) * q;
     panel_off_[s + 1] = panel_off_[s] + m * w;
     max_front_ = std::max(max_front_, m);
-    max_update_ = std::max(max_update_, m - w);
     if (!rows.empty()) ++children_[sn_of[rows.front()]];
   }
   const auto front_position = [&](int64_t s, int64_t spot) { return position(s, spot); };
+  {  // deepest update stack of a factorisation, so it is allocated once
+    std::vector<int64_t> pending;
+    int64_t depth = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      for (int64_t c = 0; c < children_[s]; ++c) {
+        const int64_t u = (row_off_[pending.back() + 1] - row_off_[pending.back()]) * q;
+        depth -= u * u;
+        pending.pop_back();
+      }
+      const int64_t u = (row_off_[s + 1] - row_off_[s]) * q;
+      if (u > 0) {
+        depth += u * u;
+        pending.push_back(s);
+        max_stack_ = std::max(max_stack_, depth);
+      }
+    }
+  }
   rel_.resize(rows_.size());
   for (int64_t s = 0; s < S; ++s)
     for (int64_t p = row_off_[s]; p < row_off_[s + 1]; ++p) {
@@ -289,12 +305,13 @@ BlockCholesky::BlockCholesky(std::shared_ptr<const BlockCholeskyPattern> pattern
     : p_(std::move(pattern)) {
   panels_.resize(p_->factor_size());
   front_.resize(p_->max_front_ * p_->max_front_);
+  stack_.resize(p_->max_stack_);
 }
 
 bool BlockCholesky::factorize(const double* qval, const double* scale, const double* blocks) {
   const BlockCholeskyPattern& p = *p_;
   const int64_t q = p.q_, S = p.supernodes();
-  stack_.clear();
+  top_ = 0;
   pending_.clear();
   logdet_ = 0;
   for (int64_t s = 0; s < S; ++s) {
@@ -312,30 +329,41 @@ bool BlockCholesky::factorize(const double* qval, const double* scale, const dou
       for (int64_t k = 0; k < q; ++k)
         for (int64_t j = k; j < q; ++j) F(i * q + j, i * q + k) += B[j * q + k];
     }
-    // extend-add: the children's update matrices are the last ones on the stack
+    // extend-add: the children's update matrices are the last ones on the stack. A child's rows
+    // land in its parent's front in runs of consecutive positions, added block by block.
     for (int64_t c = 0; c < p.children_[s]; ++c) {
       const int64_t child = pending_.back();
       pending_.pop_back();
       const int64_t* rel = p.rel_.data() + p.row_off_[child];
       const int64_t rc = p.row_off_[child + 1] - p.row_off_[child], u = rc * q;
-      const size_t start = stack_.size() - static_cast<size_t>(u * u);
-      const ConstMapMat U(stack_.data() + start, u, u);
-      for (int64_t b = 0; b < rc; ++b)
-        for (int64_t jb = 0; jb < q; ++jb) {
-          const int64_t col = rel[b] * q + jb;
-          for (int64_t ja = jb; ja < q; ++ja) F(rel[b] * q + ja, col) += U(b * q + ja, b * q + jb);
-          for (int64_t a = b + 1; a < rc; ++a)
-            for (int64_t ja = 0; ja < q; ++ja) F(rel[a] * q + ja, col) += U(a * q + ja, b * q + jb);
+      top_ -= u * u;
+      const ConstMapMat U(stack_.data() + top_, u, u);
+      runs_.clear();
+      for (int64_t a = 0; a < rc; ++a) {
+        if (!runs_.empty() && runs_.back().to + runs_.back().size == rel[a] * q &&
+            runs_.back().from + runs_.back().size == a * q)
+          runs_.back().size += q;
+        else
+          runs_.push_back({a * q, rel[a] * q, q});
+      }
+      for (size_t x = 0; x < runs_.size(); ++x) {
+        const Run& cols = runs_[x];
+        F.block(cols.to, cols.to, cols.size, cols.size).triangularView<Eigen::Lower>() +=
+            U.block(cols.from, cols.from, cols.size, cols.size);
+        for (size_t y = x + 1; y < runs_.size(); ++y) {
+          const Run& rows = runs_[y];
+          F.block(rows.to, cols.to, rows.size, cols.size) +=
+              U.block(rows.from, cols.from, rows.size, cols.size);
         }
-      stack_.resize(start);
+      }
     }
     if (!partial_cholesky(F, w)) return false;
     logdet_ += 2 * F.topLeftCorner(w, w).diagonal().array().log().sum();
-    if (r > 0) {
-      auto F22 = F.bottomRightCorner(m - w, m - w);
-      const size_t start = stack_.size();
-      stack_.resize(start + static_cast<size_t>((m - w) * (m - w)));
-      MapMat(stack_.data() + start, m - w, m - w) = F22;
+    if (r > 0) {  // the lower triangle of the update matrix onto the stack
+      const int64_t u = m - w;
+      MapMat(stack_.data() + top_, u, u).triangularView<Eigen::Lower>() =
+          F.bottomRightCorner(u, u);
+      top_ += u * u;
       pending_.push_back(s);
     }
     MapMat(panels_.data() + p.panel_off_[s], m, w) = F.leftCols(w);
