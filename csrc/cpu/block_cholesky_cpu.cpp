@@ -24,6 +24,7 @@ namespace {
 using MatX = Eigen::MatrixXd;
 using MapMat = Eigen::Map<MatX>;
 using ConstMapMat = Eigen::Map<const MatX>;
+using MapRowMat = Eigen::Map<Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
 
 // Relaxed amalgamation: a child supernode joins its parent while the merged one stays at most
 // this many spots wide, or at most kRelaxedWide wide with at most kRelaxedZeros explicit zeros.
@@ -374,20 +375,21 @@ bool BlockCholesky::factorize(const double* qval, const double* scale, const dou
 void BlockCholesky::solve_in_place(double* x, int64_t nrhs) const {
   const BlockCholeskyPattern& p = *p_;
   const int64_t q = p.q_, n = p.n_, S = p.supernodes(), N = n * q;
+  // Unknowns in elimination order, one row each with all right-hand sides side by side, so the
+  // rows a supernode gathers and scatters are contiguous.
   work_.resize(static_cast<size_t>(N * nrhs));
-  MapMat y(work_.data(), N, nrhs);  // in elimination order
-  for (int64_t c = 0; c < nrhs; ++c)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < q; ++j) y(i * q + j, c) = x[c * N + p.old_of_[i] * q + j];
-  std::vector<double>& g = gather_;
+  MapRowMat y(work_.data(), N, nrhs);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < q; ++j)
+      for (int64_t c = 0; c < nrhs; ++c) y(i * q + j, c) = x[c * N + p.old_of_[i] * q + j];
   for (int64_t s = 0; s < S; ++s) {  // L y = b
     const int64_t w = (p.first_[s + 1] - p.first_[s]) * q, r = p.row_off_[s + 1] - p.row_off_[s];
     const ConstMapMat L(panels_.data() + p.panel_off_[s], w + r * q, w);
     auto ys = y.middleRows(p.first_[s] * q, w);
     L.topRows(w).triangularView<Eigen::Lower>().solveInPlace(ys);
     if (r == 0) continue;
-    g.resize(static_cast<size_t>(r * q * nrhs));
-    MapMat t(g.data(), r * q, nrhs);
+    gather_.resize(static_cast<size_t>(r * q * nrhs));
+    MapRowMat t(gather_.data(), r * q, nrhs);
     t.noalias() = L.bottomRows(r * q) * ys;
     const int64_t* rows = p.rows_.data() + p.row_off_[s];
     for (int64_t a = 0; a < r; ++a) y.middleRows(rows[a] * q, q) -= t.middleRows(a * q, q);
@@ -397,17 +399,17 @@ void BlockCholesky::solve_in_place(double* x, int64_t nrhs) const {
     const ConstMapMat L(panels_.data() + p.panel_off_[s], w + r * q, w);
     auto ys = y.middleRows(p.first_[s] * q, w);
     if (r > 0) {
-      g.resize(static_cast<size_t>(r * q * nrhs));
-      MapMat t(g.data(), r * q, nrhs);
+      gather_.resize(static_cast<size_t>(r * q * nrhs));
+      MapRowMat t(gather_.data(), r * q, nrhs);
       const int64_t* rows = p.rows_.data() + p.row_off_[s];
       for (int64_t a = 0; a < r; ++a) t.middleRows(a * q, q) = y.middleRows(rows[a] * q, q);
       ys.noalias() -= L.bottomRows(r * q).transpose() * t;
     }
     L.topRows(w).triangularView<Eigen::Lower>().adjoint().solveInPlace(ys);
   }
-  for (int64_t c = 0; c < nrhs; ++c)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < q; ++j) x[c * N + p.old_of_[i] * q + j] = y(i * q + j, c);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < q; ++j)
+      for (int64_t c = 0; c < nrhs; ++c) x[c * N + p.old_of_[i] * q + j] = y(i * q + j, c);
 }
 
 // Supernode by supernode from the last, with Y = L21 L11^-1 and Z22 the (already computed)

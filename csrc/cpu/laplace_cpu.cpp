@@ -31,6 +31,9 @@ namespace {
 using MatX = Eigen::MatrixXd;
 using VecX = Eigen::VectorXd;
 using RowMatX = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+// One spot's q unknowns across R right-hand sides stored one after another (stride n q).
+using SpotSlice = Eigen::Map<const MatX, 0, Eigen::OuterStride<>>;
+using SpotSliceOut = Eigen::Map<MatX, 0, Eigen::OuterStride<>>;
 
 at::Tensor to_f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
 
@@ -733,6 +736,7 @@ std::tuple<at::Tensor, at::Tensor> laplace_sparse_cpu(const at::Tensor& W_in,
   at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
     SparseGene gene(pattern, pattern1, q);
     std::vector<double> u(n * q * R);
+    MatX resid(q, R);
     std::string why;
     for (int64_t g = begin; g < end; ++g) {
       const double* w = W.data_ptr<double>() + g * n * q * q;
@@ -744,23 +748,24 @@ std::tuple<at::Tensor, at::Tensor> laplace_sparse_cpu(const at::Tensor& W_in,
       logdet.data_ptr<double>()[g] = gene.logdet;
       if (R == 0) continue;
       // H^-1 g: u = A^-1 T (T + W)^-1 g, then nu = (T + W)^-1 (g + T u) = u + (T + W)^-1 (g - W u).
+      // Per spot, its q x R slice of all right-hand sides at once (column r at offset r n q).
       const double* gv = rhs.data_ptr<double>() + g * R * n * q;
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t s = 0; s < n; ++s)
-          Eigen::Map<VecX>(u.data() + (r * n + s) * q, q) =
-              gene.tau.asDiagonal() * (Eigen::Map<const MatX>(gene.minv.data() + s * q * q, q, q) *
-                                       Eigen::Map<const VecX>(gv + (r * n + s) * q, q));
-      gene.A->solve_in_place(u.data(), R);
       double* xv = x.data_ptr<double>() + g * R * n * q;
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t s = 0; s < n; ++s) {
-          const int64_t off = (r * n + s) * q;
-          const Eigen::Map<const MatX> Ws(w + s * q * q, q, q);
-          const Eigen::Map<const VecX> us(u.data() + off, q);
-          Eigen::Map<VecX>(xv + off, q) =
-              us + Eigen::Map<const MatX>(gene.minv.data() + s * q * q, q, q) *
-                       (Eigen::Map<const VecX>(gv + off, q) - Ws * us);
-        }
+      const Eigen::OuterStride<> stride(n * q);
+      for (int64_t s = 0; s < n; ++s) {
+        const Eigen::Map<const MatX> Minv(gene.minv.data() + s * q * q, q, q);
+        const SpotSlice gs(gv + s * q, q, R, stride);
+        SpotSliceOut(u.data() + s * q, q, R, stride) =
+            gene.tau.asDiagonal() * Minv.lazyProduct(gs);
+      }
+      gene.A->solve_in_place(u.data(), R);
+      for (int64_t s = 0; s < n; ++s) {
+        const Eigen::Map<const MatX> Minv(gene.minv.data() + s * q * q, q, q);
+        const Eigen::Map<const MatX> Ws(w + s * q * q, q, q);
+        const SpotSlice us(u.data() + s * q, q, R, stride), gs(gv + s * q, q, R, stride);
+        resid.noalias() = gs - Ws.lazyProduct(us);
+        SpotSliceOut(xv + s * q, q, R, stride) = us + Minv.lazyProduct(resid);
+      }
     }
   });
   failures.raise_first("laplace_sparse");
