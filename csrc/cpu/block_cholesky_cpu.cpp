@@ -32,7 +32,7 @@ constexpr int64_t kAlwaysMerge = 4;
 constexpr int64_t kRelaxedWide = 32;
 constexpr double kRelaxedZeros = 0.2;
 // Fronts with at least this many w m^2 multiply-adds use the BLAS path of partial_cholesky.
-constexpr double kLibraryFlops = 2e6;
+constexpr double kLibraryFlops = 4e6;
 
 // Approximate minimum degree ordering of Q's graph: old_of[new] = old.
 std::vector<int64_t> amd_order(const int64_t* crow, const int64_t* col, int64_t n) {
@@ -440,16 +440,19 @@ void BlockCholesky::select_inverse() {
       const ConstMapMat Zt(inv_.data() + p.panel_off_[t],
                            (wt + p.row_off_[t + 1] - p.row_off_[t]) * q, wt * q);
       const int64_t* trow = p.rows_.data() + p.row_off_[t];
+      // rows a >= b of column b, copied in runs that are consecutive in t's panel too
       int64_t k = 0;  // walks t's rows alongside ours (both ascending)
-      for (int64_t a = b; a < r; ++a) {
-        int64_t pos;
-        if (rows[a] < p.first_[t + 1]) {
-          pos = rows[a] - p.first_[t];
-        } else {
-          while (trow[k] < rows[a]) ++k;
-          pos = wt + k;
+      const auto position = [&](int64_t a) {
+        if (rows[a] < p.first_[t + 1]) return rows[a] - p.first_[t];
+        while (trow[k] < rows[a]) ++k;
+        return wt + k;
+      };
+      for (int64_t a = b; a < r;) {
+        const int64_t start = a, pos = position(a);
+        while (++a < r && position(a) == pos + (a - start)) {
         }
-        Z22.block(a * q, b * q, q, q) = Zt.block(pos * q, cb * q, q, q);
+        Z22.block(start * q, b * q, (a - start) * q, q) =
+            Zt.block(pos * q, cb * q, (a - start) * q, q);
       }
     }
     Z22.triangularView<Eigen::StrictlyUpper>() = Z22.transpose();
