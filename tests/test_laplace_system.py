@@ -8,8 +8,9 @@ import pytest
 import torch
 from test_ops_laplace import F64, car_kernel, random_W, rel
 
-from splisosm.laplace import NULL_THETA, LaplaceSystem
+from splisosm.laplace import NULL_THETA, LaplaceSystem, ShiftedTraces, shifted_traces
 from splisosm.ops import laplace_reference as ref
+from splisosm.ops import sparse_shifted_solve
 
 G, Q = 3, 2
 KER = car_kernel(6, 6)
@@ -219,3 +220,25 @@ def test_prior_terms_without_precision_product(name: str) -> None:
         assert prec is None  # eigenbasis prior: skipped, it would cost a product with V
     else:
         assert rel(prec, full[2]) < 1e-12  # free by-product of the other routes
+
+
+def test_shifted_traces_match_selected_inversion() -> None:
+    """The tabulated tr (a Q + tau I)^-1 of the precision-only gradients against the exact trace
+    of a factorisation, inside the tabulated range of theta / (1 - theta) and beyond it."""
+    ker = car_kernel(30, 30)
+    csr = ker["csr"]
+    table = shifted_traces(csr)
+    assert shifted_traces(tuple(t.clone() for t in csr)) is table  # once per matrix
+    gen = torch.Generator().manual_seed(5)
+    a = 0.2 + 5 * torch.rand(40, dtype=F64, generator=gen)
+    odds = torch.exp(torch.linspace(-9.0, 9.0, 40, dtype=F64))  # tau / a, past the table's span
+    tau = a * odds
+    want = sparse_shifted_solve(*csr, a, tau, torch.zeros(40, 0, ker["n"], dtype=F64),
+                                trace_inverse=True)[2]
+    got = table(a, tau)
+    err = ((got - want).abs() / want).max()
+    assert float(err) < 1e-11
+    inside = odds.log().abs() <= ShiftedTraces.SPAN
+    assert bool(inside.any()) and bool((~inside).any())
+    other = (csr[0], csr[1], 2 * csr[2])
+    assert shifted_traces(other) is not table
