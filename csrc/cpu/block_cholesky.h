@@ -61,7 +61,11 @@ class BlockCholesky {
 
   double logdet() const { return logdet_; }
 
-  // x <- A^-1 x for `nrhs` vectors of n q unknowns each, stored one after the other.
+  // Frees what only factorize() and select_inverse() use, for a factor kept for its solves.
+  void release_workspace();
+
+  // x <- A^-1 x for `nrhs` vectors of n q unknowns each, stored one after the other. Safe to
+  // call from several threads at once on one factor.
   void solve_in_place(double* x, int64_t nrhs) const;
 
   // Entries of A^-1 on the pattern of the factor (selected inversion), for the traces below.
@@ -87,7 +91,6 @@ class BlockCholesky {
   int64_t top_ = 0;                              // end of the used part of stack_
   std::vector<int64_t> pending_;                 // supernodes whose update waits on stack_
   std::vector<Run> runs_;
-  mutable std::vector<double> work_, gather_;    // scratch of the solves
   std::vector<double> inv_;  // selected inverse, same layout as panels_
   double logdet_ = 0;
 };

@@ -16,7 +16,6 @@
 #include <Eigen/OrderingMethods>
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 
 namespace splisosm {
 namespace {
@@ -147,9 +146,7 @@ BlockCholeskyPattern::BlockCholeskyPattern(const int64_t* crow, const int64_t* c
   // --- structure of each column below the diagonal: its neighbours after it, and its
   // children's structures without itself
   std::vector<std::vector<int64_t>> below(n);
-  std::vector<int64_t> n_children(n, 0), mark(n, -1);
-  for (int64_t i = 0; i < n; ++i)
-    if (tree[i] != -1) ++n_children[tree[i]];
+  std::vector<int64_t> mark(n, -1);
   std::vector<std::vector<int64_t>> kids(n);
   for (int64_t i = 0; i < n; ++i)
     if (tree[i] != -1) kids[tree[i]].push_back(i);
@@ -174,7 +171,7 @@ BlockCholeskyPattern::BlockCholeskyPattern(const int64_t* crow, const int64_t* c
   // --- fundamental supernodes, then relaxed amalgamation (children come before parents)
   std::vector<int64_t> sn_first, sn_last;  // inclusive spot range
   for (int64_t j = 0; j < n; ++j) {
-    const bool extends = j > 0 && tree[j - 1] == j && n_children[j] == 1 &&
+    const bool extends = j > 0 && tree[j - 1] == j && kids[j].size() == 1 &&
                          below[j - 1].size() == below[j].size() + 1;
     if (extends) {
       sn_last.back() = j;
@@ -239,7 +236,6 @@ BlockCholeskyPattern::BlockCholeskyPattern(const int64_t* crow, const int64_t* c
     max_front_ = std::max(max_front_, m);
     if (!rows.empty()) ++children_[sn_of[rows.front()]];
   }
-  const auto front_position = [&](int64_t s, int64_t spot) { return position(s, spot); };
   {  // deepest update stack of a factorisation, so it is allocated once
     std::vector<int64_t> pending;
     int64_t depth = 0;
@@ -261,7 +257,7 @@ BlockCholeskyPattern::BlockCholeskyPattern(const int64_t* crow, const int64_t* c
   for (int64_t s = 0; s < S; ++s)
     for (int64_t p = row_off_[s]; p < row_off_[s + 1]; ++p) {
       const int64_t parent_sn = sn_of[rows_[row_off_[s]]];
-      rel_[p] = front_position(parent_sn, rows_[p]);
+      rel_[p] = position(parent_sn, rows_[p]);
     }
   std::vector<std::vector<int64_t>> entries(S);  // (src, row, col) triples
   for (int64_t s = 0; s < n; ++s) {
@@ -269,7 +265,7 @@ BlockCholeskyPattern::BlockCholeskyPattern(const int64_t* crow, const int64_t* c
     for (int64_t p = crow[s]; p < crow[s + 1]; ++p) {
       const int64_t t = new_of_[col[p]];
       if (t < c) continue;
-      entries[sn].insert(entries[sn].end(), {p, front_position(sn, t), c - first_[sn]});
+      entries[sn].insert(entries[sn].end(), {p, position(sn, t), c - first_[sn]});
     }
   }
   asm_off_.assign(S + 1, 0);
@@ -305,13 +301,13 @@ double BlockCholeskyPattern::flops() const {
 BlockCholesky::BlockCholesky(std::shared_ptr<const BlockCholeskyPattern> pattern)
     : p_(std::move(pattern)) {
   panels_.resize(p_->factor_size());
-  front_.resize(p_->max_front_ * p_->max_front_);
-  stack_.resize(p_->max_stack_);
 }
 
 bool BlockCholesky::factorize(const double* qval, const double* scale, const double* blocks) {
   const BlockCholeskyPattern& p = *p_;
   const int64_t q = p.q_, S = p.supernodes();
+  front_.resize(p.max_front_ * p.max_front_);
+  stack_.resize(p.max_stack_);
   top_ = 0;
   pending_.clear();
   logdet_ = 0;
@@ -372,13 +368,19 @@ bool BlockCholesky::factorize(const double* qval, const double* scale, const dou
   return std::isfinite(logdet_);
 }
 
+void BlockCholesky::release_workspace() {
+  std::vector<double>().swap(front_);
+  std::vector<double>().swap(stack_);
+  std::vector<double>().swap(inv_);
+}
+
 void BlockCholesky::solve_in_place(double* x, int64_t nrhs) const {
   const BlockCholeskyPattern& p = *p_;
   const int64_t q = p.q_, n = p.n_, S = p.supernodes(), N = n * q;
   // Unknowns in elimination order, one row each with all right-hand sides side by side, so the
   // rows a supernode gathers and scatters are contiguous.
-  work_.resize(static_cast<size_t>(N * nrhs));
-  MapRowMat y(work_.data(), N, nrhs);
+  std::vector<double> work(static_cast<size_t>(N * nrhs)), gather;  // callers may share *this
+  MapRowMat y(work.data(), N, nrhs);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < q; ++j)
       for (int64_t c = 0; c < nrhs; ++c) y(i * q + j, c) = x[c * N + p.old_of_[i] * q + j];
@@ -388,8 +390,8 @@ void BlockCholesky::solve_in_place(double* x, int64_t nrhs) const {
     auto ys = y.middleRows(p.first_[s] * q, w);
     L.topRows(w).triangularView<Eigen::Lower>().solveInPlace(ys);
     if (r == 0) continue;
-    gather_.resize(static_cast<size_t>(r * q * nrhs));
-    MapRowMat t(gather_.data(), r * q, nrhs);
+    gather.resize(static_cast<size_t>(r * q * nrhs));
+    MapRowMat t(gather.data(), r * q, nrhs);
     t.noalias() = L.bottomRows(r * q) * ys;
     const int64_t* rows = p.rows_.data() + p.row_off_[s];
     for (int64_t a = 0; a < r; ++a) y.middleRows(rows[a] * q, q) -= t.middleRows(a * q, q);
@@ -399,8 +401,8 @@ void BlockCholesky::solve_in_place(double* x, int64_t nrhs) const {
     const ConstMapMat L(panels_.data() + p.panel_off_[s], w + r * q, w);
     auto ys = y.middleRows(p.first_[s] * q, w);
     if (r > 0) {
-      gather_.resize(static_cast<size_t>(r * q * nrhs));
-      MapRowMat t(gather_.data(), r * q, nrhs);
+      gather.resize(static_cast<size_t>(r * q * nrhs));
+      MapRowMat t(gather.data(), r * q, nrhs);
       const int64_t* rows = p.rows_.data() + p.row_off_[s];
       for (int64_t a = 0; a < r; ++a) t.middleRows(a * q, q) = y.middleRows(rows[a] * q, q);
       ys.noalias() -= L.bottomRows(r * q).transpose() * t;

@@ -499,23 +499,26 @@ Csr csr_view(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& va
           fnv_hash(bits, val.numel(), kFnvSeed)};
 }
 
-// log det(scale Q + shift I) by exact arguments. A gene's prior terms and its Laplace system at
-// one parameter value need the same ones, and each costs a sparse factorisation.
-class ShiftedLogdets {
+// Results for scale Q + shift I by exact (Q, scale, shift), the oldest dropped beyond a capacity.
+// A gene's prior terms and its Laplace system at one parameter value ask for the same matrices
+// (the prior terms twice per Newton step: before and after it), and each costs a factorisation.
+template <typename Value>
+class ShiftedCache {
  public:
-  bool find(uint64_t values, double scale, double shift, double& out) const {
+  explicit ShiftedCache(size_t capacity) : capacity_(capacity) {}
+  bool find(uint64_t values, double scale, double shift, Value& out) const {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = known_.find({values, scale, shift});
     if (it == known_.end()) return false;
     out = it->second;
     return true;
   }
-  void store(uint64_t values, double scale, double shift, double logdet) {
+  void store(uint64_t values, double scale, double shift, Value value) {
     std::lock_guard<std::mutex> lock(mutex_);
     const Key key{values, scale, shift};
-    if (!known_.emplace(key, logdet).second) return;
+    if (!known_.emplace(key, std::move(value)).second) return;
     order_.push_back(key);
-    if (order_.size() > kCapacity) {
+    if (order_.size() > capacity_) {
       known_.erase(order_.front());
       order_.pop_front();
     }
@@ -523,11 +526,15 @@ class ShiftedLogdets {
 
  private:
   using Key = std::tuple<uint64_t, double, double>;
-  static constexpr size_t kCapacity = 4096;
+  const size_t capacity_;
   mutable std::mutex mutex_;
-  std::map<Key, double> known_;
+  std::map<Key, Value> known_;
   std::deque<Key> order_;  // oldest first
 };
+
+constexpr size_t kKnownLogdets = 4096;
+// Factors kept for reuse, in bytes of their panels.
+constexpr double kKnownFactorBytes = 512.0 * (1 << 20);
 
 // Symbolic analyses of Q's pattern (one per pattern and q, shared by every gene and call) with
 // a pool of factor objects on each, so a call does not reallocate a factor's panels per thread.
@@ -535,7 +542,14 @@ struct CachedPattern {
   std::shared_ptr<const BlockCholeskyPattern> analysis;
   std::mutex mutex;
   std::vector<std::unique_ptr<BlockCholesky>> pool;
-  ShiftedLogdets shifted_logdets;  // used on the one-unknown-per-spot pattern
+  // On the one-unknown-per-spot pattern: log det and factors of a Q + tau I.
+  ShiftedCache<double> shifted_logdets{kKnownLogdets};
+  ShiftedCache<std::shared_ptr<const BlockCholesky>> shifted_factors;
+
+  explicit CachedPattern(std::shared_ptr<const BlockCholeskyPattern> a)
+      : analysis(std::move(a)),
+        shifted_factors(static_cast<size_t>(std::max(
+            2.0, kKnownFactorBytes / (8.0 * static_cast<double>(analysis->factor_size()))))) {}
 };
 
 struct PatternKey {
@@ -573,8 +587,8 @@ std::shared_ptr<CachedPattern> cached_pattern(const Csr& Q, int64_t q) {
     if (it != cache.end()) return it->second;
   }
   check_symmetric_pattern(Q.crow, Q.col, Q.n);
-  auto entry = std::make_shared<CachedPattern>();
-  entry->analysis = std::make_shared<const BlockCholeskyPattern>(Q.crow, Q.col, Q.n, q);
+  auto entry = std::make_shared<CachedPattern>(
+      std::make_shared<const BlockCholeskyPattern>(Q.crow, Q.col, Q.n, q));
   std::lock_guard<std::mutex> lock(mutex);
   if (cache.size() >= kMaxPatterns) cache.clear();  // rare: many datasets in one process
   return cache.emplace(key, entry).first->second;
@@ -866,24 +880,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_shifted_solve_cpu(
   auto trace = at::empty({trace_inverse ? G : 0}, rhs.options());
   GeneFailures failures(G);
   at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
-    PooledFactor M(pattern);
     std::vector<double> diag(n);
     for (int64_t g = begin; g < end; ++g) {
-      std::fill(diag.begin(), diag.end(), shift.data_ptr<double>()[g]);
-      if (!M->factorize(Q.val, scale.data_ptr<double>() + g, diag.data())) {
-        failures.set(g, "scale * Q + shift * I is not positive definite (sparse Cholesky failed)");
-        continue;
+      const double a = scale.data_ptr<double>()[g], tau = shift.data_ptr<double>()[g];
+      std::shared_ptr<const BlockCholesky> known;
+      std::shared_ptr<BlockCholesky> fresh;
+      if (trace_inverse || !pattern->shifted_factors.find(Q.values, a, tau, known)) {
+        fresh = std::make_shared<BlockCholesky>(pattern->analysis);
+        std::fill(diag.begin(), diag.end(), tau);
+        if (!fresh->factorize(Q.val, &a, diag.data())) {
+          failures.set(g, "scale * Q + shift * I is not positive definite (sparse Cholesky failed)");
+          continue;
+        }
+        pattern->shifted_logdets.store(Q.values, a, tau, fresh->logdet());
+        if (trace_inverse) {
+          fresh->select_inverse();
+          trace.data_ptr<double>()[g] = fresh->trace_inverse();
+        }
+        fresh->release_workspace();
+        known = fresh;
+        pattern->shifted_factors.store(Q.values, a, tau, known);
       }
-      logdet.data_ptr<double>()[g] = M->logdet();
-      M.pattern().shifted_logdets.store(Q.values, scale.data_ptr<double>()[g],
-                                        shift.data_ptr<double>()[g], M->logdet());
-      if (trace_inverse) {
-        M->select_inverse();
-        trace.data_ptr<double>()[g] = M->trace_inverse();
-      }
+      logdet.data_ptr<double>()[g] = known->logdet();
       double* xg = x.data_ptr<double>() + g * R * n;
       std::copy_n(rhs.data_ptr<double>() + g * R * n, R * n, xg);
-      if (R > 0) M->solve_in_place(xg, R);
+      if (R > 0) known->solve_in_place(xg, R);
     }
   });
   failures.raise_first("sparse_shifted_solve");
