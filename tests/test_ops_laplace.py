@@ -223,6 +223,33 @@ def test_sparse_ops_on_irregular_graphs(q: int) -> None:
     assert rel(sparse_inverse_diagonal(*csr), ref.sparse_inverse_diagonal_reference(*csr)) < 1e-12
 
 
+def test_repeated_shifted_systems_reuse_exact_results() -> None:
+    """A repeated (Q, a, tau) is served from what was factorised before: the same numbers, also
+    for traces asked after a plain solve, and never those of another Q with the same pattern."""
+    csr = irregular_precision(7)
+    n = csr[0].numel() - 1
+    gen = torch.Generator().manual_seed(8)
+    scale, shift = torch.tensor([0.9, 1.7], dtype=F64), torch.tensor([0.3, 4.0], dtype=F64)
+    b1, b2 = (torch.randn(2, 2, n, dtype=F64, generator=gen) for _ in range(2))
+    x1, ld1 = sparse_shifted_solve(*csr, scale, shift, b1)
+    x2, ld2 = sparse_shifted_solve(*csr, scale, shift, b2)  # same systems, new right-hand sides
+    want2 = ref.sparse_shifted_solve_reference(*csr, scale, shift, b2, True)
+    assert torch.equal(ld1, ld2) and rel(x2, want2[0]) < 1e-10
+    _, _, trace = sparse_shifted_solve(*csr, scale, shift, b1, trace_inverse=True)
+    assert rel(trace, want2[2]) < 1e-10
+    other = (csr[0], csr[1], 1.5 * csr[2])  # same pattern, other values
+    x3, ld3 = sparse_shifted_solve(*other, scale, shift, b2)
+    want3 = ref.sparse_shifted_solve_reference(*other, scale, shift, b2)
+    assert rel(x3, want3[0]) < 1e-10 and rel(ld3, want3[1]) < 1e-12
+    W = random_W(2, n, 2, gen)
+    v, t = variance(2, 2, 0.4, False, gen)
+    for values in (csr[2], 1.5 * csr[2]):  # the Laplace system's log-det reuses the same
+        Q = (csr[0], csr[1], values)
+        rhs = torch.ones(2, 1, n, 2, dtype=F64)
+        got = laplace_sparse(W, None, *Q, v, t)[1]
+        assert rel(got, ref.laplace_sparse_reference(W, rhs, *Q, v, t)[1]) < 1e-12
+
+
 def test_sparse_logdet_autograd_and_float32() -> None:
     gen = torch.Generator().manual_seed(21)
     ker = kernel(7)

@@ -478,7 +478,7 @@ struct Csr {
   const int64_t* col;
   const double* val;
   int64_t n;
-  uint64_t values;  // hash of val: which Q, among those sharing a pattern
+  uint64_t identity;  // hash of the pattern and the values: which Q this is
 };
 
 uint64_t fnv_hash(const int64_t* a, int64_t len, uint64_t h) {
@@ -495,46 +495,61 @@ Csr csr_view(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& va
   const int64_t n = crow.numel() - 1;
   static_assert(sizeof(double) == sizeof(int64_t), "hashing doubles by their bits");
   const auto* bits = reinterpret_cast<const int64_t*>(val.data_ptr<double>());
+  const uint64_t pattern = fnv_hash(col.data_ptr<int64_t>(), col.numel(),
+                                    fnv_hash(crow.data_ptr<int64_t>(), n + 1, kFnvSeed));
   return {crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), val.data_ptr<double>(), n,
-          fnv_hash(bits, val.numel(), kFnvSeed)};
+          fnv_hash(bits, val.numel(), pattern)};
 }
 
-// Results for scale Q + shift I by exact (Q, scale, shift), the oldest dropped beyond a capacity.
-// A gene's prior terms and its Laplace system at one parameter value ask for the same matrices
-// (the prior terms twice per Newton step: before and after it), and each costs a factorisation.
+// Results for scale Q + shift I by exact (Q, scale, shift), the oldest dropped once their total
+// size passes a budget. A gene's prior terms and its Laplace system at one parameter value ask
+// for the same matrices (the prior terms twice per Newton step: before and after it), and each
+// costs a factorisation. One cache per kind of result for the process, whatever the dataset.
 template <typename Value>
 class ShiftedCache {
  public:
-  explicit ShiftedCache(size_t capacity) : capacity_(capacity) {}
-  bool find(uint64_t values, double scale, double shift, Value& out) const {
+  explicit ShiftedCache(double budget) : budget_(budget) {}
+  bool find(uint64_t matrix, double scale, double shift, Value& out) const {
     std::lock_guard<std::mutex> lock(mutex_);
-    const auto it = known_.find({values, scale, shift});
+    const auto it = known_.find({matrix, scale, shift});
     if (it == known_.end()) return false;
-    out = it->second;
+    out = it->second.first;
     return true;
   }
-  void store(uint64_t values, double scale, double shift, Value value) {
+  void store(uint64_t matrix, double scale, double shift, Value value, double size) {
     std::lock_guard<std::mutex> lock(mutex_);
-    const Key key{values, scale, shift};
-    if (!known_.emplace(key, std::move(value)).second) return;
+    const Key key{matrix, scale, shift};
+    if (!known_.emplace(key, std::make_pair(std::move(value), size)).second) return;
     order_.push_back(key);
-    if (order_.size() > capacity_) {
-      known_.erase(order_.front());
+    used_ += size;
+    while (used_ > budget_ && order_.size() > 1) {
+      const auto it = known_.find(order_.front());
+      used_ -= it->second.second;
+      known_.erase(it);
       order_.pop_front();
     }
   }
 
  private:
   using Key = std::tuple<uint64_t, double, double>;
-  const size_t capacity_;
+  const double budget_;
+  double used_ = 0;
   mutable std::mutex mutex_;
-  std::map<Key, Value> known_;
+  std::map<Key, std::pair<Value, double>> known_;
   std::deque<Key> order_;  // oldest first
 };
 
-constexpr size_t kKnownLogdets = 4096;
-// Factors kept for reuse, in bytes of their panels.
-constexpr double kKnownFactorBytes = 512.0 * (1 << 20);
+// log det(a Q + tau I), counted one each.
+ShiftedCache<double>& known_logdets() {
+  static ShiftedCache<double> cache(4096);
+  return cache;
+}
+
+// Factors of a Q + tau I kept for their solves, counted in bytes of their panels.
+ShiftedCache<std::shared_ptr<const BlockCholesky>>& known_factors() {
+  static ShiftedCache<std::shared_ptr<const BlockCholesky>> cache(512.0 * (1 << 20));
+  return cache;
+}
 
 // Symbolic analyses of Q's pattern (one per pattern and q, shared by every gene and call) with
 // a pool of factor objects on each, so a call does not reallocate a factor's panels per thread.
@@ -542,14 +557,6 @@ struct CachedPattern {
   std::shared_ptr<const BlockCholeskyPattern> analysis;
   std::mutex mutex;
   std::vector<std::unique_ptr<BlockCholesky>> pool;
-  // On the one-unknown-per-spot pattern: log det and factors of a Q + tau I.
-  ShiftedCache<double> shifted_logdets{kKnownLogdets};
-  ShiftedCache<std::shared_ptr<const BlockCholesky>> shifted_factors;
-
-  explicit CachedPattern(std::shared_ptr<const BlockCholeskyPattern> a)
-      : analysis(std::move(a)),
-        shifted_factors(static_cast<size_t>(std::max(
-            2.0, kKnownFactorBytes / (8.0 * static_cast<double>(analysis->factor_size()))))) {}
 };
 
 struct PatternKey {
@@ -587,8 +594,8 @@ std::shared_ptr<CachedPattern> cached_pattern(const Csr& Q, int64_t q) {
     if (it != cache.end()) return it->second;
   }
   check_symmetric_pattern(Q.crow, Q.col, Q.n);
-  auto entry = std::make_shared<CachedPattern>(
-      std::make_shared<const BlockCholeskyPattern>(Q.crow, Q.col, Q.n, q));
+  auto entry = std::make_shared<CachedPattern>();
+  entry->analysis = std::make_shared<const BlockCholeskyPattern>(Q.crow, Q.col, Q.n, q);
   std::lock_guard<std::mutex> lock(mutex);
   if (cache.size() >= kMaxPatterns) cache.clear();  // rare: many datasets in one process
   return cache.emplace(key, entry).first->second;
@@ -616,7 +623,6 @@ class PooledFactor {
 
   BlockCholesky& operator*() const { return *factor_; }
   BlockCholesky* operator->() const { return factor_.get(); }
-  CachedPattern& pattern() const { return *pattern_; }
 
  private:
   std::shared_ptr<CachedPattern> pattern_;
@@ -692,8 +698,7 @@ class SparseGene {
         ld_col_[j] = ld_col_[same];
         trace_inv[j] = trace_inv[same];
         trace_inv_q[j] = trace_inv_q[same];
-      } else if (column_traces ||
-                 !shifted_.pattern().shifted_logdets.find(Q.values, a[j], tau[j], ld_col_[j])) {
+      } else if (column_traces || !known_logdets().find(Q.identity, a[j], tau[j], ld_col_[j])) {
         one_blocks_.assign(n, tau[j]);
         if (!shifted_->factorize(Q.val, a.data() + j, one_blocks_.data())) {
           why = "Q / (v theta) + I / (v (1 - theta)) is not positive definite "
@@ -701,7 +706,7 @@ class SparseGene {
           return false;
         }
         ld_col_[j] = shifted_->logdet();
-        shifted_.pattern().shifted_logdets.store(Q.values, a[j], tau[j], ld_col_[j]);
+        known_logdets().store(Q.identity, a[j], tau[j], ld_col_[j], 1);
         if (column_traces) {
           shifted_->select_inverse();
           trace_inv[j] = shifted_->trace_inverse();
@@ -885,21 +890,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_shifted_solve_cpu(
       const double a = scale.data_ptr<double>()[g], tau = shift.data_ptr<double>()[g];
       std::shared_ptr<const BlockCholesky> known;
       std::shared_ptr<BlockCholesky> fresh;
-      if (trace_inverse || !pattern->shifted_factors.find(Q.values, a, tau, known)) {
+      if (trace_inverse || !known_factors().find(Q.identity, a, tau, known)) {
         fresh = std::make_shared<BlockCholesky>(pattern->analysis);
         std::fill(diag.begin(), diag.end(), tau);
         if (!fresh->factorize(Q.val, &a, diag.data())) {
           failures.set(g, "scale * Q + shift * I is not positive definite (sparse Cholesky failed)");
           continue;
         }
-        pattern->shifted_logdets.store(Q.values, a, tau, fresh->logdet());
+        known_logdets().store(Q.identity, a, tau, fresh->logdet(), 1);
         if (trace_inverse) {
           fresh->select_inverse();
           trace.data_ptr<double>()[g] = fresh->trace_inverse();
         }
         fresh->release_workspace();
         known = fresh;
-        pattern->shifted_factors.store(Q.values, a, tau, known);
+        known_factors().store(Q.identity, a, tau, known,
+                              8.0 * static_cast<double>(pattern->analysis->factor_size()));
       }
       logdet.data_ptr<double>()[g] = known->logdet();
       double* xg = x.data_ptr<double>() + g * R * n;
