@@ -223,6 +223,20 @@ def test_sparse_ops_on_irregular_graphs(q: int) -> None:
     assert rel(sparse_inverse_diagonal(*csr), ref.sparse_inverse_diagonal_reference(*csr)) < 1e-12
 
 
+def test_sparse_large_fronts_match_dense_reference() -> None:
+    """A 36 x 36 grid with q = 4: its last supernodes are large enough for the factorisation's
+    BLAS path (dense Cholesky, triangular solve and the blocked Schur update of big fronts)."""
+    gen = torch.Generator().manual_seed(36)
+    ker = car_kernel(36, 36)
+    n, q = ker["n"], 4
+    W = random_W(1, n, q, gen)
+    rhs = torch.randn(1, 2, n, q, dtype=F64, generator=gen)
+    v, t = variance(1, q, 0.7, False, gen)
+    x, ld = laplace_sparse(W, rhs, *ker["csr"], v, t)
+    x_ref, ld_ref = ref.laplace_sparse_reference(W, rhs, *ker["csr"], v, t)
+    assert rel(x, x_ref) < 1e-9 and rel(ld, ld_ref) < 1e-12
+
+
 def test_repeated_shifted_systems_reuse_exact_results() -> None:
     """A repeated (Q, a, tau) is served from what was factorised before: the same numbers, also
     for traces asked after a plain solve, and never those of another Q with the same pattern."""

@@ -30,8 +30,10 @@ using MapRowMat = Eigen::Map<Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynami
 constexpr int64_t kAlwaysMerge = 4;
 constexpr int64_t kRelaxedWide = 32;
 constexpr double kRelaxedZeros = 0.2;
-// Fronts with at least this many w m^2 multiply-adds use the BLAS path of partial_cholesky.
+// Fronts with at least this many w m^2 multiply-adds use the BLAS path of partial_cholesky,
+// which updates the Schur complement in column blocks of this width.
 constexpr double kLibraryFlops = 4e6;
+constexpr int64_t kUpdateBlock = 128;
 
 // Approximate minimum degree ordering of Q's graph: old_of[new] = old.
 std::vector<int64_t> amd_order(const int64_t* crow, const int64_t* col, int64_t n) {
@@ -53,7 +55,7 @@ std::vector<int64_t> amd_order(const int64_t* crow, const int64_t* col, int64_t 
 // arithmetic of a factorisation is, go to torch's BLAS and LAPACK, which pick the CPU's widest
 // vector kernels at run time (this file is compiled for the baseline instruction set); small
 // ones stay in Eigen, where a library call would cost more than the arithmetic. The BLAS path
-// also writes F22's upper triangle, which is never read.
+// also writes parts of F22's upper triangle, which is never read.
 bool partial_cholesky(MapMat& F, int64_t w) {
   const int64_t m = F.rows();
   if (double(w) * double(m) * double(m) < kLibraryFlops) {
@@ -76,7 +78,15 @@ bool partial_cholesky(MapMat& F, int64_t w) {
   if (m > w) {
     const at::Tensor F21 = front.narrow(0, w, m - w).narrow(1, 0, w);
     F21.copy_(at::linalg_solve_triangular(L.t(), F21, /*upper=*/true, /*left=*/false));
-    front.narrow(0, w, m - w).narrow(1, w, m - w).addmm_(F21, F21.t(), 1.0, -1.0);
+    // F22's lower triangle by column blocks: a GEMM over the whole block would do twice the
+    // multiply-adds the triangle needs.
+    const int64_t u = m - w;
+    for (int64_t j0 = 0; j0 < u; j0 += kUpdateBlock) {
+      const int64_t b = std::min(kUpdateBlock, u - j0);
+      front.narrow(0, w + j0, u - j0)
+          .narrow(1, w + j0, b)
+          .addmm_(F21.narrow(0, j0, u - j0), F21.narrow(0, j0, b).t(), 1.0, -1.0);
+    }
   }
   return true;
 }
