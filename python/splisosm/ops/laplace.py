@@ -402,6 +402,12 @@ def sparse_shifted_solve(
     -------
     x, logdet[, trace]
         ``(G, R, n)``, ``(G,)`` and with ``trace_inverse`` ``(G,)``, in the dtype of ``rhs``.
+
+    Notes
+    -----
+    The native kernel keeps the factors of recently solved systems (up to 512 MiB for the
+    process, oldest dropped first) and reuses them when the same ``Q``, ``scale`` and ``shift``
+    come again, as they do in the prior terms before and after a Newton step.
     """
     crow, col, val = check_csr(crow, col, val)
     n = crow.numel() - 1
