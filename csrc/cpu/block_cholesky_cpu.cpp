@@ -23,7 +23,8 @@ namespace {
 using MatX = Eigen::MatrixXd;
 using MapMat = Eigen::Map<MatX>;
 using ConstMapMat = Eigen::Map<const MatX>;
-using MapRowMat = Eigen::Map<Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+using RowMatX = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using MapRowMat = Eigen::Map<RowMatX>;
 
 // Relaxed amalgamation: a child supernode joins its parent while the merged one stays at most
 // this many spots wide, or at most kRelaxedWide wide with at most kRelaxedZeros explicit zeros.

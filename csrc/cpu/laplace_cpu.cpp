@@ -894,7 +894,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_shifted_solve_cpu(
         fresh = std::make_shared<BlockCholesky>(pattern->analysis);
         std::fill(diag.begin(), diag.end(), tau);
         if (!fresh->factorize(Q.val, &a, diag.data())) {
-          failures.set(g, "scale * Q + shift * I is not positive definite (sparse Cholesky failed)");
+          failures.set(g, "scale * Q + shift * I is not positive definite "
+                          "(sparse Cholesky failed)");
           continue;
         }
         known_logdets().store(Q.identity, a, tau, fresh->logdet(), 1);
