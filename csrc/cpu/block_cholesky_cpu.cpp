@@ -92,6 +92,34 @@ bool partial_cholesky(MapMat& F, int64_t w) {
   return true;
 }
 
+// C <- beta C + alpha op(A) B with op(A) = A or A^T (m x k), B (k x n), all column-major with
+// the given leading dimensions; large products through torch's BLAS, as in partial_cholesky.
+void product(double* C, int64_t ldc, const double* A, int64_t lda, bool transpose_a,
+             const double* B, int64_t ldb, int64_t m, int64_t k, int64_t n, double alpha,
+             double beta) {
+  using Stride = Eigen::OuterStride<>;
+  if (double(m) * double(k) * double(n) < kLibraryFlops) {
+    Eigen::Map<MatX, 0, Stride> c(C, m, n, Stride(ldc));
+    const Eigen::Map<const MatX, 0, Stride> b(B, k, n, Stride(ldb));
+    if (beta == 0)
+      c.setZero();
+    else if (beta != 1)
+      c *= beta;
+    if (transpose_a)
+      c.noalias() += alpha * Eigen::Map<const MatX, 0, Stride>(A, k, m, Stride(lda)).transpose() * b;
+    else
+      c.noalias() += alpha * Eigen::Map<const MatX, 0, Stride>(A, m, k, Stride(lda)) * b;
+    return;
+  }
+  const auto opts = at::dtype(at::kDouble);
+  // from_blob takes non-const pointers; A and B are only read
+  const at::Tensor a = transpose_a
+      ? at::from_blob(const_cast<double*>(A), {k, m}, {1, lda}, opts).t()
+      : at::from_blob(const_cast<double*>(A), {m, k}, {1, lda}, opts);
+  const at::Tensor b = at::from_blob(const_cast<double*>(B), {k, n}, {1, ldb}, opts);
+  at::from_blob(C, {m, n}, {1, ldc}, opts).addmm_(a, b, beta, alpha);
+}
+
 }  // namespace
 
 BlockCholeskyPattern::BlockCholeskyPattern(const int64_t* crow, const int64_t* col, int64_t n,
@@ -438,11 +466,10 @@ void BlockCholesky::select_inverse() {
     const int64_t rq = r * q;
     const ConstMapMat L(panels_.data() + p.panel_off_[s], w + rq, w);
     MapMat Z(inv_.data() + p.panel_off_[s], w + rq, w);
+    const int64_t ld = w + rq;
     Linv = L.topRows(w).triangularView<Eigen::Lower>().solve(MatX::Identity(w, w));
-    if (r == 0) {
-      Z.topRows(w).noalias() = Linv.transpose() * Linv;
-      continue;
-    }
+    product(Z.data(), ld, Linv.data(), w, true, Linv.data(), w, w, w, w, 1.0, 0.0);
+    if (r == 0) continue;
     Y = L.bottomRows(rq);
     L.topRows(w).triangularView<Eigen::Lower>().solveInPlace<Eigen::OnTheRight>(Y);
     Z22.resize(rq, rq);
@@ -469,9 +496,8 @@ void BlockCholesky::select_inverse() {
       }
     }
     Z22.triangularView<Eigen::StrictlyUpper>() = Z22.transpose();
-    Z.bottomRows(rq).noalias() = -Z22 * Y;
-    Z.topRows(w).noalias() = Linv.transpose() * Linv;
-    Z.topRows(w).noalias() -= Y.transpose() * Z.bottomRows(rq);
+    product(Z.data() + w, ld, Z22.data(), rq, false, Y.data(), rq, rq, rq, w, -1.0, 0.0);
+    product(Z.data(), ld, Y.data(), rq, true, Z.data() + w, ld, w, rq, w, -1.0, 1.0);
   }
 }
 
