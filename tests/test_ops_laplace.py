@@ -257,6 +257,35 @@ def test_selected_inversion_of_large_fronts_matches_solves() -> None:
     assert rel(grad_W[0, spots], blocks) < 1e-9
 
 
+def test_one_gene_factorised_over_threads_gives_the_same_bits() -> None:
+    """A single gene's factorisation spreads independent subtrees over the threads; the result
+    must not depend on that schedule (each front adds its children's updates in one order).
+    Every front of this size stays below the BLAS threshold, whose kernels may round differently
+    with their own thread count."""
+    gen = torch.Generator().manual_seed(37)
+    ker = car_kernel(36, 36)
+    n, q = ker["n"], 3
+    W = random_W(1, n, q, gen)
+    rhs = torch.randn(1, 2, n, q, dtype=F64, generator=gen)
+    v, t = variance(1, q, 0.6, False, gen)
+    b = torch.randn(1, 1, n, dtype=F64, generator=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append((*laplace_sparse(W, rhs, *ker["csr"], v, t),
+                            *laplace_sparse_logdet_grad(W, *ker["csr"], v, t),
+                            *sparse_shifted_solve(*ker["csr"], v[:, 0] + 0.25, t[:, 0], b,
+                                                  trace_inverse=True)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+    x_ref, ld_ref = ref.laplace_sparse_reference(W, rhs, *ker["csr"], v, t)
+    assert rel(results[1][0], x_ref) < 1e-10 and rel(results[1][1], ld_ref) < 1e-12
+
+
 def test_repeated_shifted_systems_reuse_exact_results() -> None:
     """A repeated (Q, a, tau) is served from what was factorised before: the same numbers, also
     for traces asked after a plain solve, and never those of another Q with the same pattern."""

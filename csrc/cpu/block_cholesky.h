@@ -33,6 +33,10 @@ class BlockCholeskyPattern {
   friend class BlockCholesky;
   // Position of `spot` (elimination order) in supernode s's front, in spots.
   int64_t position(int64_t s, int64_t spot) const;
+  double work(int64_t s) const;           // flops of supernode s
+  int64_t update_size(int64_t s) const;   // doubles of its update matrix
+  int64_t stack_depth(const std::vector<int64_t>& order) const;
+  std::vector<std::vector<int64_t>> split(int64_t threads) const;  // subtree roots per worker
   int64_t n_, q_;
   std::vector<int64_t> old_of_;     // spot in the elimination order -> spot of Q
   std::vector<int64_t> new_of_;     // inverse of old_of_
@@ -41,7 +45,10 @@ class BlockCholeskyPattern {
   std::vector<int64_t> row_off_;    // its rows below the diagonal block: rows_[row_off_[s] ..]
   std::vector<int64_t> rows_;       // (elimination order, ascending)
   std::vector<int64_t> rel_;        // per entry of rows_: its position in the parent's front
-  std::vector<int64_t> children_;   // number of child supernodes
+  std::vector<int64_t> parent_;     // parent supernode, -1 for a root
+  std::vector<int64_t> child_off_, child_list_;  // children of s, increasing
+  std::vector<int64_t> subtree_first_;  // s's subtree is the supernodes [subtree_first_[s], s]
+  std::vector<double> subtree_work_;    // and its flops
   std::vector<int64_t> panel_off_;  // offset of the supernode's panel in the factor
   // Q entries to assemble per supernode: index into Q's values, front row, front column
   // (in spots, front row >= front column).
@@ -50,7 +57,10 @@ class BlockCholeskyPattern {
   int64_t max_stack_ = 0;  // doubles on the update stack at its deepest
 };
 
-// The numerical factor of one system on a shared pattern; one object per thread.
+// The numerical factor of one system on a shared pattern; one object per thread. Outside a
+// parallel region, a factorisation spreads independent subtrees over torch's threads; every
+// front still adds its children's updates in one fixed order, so the schedule changes no sum
+// (torch's BLAS, used for the largest fronts, may round differently with its own thread count).
 class BlockCholesky {
  public:
   explicit BlockCholesky(std::shared_ptr<const BlockCholeskyPattern> pattern);
@@ -81,17 +91,27 @@ class BlockCholesky {
  private:
   double inverse_entry(int64_t a, int64_t b, int64_t ja, int64_t jb) const;
 
-  std::shared_ptr<const BlockCholeskyPattern> p_;
   // A child's rows [from, from + size) of its update matrix go to [to, to + size) of the front.
   struct Run {
     int64_t from, to, size;
   };
+  // What one thread of a factorisation works in: the front, and the update stack.
+  struct Workspace {
+    std::vector<double> front, stack;
+    int64_t top = 0;               // end of the used part of stack
+    std::vector<int64_t> pending;  // supernodes whose update waits on the stack, in order
+    std::vector<Run> runs;
+    void reserve(const BlockCholeskyPattern& p, int64_t stack_size);
+  };
 
-  std::vector<double> panels_, front_, stack_;
-  int64_t top_ = 0;                              // end of the used part of stack_
-  std::vector<int64_t> pending_;                 // supernodes whose update waits on stack_
-  std::vector<Run> runs_;
-  std::vector<double> inv_;  // selected inverse, same layout as panels_
+  bool factor_supernode(int64_t s, Workspace& ws, const double* qval, const double* scale,
+                        const double* blocks, const std::vector<const double*>* kept = nullptr);
+
+  std::shared_ptr<const BlockCholeskyPattern> p_;
+  std::vector<double> panels_;
+  Workspace main_;                  // the sequential factorisation, or the top of the tree
+  std::vector<Workspace> workers_;  // the subtrees of a parallel one
+  std::vector<double> inv_;         // selected inverse, same layout as panels_
   double logdet_ = 0;
 };
 

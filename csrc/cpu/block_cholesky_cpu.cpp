@@ -10,6 +10,7 @@
 #include "block_cholesky.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <Eigen/Dense>
@@ -35,6 +36,12 @@ constexpr double kRelaxedZeros = 0.2;
 // which updates the Schur complement in column blocks of this width.
 constexpr double kLibraryFlops = 4e6;
 constexpr int64_t kUpdateBlock = 128;
+// Tree-parallel factorisation (one system, several threads): subtrees are balanced to within
+// this factor of an even share, after at most this many splits, for patterns with at least
+// kParallelWork flops.
+constexpr double kBalance = 1.15;
+constexpr int64_t kMaxSplits = 64;
+constexpr double kParallelWork = 5e6;
 
 // Approximate minimum degree ordering of Q's graph: old_of[new] = old.
 std::vector<int64_t> amd_order(const int64_t* crow, const int64_t* col, int64_t n) {
@@ -265,7 +272,7 @@ BlockCholeskyPattern::BlockCholeskyPattern(const int64_t* crow, const int64_t* c
   // --- rows, panels, parents' relative positions, assembly maps
   row_off_.assign(S + 1, 0);
   panel_off_.assign(S + 1, 0);
-  children_.assign(S, 0);
+  parent_.assign(S, -1);
   for (int64_t s = 0; s < S; ++s) {
     const auto& rows = below[last[s]];
     rows_.insert(rows_.end(), rows.begin(), rows.end());
@@ -273,25 +280,31 @@ BlockCholeskyPattern::BlockCholeskyPattern(const int64_t* crow, const int64_t* c
     const int64_t w = (last[s] - first_[s] + 1) * q, m = w + static_cast<int64_t>(rows.size()) * q;
     panel_off_[s + 1] = panel_off_[s] + m * w;
     max_front_ = std::max(max_front_, m);
-    if (!rows.empty()) ++children_[sn_of[rows.front()]];
+    if (!rows.empty()) parent_[s] = sn_of[rows.front()];
   }
-  {  // deepest update stack of a factorisation, so it is allocated once
-    std::vector<int64_t> pending;
-    int64_t depth = 0;
+  // children in increasing (post)order; subtrees as ranges [subtree_first_[s], s] and their work
+  child_off_.assign(S + 1, 0);
+  for (int64_t s = 0; s < S; ++s)
+    if (parent_[s] != -1) ++child_off_[parent_[s] + 1];
+  for (int64_t s = 0; s < S; ++s) child_off_[s + 1] += child_off_[s];
+  child_list_.resize(child_off_[S]);
+  subtree_first_.resize(S);
+  subtree_work_.resize(S);
+  {
+    std::vector<int64_t> fill(child_off_.begin(), child_off_.end() - 1);
     for (int64_t s = 0; s < S; ++s) {
-      for (int64_t c = 0; c < children_[s]; ++c) {
-        const int64_t u = (row_off_[pending.back() + 1] - row_off_[pending.back()]) * q;
-        depth -= u * u;
-        pending.pop_back();
-      }
-      const int64_t u = (row_off_[s + 1] - row_off_[s]) * q;
-      if (u > 0) {
-        depth += u * u;
-        pending.push_back(s);
-        max_stack_ = std::max(max_stack_, depth);
+      if (parent_[s] != -1) child_list_[fill[parent_[s]]++] = s;
+      subtree_first_[s] = s;
+      subtree_work_[s] = work(s);
+      for (int64_t e = child_off_[s]; e < child_off_[s + 1]; ++e) {
+        subtree_first_[s] = std::min(subtree_first_[s], subtree_first_[child_list_[e]]);
+        subtree_work_[s] += subtree_work_[child_list_[e]];
       }
     }
   }
+  std::vector<int64_t> all(S);
+  for (int64_t s = 0; s < S; ++s) all[s] = s;
+  max_stack_ = stack_depth(all);
   rel_.resize(rows_.size());
   for (int64_t s = 0; s < S; ++s)
     for (int64_t p = row_off_[s]; p < row_off_[s + 1]; ++p) {
@@ -327,14 +340,70 @@ int64_t BlockCholeskyPattern::position(int64_t s, int64_t spot) const {
   return (first_[s + 1] - first_[s]) + (it - lo);
 }
 
+double BlockCholeskyPattern::work(int64_t s) const {
+  const double w = double(first_[s + 1] - first_[s]) * q_;
+  const double r = double(row_off_[s + 1] - row_off_[s]) * q_;
+  return w * w * w / 3 + w * w * r + w * r * r;  // potrf, trsm, syrk
+}
+
 double BlockCholeskyPattern::flops() const {
   double total = 0;
-  for (int64_t s = 0; s < supernodes(); ++s) {
-    const double w = double(first_[s + 1] - first_[s]) * q_;
-    const double r = double(row_off_[s + 1] - row_off_[s]) * q_;
-    total += w * w * w / 3 + w * w * r + w * r * r;  // potrf, trsm, syrk
-  }
+  for (int64_t s = 0; s < supernodes(); ++s) total += work(s);
   return total;
+}
+
+int64_t BlockCholeskyPattern::update_size(int64_t s) const {
+  const int64_t u = (row_off_[s + 1] - row_off_[s]) * q_;
+  return u * u;
+}
+
+// Supernodes factorised in the given (increasing) order on one stack: its deepest point, with the
+// updates of supernodes whose parent is not in the sequence left on it.
+int64_t BlockCholeskyPattern::stack_depth(const std::vector<int64_t>& order) const {
+  std::vector<char> member(supernodes(), 0);
+  for (int64_t s : order) member[s] = 1;
+  int64_t depth = 0, deepest = 0;
+  for (int64_t s : order) {
+    for (int64_t e = child_off_[s]; e < child_off_[s + 1]; ++e)
+      if (member[child_list_[e]]) depth -= update_size(child_list_[e]);
+    depth += update_size(s);
+    deepest = std::max(deepest, depth);
+  }
+  return deepest;
+}
+
+// Subtrees for `threads` workers: starting from the roots, the largest subtree is split (its root
+// joins the sequential top part, its children become subtrees) until a greedy assignment of the
+// subtrees to the workers is balanced within kBalance, or splitting stops paying.
+std::vector<std::vector<int64_t>> BlockCholeskyPattern::split(int64_t threads) const {
+  const int64_t S = supernodes();
+  std::vector<int64_t> trees;
+  for (int64_t s = 0; s < S; ++s)
+    if (parent_[s] == -1) trees.push_back(s);
+  const auto heavier = [&](int64_t a, int64_t b) {
+    return subtree_work_[a] != subtree_work_[b] ? subtree_work_[a] > subtree_work_[b] : a < b;
+  };
+  std::vector<std::vector<int64_t>> bins;
+  for (int64_t round = 0; round < kMaxSplits; ++round) {
+    std::sort(trees.begin(), trees.end(), heavier);
+    bins.assign(threads, {});
+    std::vector<double> load(threads, 0.0);
+    double total = 0;
+    for (int64_t t : trees) {
+      const int64_t b = std::min_element(load.begin(), load.end()) - load.begin();
+      bins[b].push_back(t);
+      load[b] += subtree_work_[t];
+      total += subtree_work_[t];
+    }
+    const double heaviest = *std::max_element(load.begin(), load.end());
+    const int64_t top = trees.front();
+    if (heaviest <= kBalance * total / threads || child_off_[top + 1] == child_off_[top]) break;
+    trees.erase(trees.begin());
+    trees.insert(trees.end(), child_list_.begin() + child_off_[top],
+                 child_list_.begin() + child_off_[top + 1]);
+  }
+  for (auto& bin : bins) std::sort(bin.begin(), bin.end());
+  return bins;
 }
 
 BlockCholesky::BlockCholesky(std::shared_ptr<const BlockCholeskyPattern> pattern)
@@ -342,74 +411,146 @@ BlockCholesky::BlockCholesky(std::shared_ptr<const BlockCholeskyPattern> pattern
   panels_.resize(p_->factor_size());
 }
 
+void BlockCholesky::Workspace::reserve(const BlockCholeskyPattern& p, int64_t stack_size) {
+  front.resize(p.max_front_ * p.max_front_);
+  stack.resize(stack_size);
+  top = 0;
+  pending.clear();
+}
+
+// Assembles supernode s's front from A and its children's updates (a child's kept update where
+// `kept` has one, else the top of ws's stack; children in decreasing order either way, so the
+// sums do not depend on the schedule), factorises it into the panel and leaves its update on
+// ws's stack.
+bool BlockCholesky::factor_supernode(int64_t s, Workspace& ws, const double* qval,
+                                     const double* scale, const double* blocks,
+                                     const std::vector<const double*>* kept) {
+  const BlockCholeskyPattern& p = *p_;
+  const int64_t q = p.q_;
+  const int64_t width = p.first_[s + 1] - p.first_[s], r = p.row_off_[s + 1] - p.row_off_[s];
+  const int64_t w = width * q, m = w + r * q;
+  MapMat F(ws.front.data(), m, m);
+  F.triangularView<Eigen::Lower>().setZero();
+  for (int64_t e = p.asm_off_[s]; e < p.asm_off_[s + 1]; ++e) {
+    const double value = qval[p.asm_src_[e]];
+    const int64_t row = p.asm_row_[e] * q, column = p.asm_col_[e] * q;
+    for (int64_t j = 0; j < q; ++j) F(row + j, column + j) += scale[j] * value;
+  }
+  for (int64_t i = 0; i < width; ++i) {
+    const double* B = blocks + p.old_of_[p.first_[s] + i] * q * q;
+    for (int64_t k = 0; k < q; ++k)
+      for (int64_t j = k; j < q; ++j) F(i * q + j, i * q + k) += B[j * q + k];
+  }
+  // extend-add. A child's rows land in its parent's front in runs of consecutive positions,
+  // added block by block.
+  for (int64_t e = p.child_off_[s + 1] - 1; e >= p.child_off_[s]; --e) {
+    const int64_t child = p.child_list_[e];
+    const int64_t* rel = p.rel_.data() + p.row_off_[child];
+    const int64_t rc = p.row_off_[child + 1] - p.row_off_[child], u = rc * q;
+    const double* update = kept != nullptr ? (*kept)[child] : nullptr;
+    if (update == nullptr) {
+      TORCH_CHECK(!ws.pending.empty() && ws.pending.back() == child,
+                  "splisosm: internal error: update of supernode ", child, " not on the stack");
+      ws.pending.pop_back();
+      ws.top -= u * u;
+      update = ws.stack.data() + ws.top;
+    }
+    const ConstMapMat U(update, u, u);
+    ws.runs.clear();
+    for (int64_t a = 0; a < rc; ++a) {
+      if (!ws.runs.empty() && ws.runs.back().to + ws.runs.back().size == rel[a] * q &&
+          ws.runs.back().from + ws.runs.back().size == a * q)
+        ws.runs.back().size += q;
+      else
+        ws.runs.push_back({a * q, rel[a] * q, q});
+    }
+    for (size_t x = 0; x < ws.runs.size(); ++x) {
+      const Run& cols = ws.runs[x];
+      F.block(cols.to, cols.to, cols.size, cols.size).triangularView<Eigen::Lower>() +=
+          U.block(cols.from, cols.from, cols.size, cols.size);
+      for (size_t y = x + 1; y < ws.runs.size(); ++y) {
+        const Run& rows = ws.runs[y];
+        F.block(rows.to, cols.to, rows.size, cols.size) +=
+            U.block(rows.from, cols.from, rows.size, cols.size);
+      }
+    }
+  }
+  if (!partial_cholesky(F, w)) return false;
+  if (r > 0) {  // the lower triangle of the update matrix onto the stack
+    const int64_t u = m - w;
+    MapMat(ws.stack.data() + ws.top, u, u).triangularView<Eigen::Lower>() =
+        F.bottomRightCorner(u, u);
+    ws.top += u * u;
+    ws.pending.push_back(s);
+  }
+  MapMat(panels_.data() + p.panel_off_[s], m, w) = F.leftCols(w);
+  return true;
+}
+
 bool BlockCholesky::factorize(const double* qval, const double* scale, const double* blocks) {
   const BlockCholeskyPattern& p = *p_;
-  const int64_t q = p.q_, S = p.supernodes();
-  front_.resize(p.max_front_ * p.max_front_);
-  stack_.resize(p.max_stack_);
-  top_ = 0;
-  pending_.clear();
-  logdet_ = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t width = p.first_[s + 1] - p.first_[s], r = p.row_off_[s + 1] - p.row_off_[s];
-    const int64_t w = width * q, m = w + r * q;
-    MapMat F(front_.data(), m, m);
-    F.triangularView<Eigen::Lower>().setZero();
-    for (int64_t e = p.asm_off_[s]; e < p.asm_off_[s + 1]; ++e) {
-      const double value = qval[p.asm_src_[e]];
-      const int64_t row = p.asm_row_[e] * q, column = p.asm_col_[e] * q;
-      for (int64_t j = 0; j < q; ++j) F(row + j, column + j) += scale[j] * value;
-    }
-    for (int64_t i = 0; i < width; ++i) {
-      const double* B = blocks + p.old_of_[p.first_[s] + i] * q * q;
-      for (int64_t k = 0; k < q; ++k)
-        for (int64_t j = k; j < q; ++j) F(i * q + j, i * q + k) += B[j * q + k];
-    }
-    // extend-add: the children's update matrices are the last ones on the stack. A child's rows
-    // land in its parent's front in runs of consecutive positions, added block by block.
-    for (int64_t c = 0; c < p.children_[s]; ++c) {
-      const int64_t child = pending_.back();
-      pending_.pop_back();
-      const int64_t* rel = p.rel_.data() + p.row_off_[child];
-      const int64_t rc = p.row_off_[child + 1] - p.row_off_[child], u = rc * q;
-      top_ -= u * u;
-      const ConstMapMat U(stack_.data() + top_, u, u);
-      runs_.clear();
-      for (int64_t a = 0; a < rc; ++a) {
-        if (!runs_.empty() && runs_.back().to + runs_.back().size == rel[a] * q &&
-            runs_.back().from + runs_.back().size == a * q)
-          runs_.back().size += q;
-        else
-          runs_.push_back({a * q, rel[a] * q, q});
-      }
-      for (size_t x = 0; x < runs_.size(); ++x) {
-        const Run& cols = runs_[x];
-        F.block(cols.to, cols.to, cols.size, cols.size).triangularView<Eigen::Lower>() +=
-            U.block(cols.from, cols.from, cols.size, cols.size);
-        for (size_t y = x + 1; y < runs_.size(); ++y) {
-          const Run& rows = runs_[y];
-          F.block(rows.to, cols.to, rows.size, cols.size) +=
-              U.block(rows.from, cols.from, rows.size, cols.size);
+  const int64_t S = p.supernodes();
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  bool ok = true;
+  if (threads < 2 || p.flops() < kParallelWork) {
+    main_.reserve(p, p.max_stack_);
+    for (int64_t s = 0; s < S && ok; ++s) ok = factor_supernode(s, main_, qval, scale, blocks);
+  } else {
+    // Subtrees in parallel, each worker on its own stack, where the updates of its subtrees'
+    // roots stay for the sequential top part.
+    const auto bins = p.split(threads);
+    std::vector<const double*> kept(S, nullptr);
+    std::vector<char> in_subtree(S, 0);
+    std::vector<std::vector<int64_t>> orders(bins.size());
+    for (size_t b = 0; b < bins.size(); ++b)
+      for (int64_t root : bins[b])
+        for (int64_t s = p.subtree_first_[root]; s <= root; ++s) {
+          orders[b].push_back(s);
+          in_subtree[s] = 1;
+        }
+    workers_.resize(bins.size());
+    std::vector<char> worker_ok(bins.size(), 1);
+    at::parallel_for(0, static_cast<int64_t>(bins.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        Workspace& ws = workers_[b];
+        ws.reserve(p, p.stack_depth(orders[b]));
+        for (int64_t s : orders[b]) {
+          if (!factor_supernode(s, ws, qval, scale, blocks)) {
+            worker_ok[b] = 0;
+            break;
+          }
         }
       }
+    });
+    for (size_t b = 0; b < bins.size(); ++b) {
+      ok = ok && worker_ok[b];
+      int64_t offset = 0;  // the roots' updates, in the order they were left on the stack
+      for (int64_t s : workers_[b].pending) {
+        kept[s] = workers_[b].stack.data() + offset;
+        offset += p.update_size(s);
+      }
     }
-    if (!partial_cholesky(F, w)) return false;
-    logdet_ += 2 * F.topLeftCorner(w, w).diagonal().array().log().sum();
-    if (r > 0) {  // the lower triangle of the update matrix onto the stack
-      const int64_t u = m - w;
-      MapMat(stack_.data() + top_, u, u).triangularView<Eigen::Lower>() =
-          F.bottomRightCorner(u, u);
-      top_ += u * u;
-      pending_.push_back(s);
-    }
-    MapMat(panels_.data() + p.panel_off_[s], m, w) = F.leftCols(w);
+    std::vector<int64_t> top;
+    for (int64_t s = 0; s < S; ++s)
+      if (!in_subtree[s]) top.push_back(s);
+    main_.reserve(p, p.stack_depth(top));
+    for (size_t i = 0; i < top.size() && ok; ++i)
+      ok = factor_supernode(top[i], main_, qval, scale, blocks, &kept);
+  }
+  if (!ok) return false;
+  logdet_ = 0;  // in supernode order, whatever the schedule
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t w = (p.first_[s + 1] - p.first_[s]) * p.q_;
+    const int64_t m = w + (p.row_off_[s + 1] - p.row_off_[s]) * p.q_;
+    logdet_ += 2 * ConstMapMat(panels_.data() + p.panel_off_[s], m, w)
+                       .topRows(w).diagonal().array().log().sum();
   }
   return std::isfinite(logdet_);
 }
 
 void BlockCholesky::release_workspace() {
-  std::vector<double>().swap(front_);
-  std::vector<double>().swap(stack_);
+  main_ = Workspace();
+  workers_.clear();
   std::vector<double>().swap(inv_);
 }
 
