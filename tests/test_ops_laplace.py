@@ -223,15 +223,21 @@ def test_sparse_ops_on_irregular_graphs(q: int) -> None:
     assert rel(sparse_inverse_diagonal(*csr), ref.sparse_inverse_diagonal_reference(*csr)) < 1e-12
 
 
+def one_gene(seed: int, side: int, q: int, theta: float):
+    """One gene's system on a side x side CAR grid: generator, kernel, W, two right-hand sides,
+    v and theta."""
+    gen = torch.Generator().manual_seed(seed)
+    ker = car_kernel(side, side)
+    W = random_W(1, ker["n"], q, gen)
+    rhs = torch.randn(1, 2, ker["n"], q, dtype=F64, generator=gen)
+    v, t = variance(1, q, theta, False, gen)
+    return gen, ker, W, rhs, v, t
+
+
 def test_sparse_large_fronts_match_dense_reference() -> None:
     """A 36 x 36 grid with q = 4: its last supernodes are large enough for the factorisation's
     BLAS path (dense Cholesky, triangular solve and the blocked Schur update of big fronts)."""
-    gen = torch.Generator().manual_seed(36)
-    ker = car_kernel(36, 36)
-    n, q = ker["n"], 4
-    W = random_W(1, n, q, gen)
-    rhs = torch.randn(1, 2, n, q, dtype=F64, generator=gen)
-    v, t = variance(1, q, 0.7, False, gen)
+    _, ker, W, rhs, v, t = one_gene(36, 36, 4, 0.7)
     x, ld = laplace_sparse(W, rhs, *ker["csr"], v, t)
     x_ref, ld_ref = ref.laplace_sparse_reference(W, rhs, *ker["csr"], v, t)
     assert rel(x, x_ref) < 1e-9 and rel(ld, ld_ref) < 1e-12
@@ -241,11 +247,8 @@ def test_selected_inversion_of_large_fronts_matches_solves() -> None:
     """d log det H / d W_s = (H^-1)_ss from the selected inversion of a 48 x 48 grid with q = 4
     (fronts large enough for its BLAS path), against solves with unit vectors at 30 spots (the
     solves use the factorisation checked against the dense reference above)."""
-    gen = torch.Generator().manual_seed(48)
-    ker = car_kernel(48, 48)
+    gen, ker, W, _, v, t = one_gene(48, 48, 4, 0.7)
     n, q = ker["n"], 4
-    W = random_W(1, n, q, gen)
-    v, t = variance(1, q, 0.7, False, gen)
     grad_W = laplace_sparse_logdet_grad(W, *ker["csr"], v, t)[1]
     spots = torch.randperm(n, generator=gen)[:30]
     unit = torch.zeros(1, 30 * q, n, q, dtype=F64)
@@ -262,13 +265,8 @@ def test_one_gene_factorised_over_threads_gives_the_same_bits() -> None:
     must not depend on that schedule (each front adds its children's updates in one order).
     Every front of this size stays below the BLAS threshold, whose kernels may round differently
     with their own thread count."""
-    gen = torch.Generator().manual_seed(37)
-    ker = car_kernel(36, 36)
-    n, q = ker["n"], 3
-    W = random_W(1, n, q, gen)
-    rhs = torch.randn(1, 2, n, q, dtype=F64, generator=gen)
-    v, t = variance(1, q, 0.6, False, gen)
-    b = torch.randn(1, 1, n, dtype=F64, generator=gen)
+    gen, ker, W, rhs, v, t = one_gene(37, 36, 3, 0.6)
+    b = torch.randn(1, 1, ker["n"], dtype=F64, generator=gen)
     threads = torch.get_num_threads()
     results = []
     try:
