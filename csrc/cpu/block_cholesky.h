@@ -21,13 +21,11 @@ class BlockCholeskyPattern {
   // `crow`/`col`: CSR pattern of the symmetric Q (sorted, unique columns; diagonal present).
   BlockCholeskyPattern(const int64_t* crow, const int64_t* col, int64_t n, int64_t q);
 
-  int64_t n() const { return n_; }
-  int64_t q() const { return q_; }
   int64_t supernodes() const { return static_cast<int64_t>(first_.size()) - 1; }
   // Doubles held by one factor's dense panels (what a factorisation stores).
   int64_t factor_size() const { return panel_off_.back(); }
-  // Floating-point operations of the dense kernels of one factorisation (for benchmarks).
-  double flops() const;
+  // Floating-point operations of the dense kernels of one factorisation.
+  double flops() const { return flops_; }
 
  private:
   friend class BlockCholesky;
@@ -49,6 +47,7 @@ class BlockCholeskyPattern {
   std::vector<int64_t> child_off_, child_list_;  // children of s, increasing
   std::vector<int64_t> subtree_first_;  // s's subtree is the supernodes [subtree_first_[s], s]
   std::vector<double> subtree_work_;    // and its flops
+  double flops_ = 0;                    // of all supernodes
   std::vector<int64_t> panel_off_;  // offset of the supernode's panel in the factor
   // Q entries to assemble per supernode: index into Q's values, front row, front column
   // (in spots, front row >= front column).

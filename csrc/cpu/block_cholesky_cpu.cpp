@@ -296,6 +296,7 @@ BlockCholeskyPattern::BlockCholeskyPattern(const int64_t* crow, const int64_t* c
       if (parent_[s] != -1) child_list_[fill[parent_[s]]++] = s;
       subtree_first_[s] = s;
       subtree_work_[s] = work(s);
+      flops_ += work(s);
       for (int64_t e = child_off_[s]; e < child_off_[s + 1]; ++e) {
         subtree_first_[s] = std::min(subtree_first_[s], subtree_first_[child_list_[e]]);
         subtree_work_[s] += subtree_work_[child_list_[e]];
@@ -344,12 +345,6 @@ double BlockCholeskyPattern::work(int64_t s) const {
   const double w = double(first_[s + 1] - first_[s]) * q_;
   const double r = double(row_off_[s + 1] - row_off_[s]) * q_;
   return w * w * w / 3 + w * w * r + w * r * r;  // potrf, trsm, syrk
-}
-
-double BlockCholeskyPattern::flops() const {
-  double total = 0;
-  for (int64_t s = 0; s < supernodes(); ++s) total += work(s);
-  return total;
 }
 
 int64_t BlockCholeskyPattern::update_size(int64_t s) const {

@@ -478,6 +478,7 @@ struct Csr {
   const int64_t* col;
   const double* val;
   int64_t n;
+  uint64_t pattern;   // hash of crow and col
   uint64_t identity;  // hash of the pattern and the values: which Q this is
 };
 
@@ -498,7 +499,7 @@ Csr csr_view(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& va
   const uint64_t pattern = fnv_hash(col.data_ptr<int64_t>(), col.numel(),
                                     fnv_hash(crow.data_ptr<int64_t>(), n + 1, kFnvSeed));
   return {crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), val.data_ptr<double>(), n,
-          fnv_hash(bits, val.numel(), pattern)};
+          pattern, fnv_hash(bits, val.numel(), pattern)};
 }
 
 // Results for scale Q + shift I by exact (Q, scale, shift), the oldest dropped once their total
@@ -586,8 +587,7 @@ std::shared_ptr<CachedPattern> cached_pattern(const Csr& Q, int64_t q) {
   static std::map<PatternKey, std::shared_ptr<CachedPattern>> cache;
   constexpr size_t kMaxPatterns = 16;
   const int64_t nnz = Q.crow[Q.n];
-  const PatternKey key{Q.n, q, nnz,
-                       fnv_hash(Q.col, nnz, fnv_hash(Q.crow, Q.n + 1, kFnvSeed))};
+  const PatternKey key{Q.n, q, nnz, Q.pattern};
   {
     std::lock_guard<std::mutex> lock(mutex);
     const auto it = cache.find(key);
