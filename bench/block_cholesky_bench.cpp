@@ -1,5 +1,6 @@
-// Microbenchmark of the supernodal Cholesky of the sparse route (csrc/cpu/block_cholesky.h),
-// one thread, no dispatcher.
+// Microbenchmark of the supernodal Cholesky of the sparse route (csrc/cpu/block_cholesky.h), one
+// system at a time, no dispatcher; one thread unless `--threads N` (then independent subtrees of
+// the elimination tree are spread over N threads).
 //
 // Rook grid of side x side spots, CAR precision I - rho D^-1/2 A D^-1/2 (rho = 0.9) widened to q
 // unknowns per spot with scales 1 .. q and random SPD q x q blocks, as in a gene's Laplace system.
@@ -7,7 +8,7 @@
 // dense kernels' count, BlockCholeskyPattern::flops), milliseconds per factorisation and the rate
 // they imply (to set against the core's peak), a solve with 13 right-hand sides and a selected
 // inversion.
-// Usage: block_cholesky_bench [side:q ...] (default 100:1 100:3 224:1 224:3).
+// Usage: block_cholesky_bench [--threads N] [side:q ...] (default 100:1 100:3 224:1 224:3).
 #include <ATen/Parallel.h>
 
 #include <Eigen/Dense>
@@ -87,9 +88,14 @@ void run(int64_t side, int64_t q) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  at::set_num_threads(1);
+  int first = 1, threads = 1;
+  if (argc > 2 && std::string(argv[1]) == "--threads") {
+    threads = std::atoi(argv[2]);
+    first = 3;
+  }
+  at::set_num_threads(threads);
   std::vector<std::string> cases;
-  for (int i = 1; i < argc; ++i) cases.emplace_back(argv[i]);
+  for (int i = first; i < argc; ++i) cases.emplace_back(argv[i]);
   if (cases.empty()) cases = {"100:1", "100:3", "224:1", "224:3"};
   for (const auto& c : cases) {
     const auto colon = c.find(':');
