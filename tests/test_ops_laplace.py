@@ -518,6 +518,20 @@ def test_sparse_bad_inputs_name_the_argument(field: str, value, match: str) -> N
         laplace_sparse(**args)
 
 
+def test_csr_changed_in_place_is_checked_again() -> None:
+    # the wrappers check a precision once per (tensors, versions); an in-place edit must not
+    # slip through on the strength of an earlier check
+    ker, W, rhs, v, t = _small()
+    crow, col, val = (x.clone() for x in ker["csr"])
+    laplace_sparse(W, rhs, crow, col, val, v, t)
+    val[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        laplace_sparse(W, rhs, crow, col, val, v, t)
+    col[1] = 10**6
+    with pytest.raises(ValueError, match="`col` indices"):
+        laplace_sparse(W, rhs, crow, col, val.nan_to_num(), v, t)
+
+
 def test_native_checks_name_the_argument() -> None:
     ker, W, rhs, v, t = _small()
     if not has_native_kernel("laplace_sparse", W.device):

@@ -23,6 +23,8 @@ Numerical failures (a system that is not positive definite, CG without convergen
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -133,6 +135,13 @@ def _check_eig(evals: object, evecs: object, W: Tensor, v: Tensor, theta: Tensor
         )
 
 
+# A fit calls the sparse ops hundreds of times with the same three tensors (its precision), and
+# the entry-wise checks and canonicalisation read all nnz entries each time; a triple that is
+# still the same objects at the same versions (no in-place change since) is checked once.
+_CHECKED_CSR: list[tuple[tuple[int, ...], tuple[weakref.ref, ...], tuple[Tensor, ...]]] = []
+_MAX_CHECKED_CSR = 4
+
+
 def check_csr(crow: object, col: object, val: object, n: int | None = None) -> tuple[Tensor, ...]:
     """Validate a square CSR matrix; return canonical ``(crow int64, col int64, val float64)``."""
     for name, t in (("crow", crow), ("col", col), ("val", val)):
@@ -149,6 +158,11 @@ def check_csr(crow: object, col: object, val: object, n: int | None = None) -> t
     nnz = col.numel()
     if val.numel() != nnz:
         raise ValueError(f"`val` must have nnz = {nnz} entries (as `col`), got {val.numel()}")
+    tensors = (crow, col, val)
+    key = tuple(id(t) for t in tensors) + tuple(t._version for t in tensors)
+    for known, refs, canonical in _CHECKED_CSR:
+        if known == key and all(r() is t for r, t in zip(refs, tensors)):
+            return canonical
     crow, col = crow.to(torch.int64), col.to(torch.int64)
     if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow[1:] < crow[:-1]).any()):
         raise ValueError("`crow` must be non-decreasing from 0 to nnz")
@@ -156,7 +170,10 @@ def check_csr(crow: object, col: object, val: object, n: int | None = None) -> t
         raise ValueError(f"`col` indices must lie in [0, {size})")
     if not bool(torch.isfinite(val).all()):
         raise ValueError("`val` contains NaN or infinite values")
-    return _canonical_csr(crow, col, val)
+    canonical = _canonical_csr(crow, col, val)
+    _CHECKED_CSR.append((key, tuple(weakref.ref(t) for t in tensors), canonical))
+    del _CHECKED_CSR[:-_MAX_CHECKED_CSR]
+    return canonical
 
 
 def _canonical_csr(crow: Tensor, col: Tensor, val: Tensor) -> tuple[Tensor, Tensor, Tensor]:
