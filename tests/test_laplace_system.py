@@ -59,9 +59,10 @@ def inputs(seed: int, theta: float = 0.5, shared: bool = False):
 
 @pytest.mark.parametrize("name", list(SYSTEMS))
 @pytest.mark.parametrize("theta", [1e-3, 0.5, 0.999])
-def test_solve_logdet_prior_terms(name: str, theta: float) -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_solve_logdet_prior_terms(name: str, theta: float, shared: bool) -> None:
     system = SYSTEMS[name]
-    W, rhs, nu, v, t = inputs(int(theta * 1000) + len(name), theta)
+    W, rhs, nu, v, t = inputs(int(theta * 1000) + len(name), theta, shared)
     sigma = dense_sigma(name, v, t)
     prec = torch.linalg.inv(sigma)
     if name == "eigen_low":  # the Hessian uses the clipped low-rank precision (SPEC §5.5)
@@ -112,8 +113,9 @@ def test_null_theta_uses_white_prior(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(SYSTEMS))
-def test_prior_terms_gradcheck(name: str) -> None:
-    _, _, nu, v, t = inputs(7)
+@pytest.mark.parametrize("shared", [False, True])
+def test_prior_terms_gradcheck(name: str, shared: bool) -> None:
+    _, _, nu, v, t = inputs(7, shared=shared)
     sl = slice(0, 2)
     nu, v, t = (x[sl].clone().requires_grad_(True) for x in (nu, v, t))
     system = SYSTEMS[name]

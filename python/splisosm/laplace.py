@@ -556,8 +556,14 @@ class _SparsePrior(torch.autograd.Function):
     @staticmethod
     def forward(ctx, nu, a, tau, csr, logdet_q, traces):  # noqa: D102
         G, n, q = nu.shape
-        rhs = nu.permute(0, 2, 1).reshape(G * q, 1, n)
-        y, logdet_m = sparse_shifted_solve(*csr, a.reshape(-1), tau.reshape(-1), rhs)
+        if q > 1 and bool((a == a[:, :1]).all()) and bool((tau == tau[:, :1]).all()):
+            # a shared variance: one factor and one solve with q right-hand sides per gene
+            y, logdet_m = sparse_shifted_solve(*csr, a[:, 0], tau[:, 0],
+                                               nu.permute(0, 2, 1).contiguous())
+            logdet_m = logdet_m[:, None].expand(G, q)
+        else:
+            rhs = nu.permute(0, 2, 1).reshape(G * q, 1, n)
+            y, logdet_m = sparse_shifted_solve(*csr, a.reshape(-1), tau.reshape(-1), rhs)
         y = y.reshape(G, q, n).permute(0, 2, 1)
         prec = tau[:, None, :] * nu - tau[:, None, :] ** 2 * y
         logdet = (logdet_m.reshape(G, q) - logdet_q - n * torch.log(a) - n * torch.log(tau)).sum(1)
