@@ -17,10 +17,11 @@ from splisosm.ops.engine import panel_matmul, panel_matmul_available
 pytestmark = pytest.mark.skipif(not panel_matmul_available(),
                                 reason="the packed-panel product needs an x86-64 CPU with AVX2/FMA")
 
-# Row counts around the 6-row (AVX2) and 12-row (AVX-512) tiles, depths around the 256-deep
-# chunk, widths around the 16-wide panel, and empty operands.
+# Row counts around the 6-row (AVX2) and 14-row (AVX-512) tiles, depths around the 256-deep
+# chunk, widths around the 16-wide panel and the 32-wide pair of panels, and empty operands.
 SHAPES = [(1, 1, 1), (5, 7, 15), (6, 256, 16), (7, 257, 17), (13, 513, 33), (12, 1100, 40),
-          (11, 300, 20), (25, 700, 47), (2, 900, 90), (0, 4, 3), (3, 0, 5), (4, 6, 0)]
+          (11, 300, 20), (25, 700, 47), (2, 900, 90), (14, 300, 32), (15, 257, 48),
+          (29, 260, 64), (0, 4, 3), (3, 0, 5), (4, 6, 0)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -36,7 +37,7 @@ def test_matches_matmul(shape):
 _PRODUCTS = """
 import sys, torch, splisosm
 g = torch.Generator().manual_seed(11)
-shapes = [(1, 5, 3), (11, 300, 20), (12, 256, 16), (13, 513, 33), (25, 700, 47)]
+shapes = [(1, 5, 3), (11, 300, 20), (12, 256, 16), (13, 513, 33), (25, 700, 47), (29, 260, 64)]
 pairs = [(torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)) for m, k, n in shapes]
 torch.save([torch.ops.splisosm.panel_matmul(a, b) for a, b in pairs], sys.argv[1])
 """
@@ -52,7 +53,7 @@ def test_kernels_give_the_same_bits(tmp_path):
         out = tmp_path / f"{kernel}.pt"
         subprocess.run([sys.executable, "-c", _PRODUCTS, str(out)], env=env, check=True)
         results.append(torch.load(out, weights_only=True))
-    assert len(results[0]) == 5
+    assert len(results[0]) == 6
     for fast, plain in zip(*results):
         assert torch.equal(fast, plain)
 

@@ -2,11 +2,11 @@
 //
 // Layout: B's columns are cut into panels of 16; a panel is stored as K consecutive 16-float rows,
 // so the micro-kernel reads it as one stream. A tile of C (6 x 16 in twelve AVX registers, or
-// 12 x 16 in twelve AVX-512 registers where the CPU has them) stays in registers while the kernel
-// walks K; K is walked in chunks of kDepth so that a chunk of the panel stays in L1 while every
-// row tile of A passes over it. Both kernels compute each element of C by the same sequence of
-// fused multiply-adds (k ascending, chunk by chunk), so they give the same bits: the choice of
-// kernel is a matter of speed only (about 1.6x with AVX-512 on an Intel Xeon, measured).
+// 14 x 32 over two adjacent panels in 28 AVX-512 registers where the CPU has them; 14 x 16 for an
+// odd last panel) stays in registers while the kernel walks K; K is walked in chunks of kDepth so
+// that a chunk of the panels stays in L1 while every row tile of A passes over it. All kernels
+// compute each element of C by the same sequence of fused multiply-adds (k ascending, chunk by
+// chunk), so they give the same bits: the choice of kernel is a matter of speed only.
 #include "cpu/panel_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -30,9 +30,9 @@ namespace {
 
 constexpr int64_t kPanelWidth = 16;  // two 8-float AVX registers, or one AVX-512 register
 constexpr int kRowTile = 6;          // 6 x 2 accumulators + 2 panel loads + 1 broadcast <= 16
-// 12 accumulators hide the FMA latency of two AVX-512 units; with the panel row and a broadcast
-// that is 14 of 32 registers.
-constexpr int kRowTile512 = 12;
+// 14 rows over two panels: 28 accumulators and the two panel rows take 30 of 32 registers (the
+// broadcasts of A are memory operands of the FMAs). One row more spills.
+constexpr int kRowTile512 = 14;
 constexpr int64_t kDepth = 256;      // 16 KB of a panel per chunk
 // Below this many multiply-adds per task, threads cost more than they save.
 constexpr int64_t kMinTaskWork = int64_t{1} << 18;
@@ -42,6 +42,7 @@ constexpr int64_t kMinTaskWork = int64_t{1} << 18;
 // ldc apart.
 struct Avx2 {
   static constexpr int kRows = kRowTile;
+  static constexpr bool kWide = false;  // 16 registers hold no two-panel tile
 
   template <int MR>
   __attribute__((target("avx2,fma"))) static void tile(const float* a, int64_t lda,
@@ -73,36 +74,76 @@ struct Avx2 {
 
 struct Avx512 {
   static constexpr int kRows = kRowTile512;
+  static constexpr bool kWide = true;
 
   template <int MR>
   __attribute__((target("avx512f"))) static void tile(const float* a, int64_t lda,
                                                       const float* panel, int64_t depth,
                                                       float* c, int64_t ldc, bool accumulate) {
     __m512 acc[MR];
-#pragma GCC unroll 12
+#pragma GCC unroll 14
     for (int i = 0; i < MR; ++i)
       acc[i] = accumulate ? _mm512_loadu_ps(c + i * ldc) : _mm512_setzero_ps();
     for (int64_t k = 0; k < depth; ++k) {
       const __m512 p = _mm512_loadu_ps(panel + kPanelWidth * k);
-#pragma GCC unroll 12
+#pragma GCC unroll 14
       for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * lda + k]), p, acc[i]);
     }
-#pragma GCC unroll 12
+#pragma GCC unroll 14
     for (int i = 0; i < MR; ++i) _mm512_storeu_ps(c + i * ldc, acc[i]);
+  }
+
+  // The same for two adjacent panels (C[0:MR, 0:32], the second panel `stride` floats after the
+  // first): each broadcast of A feeds two FMAs, which halves the loads per FMA that bound the
+  // one-panel tile, and A's rows pass over half as often.
+  template <int MR>
+  __attribute__((target("avx512f"))) static void wide(const float* a, int64_t lda,
+                                                      const float* panel, int64_t stride,
+                                                      int64_t depth, float* c, int64_t ldc,
+                                                      bool accumulate) {
+    __m512 lo[MR], hi[MR];
+    const float* next = panel + stride;
+#pragma GCC unroll 14
+    for (int i = 0; i < MR; ++i) {
+      lo[i] = accumulate ? _mm512_loadu_ps(c + i * ldc) : _mm512_setzero_ps();
+      hi[i] = accumulate ? _mm512_loadu_ps(c + i * ldc + kPanelWidth) : _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < depth; ++k) {
+      const __m512 p0 = _mm512_loadu_ps(panel + kPanelWidth * k);
+      const __m512 p1 = _mm512_loadu_ps(next + kPanelWidth * k);
+#pragma GCC unroll 14
+      for (int i = 0; i < MR; ++i) {
+        const __m512 x = _mm512_set1_ps(a[i * lda + k]);
+        lo[i] = _mm512_fmadd_ps(x, p0, lo[i]);
+        hi[i] = _mm512_fmadd_ps(x, p1, hi[i]);
+      }
+    }
+#pragma GCC unroll 14
+    for (int i = 0; i < MR; ++i) {
+      _mm512_storeu_ps(c + i * ldc, lo[i]);
+      _mm512_storeu_ps(c + i * ldc + kPanelWidth, hi[i]);
+    }
   }
 };
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
+using WideFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t,
+                        bool);
 
-// One instruction set's row tile and its kernels for every tile height: kernels[h - 1] has h rows.
+// One instruction set's row tile and its kernels for every tile height: kernels[h - 1] has h rows
+// (one panel), wide[h - 1] too (two panels; none where the instruction set has no such tile).
 struct TileSet {
   int rows;
   std::vector<TileFn> kernels;
+  std::vector<WideFn> wide;
 };
 
 template <class Isa, int... H>
 TileSet tile_set(std::integer_sequence<int, H...>) {
-  return {Isa::kRows, {&Isa::template tile<H + 1>...}};
+  if constexpr (Isa::kWide)
+    return {Isa::kRows, {&Isa::template tile<H + 1>...}, {&Isa::template wide<H + 1>...}};
+  else
+    return {Isa::kRows, {&Isa::template tile<H + 1>...}, {}};
 }
 
 // AVX-512 where the CPU has it; SPLISOSM_PANEL_KERNEL=avx2 keeps the AVX2 kernel (for tests that
@@ -156,16 +197,28 @@ at::Tensor PackedPanels::times(const at::Tensor& A_in) const {
   const float* packed = packed_.data_ptr<float>();
   float* c = C.data_ptr<float>();
   const TileSet& set = tiles();
-  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, M * K_ * kPanelWidth));
-  at::parallel_for(0, panels_, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const float* panel = packed + p * K_ * kPanelWidth;
+  // units of work: pairs of panels where there is a two-panel tile, else single panels
+  const int64_t per_unit = set.wide.empty() ? 1 : 2;
+  const int64_t units = (panels_ + per_unit - 1) / per_unit;
+  const int64_t stride = K_ * kPanelWidth;
+  const int64_t grain =
+      std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, M * stride * per_unit));
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t p = u * per_unit;
+      const bool pair = p + 1 < panels_ && per_unit == 2;
+      const float* panel = packed + p * stride;
       for (int64_t k0 = 0; k0 < K_; k0 += kDepth) {
         const int64_t depth = std::min(kDepth, K_ - k0);
         for (int64_t i0 = 0; i0 < M; i0 += set.rows) {
           const int rows = static_cast<int>(std::min<int64_t>(set.rows, M - i0));
-          set.kernels[rows - 1](a + i0 * K_ + k0, K_, panel + k0 * kPanelWidth, depth,
-                                c + i0 * ldc + p * kPanelWidth, ldc, k0 > 0);
+          float* tile = c + i0 * ldc + p * kPanelWidth;
+          if (pair)
+            set.wide[rows - 1](a + i0 * K_ + k0, K_, panel + k0 * kPanelWidth, stride, depth, tile,
+                               ldc, k0 > 0);
+          else
+            set.kernels[rows - 1](a + i0 * K_ + k0, K_, panel + k0 * kPanelWidth, depth, tile,
+                                  ldc, k0 > 0);
         }
       }
     }
