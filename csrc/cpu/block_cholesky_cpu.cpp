@@ -570,6 +570,52 @@ void BlockCholesky::release_workspace() {
   std::vector<double>().swap(inv_);
 }
 
+// One tiny supernode's part of the solves of solve_in_place, in plain loops (as its
+// factorisation): y holds the unknowns in elimination order, one row of nrhs values each.
+void BlockCholesky::tiny_forward(int64_t s, double* y, int64_t nrhs) const {
+  const BlockCholeskyPattern& p = *p_;
+  const int64_t q = p.q_, w = (p.first_[s + 1] - p.first_[s]) * q;
+  const int64_t r = p.row_off_[s + 1] - p.row_off_[s], m = w + r * q;
+  const double* L = panels_.data() + p.panel_off_[s];
+  const int64_t* rows = p.rows_.data() + p.row_off_[s];
+  double* ys = y + p.first_[s] * q * nrhs;
+  for (int64_t k = 0; k < w; ++k) {
+    const double* lk = L + k * m;
+    double* yk = ys + k * nrhs;
+    for (int64_t c = 0; c < nrhs; ++c) yk[c] /= lk[k];
+    for (int64_t i = k + 1; i < w; ++i)
+      for (int64_t c = 0; c < nrhs; ++c) ys[i * nrhs + c] -= lk[i] * yk[c];
+    for (int64_t a = 0; a < r; ++a)
+      for (int64_t j = 0; j < q; ++j) {
+        const double l = lk[w + a * q + j];
+        double* yi = y + (rows[a] * q + j) * nrhs;
+        for (int64_t c = 0; c < nrhs; ++c) yi[c] -= l * yk[c];
+      }
+  }
+}
+
+void BlockCholesky::tiny_backward(int64_t s, double* y, int64_t nrhs) const {
+  const BlockCholeskyPattern& p = *p_;
+  const int64_t q = p.q_, w = (p.first_[s + 1] - p.first_[s]) * q;
+  const int64_t r = p.row_off_[s + 1] - p.row_off_[s], m = w + r * q;
+  const double* L = panels_.data() + p.panel_off_[s];
+  const int64_t* rows = p.rows_.data() + p.row_off_[s];
+  double* ys = y + p.first_[s] * q * nrhs;
+  for (int64_t k = w - 1; k >= 0; --k) {
+    const double* lk = L + k * m;
+    double* yk = ys + k * nrhs;
+    for (int64_t a = 0; a < r; ++a)
+      for (int64_t j = 0; j < q; ++j) {
+        const double l = lk[w + a * q + j];
+        const double* yi = y + (rows[a] * q + j) * nrhs;
+        for (int64_t c = 0; c < nrhs; ++c) yk[c] -= l * yi[c];
+      }
+    for (int64_t i = k + 1; i < w; ++i)
+      for (int64_t c = 0; c < nrhs; ++c) yk[c] -= lk[i] * ys[i * nrhs + c];
+    for (int64_t c = 0; c < nrhs; ++c) yk[c] /= lk[k];
+  }
+}
+
 void BlockCholesky::solve_in_place(double* x, int64_t nrhs) const {
   const BlockCholeskyPattern& p = *p_;
   const int64_t q = p.q_, n = p.n_, S = p.supernodes(), N = n * q;
@@ -582,6 +628,10 @@ void BlockCholesky::solve_in_place(double* x, int64_t nrhs) const {
       for (int64_t c = 0; c < nrhs; ++c) y(i * q + j, c) = x[c * N + p.old_of_[i] * q + j];
   for (int64_t s = 0; s < S; ++s) {  // L y = b
     const int64_t w = (p.first_[s + 1] - p.first_[s]) * q, r = p.row_off_[s + 1] - p.row_off_[s];
+    if (w + r * q <= kTinyFront) {
+      tiny_forward(s, work.data(), nrhs);
+      continue;
+    }
     const ConstMapMat L(panels_.data() + p.panel_off_[s], w + r * q, w);
     auto ys = y.middleRows(p.first_[s] * q, w);
     L.topRows(w).triangularView<Eigen::Lower>().solveInPlace(ys);
@@ -594,6 +644,10 @@ void BlockCholesky::solve_in_place(double* x, int64_t nrhs) const {
   }
   for (int64_t s = S - 1; s >= 0; --s) {  // L^T x = y
     const int64_t w = (p.first_[s + 1] - p.first_[s]) * q, r = p.row_off_[s + 1] - p.row_off_[s];
+    if (w + r * q <= kTinyFront) {
+      tiny_backward(s, work.data(), nrhs);
+      continue;
+    }
     const ConstMapMat L(panels_.data() + p.panel_off_[s], w + r * q, w);
     auto ys = y.middleRows(p.first_[s] * q, w);
     if (r > 0) {
