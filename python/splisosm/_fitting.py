@@ -365,7 +365,63 @@ def logger_from_outcome(configs: dict, loss_history: Tensor, best_loss: Tensor,
     return logger
 
 
-def make_optimizer(params: list[Tensor], configs: dict) -> torch.optim.Optimizer | None:
+class _Descent:
+    """A gradient-descent optimiser over a fixed list of parameters, without ``torch.optim``.
+
+    The first ``torch.optim`` optimiser of a process imports ``torch._dynamo`` (1.1-1.3 s on a
+    2-core machine) and each of its steps passes through hooks and profiler records; a fit needs
+    only the plain update rules, written here with the same tensor operations in the same order
+    as torch's single-tensor implementations, so the results are bit for bit the same.
+    """
+
+    def __init__(self, params: list[Tensor], lr: float) -> None:
+        self.params = params
+        self.lr = float(lr)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+class Adam(_Descent):
+    """``torch.optim.Adam(params, lr)`` with its default betas and eps."""
+
+    BETAS = (0.9, 0.999)
+    EPS = 1e-8
+
+    def __init__(self, params: list[Tensor], lr: float) -> None:
+        super().__init__(params, lr)
+        self.steps = [0] * len(params)  # per parameter, as torch counts them
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        beta1, beta2 = self.BETAS
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            grad, m, v = p.grad, self.exp_avg[i], self.exp_avg_sq[i]
+            self.steps[i] += 1
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias1 = 1 - beta1 ** self.steps[i]
+            bias2_sqrt = (1 - beta2 ** self.steps[i]) ** 0.5
+            denom = (v.sqrt() / bias2_sqrt).add_(self.EPS)
+            p.addcdiv_(m, denom, value=-(self.lr / bias1))
+
+
+class SGD(_Descent):
+    """``torch.optim.SGD(params, lr)`` without momentum."""
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-self.lr)
+
+
+def make_optimizer(params: list[Tensor], configs: dict) -> _Descent | torch.optim.LBFGS | None:
     """Adam / SGD (no momentum) / L-BFGS over the trainable parameters (None if there are none)."""
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -373,14 +429,14 @@ def make_optimizer(params: list[Tensor], configs: dict) -> torch.optim.Optimizer
     lr = float(configs["lr"])
     name = configs["optim"]
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return Adam(params, lr)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
+        return SGD(params, lr)
     return torch.optim.LBFGS(params, lr=lr, max_iter=20, line_search_fn="strong_wolfe")
 
 
 def optimizer_step(
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: _Descent | torch.optim.LBFGS | None,
     losses: Callable[[], Tensor],
     record: Callable[[Tensor], bool] | None,
     reduce: Callable[[Tensor], Tensor] | None = None,
