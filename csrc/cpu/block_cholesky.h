@@ -89,8 +89,7 @@ class BlockCholesky {
 
  private:
   double inverse_entry(int64_t a, int64_t b, int64_t ja, int64_t jb) const;
-  void tiny_forward(int64_t s, double* y, int64_t nrhs) const;
-  void tiny_backward(int64_t s, double* y, int64_t nrhs) const;
+  void tiny_solve(int64_t s, double* y, int64_t nrhs, bool transposed) const;
 
   // A child's rows [from, from + size) of its update matrix go to [to, to + size) of the front.
   struct Run {

@@ -570,46 +570,35 @@ void BlockCholesky::release_workspace() {
   std::vector<double>().swap(inv_);
 }
 
-// One tiny supernode's part of the solves of solve_in_place, in plain loops (as its
-// factorisation): y holds the unknowns in elimination order, one row of nrhs values each.
-void BlockCholesky::tiny_forward(int64_t s, double* y, int64_t nrhs) const {
+// One tiny supernode's part of a solve with L (forward) or L^T (backward), in plain loops as its
+// factorisation: y holds the unknowns in elimination order, one row of nrhs values each.
+void BlockCholesky::tiny_solve(int64_t s, double* y, int64_t nrhs, bool transposed) const {
   const BlockCholeskyPattern& p = *p_;
   const int64_t q = p.q_, w = (p.first_[s + 1] - p.first_[s]) * q;
   const int64_t r = p.row_off_[s + 1] - p.row_off_[s], m = w + r * q;
   const double* L = panels_.data() + p.panel_off_[s];
   const int64_t* rows = p.rows_.data() + p.row_off_[s];
   double* ys = y + p.first_[s] * q * nrhs;
-  for (int64_t k = 0; k < w; ++k) {
-    const double* lk = L + k * m;
-    double* yk = ys + k * nrhs;
-    for (int64_t c = 0; c < nrhs; ++c) yk[c] /= lk[k];
-    for (int64_t i = k + 1; i < w; ++i)
-      for (int64_t c = 0; c < nrhs; ++c) ys[i * nrhs + c] -= lk[i] * yk[c];
-    for (int64_t a = 0; a < r; ++a)
-      for (int64_t j = 0; j < q; ++j) {
-        const double l = lk[w + a * q + j];
-        double* yi = y + (rows[a] * q + j) * nrhs;
-        for (int64_t c = 0; c < nrhs; ++c) yi[c] -= l * yk[c];
-      }
+  const auto below = [&](int64_t a, int64_t j) { return y + (rows[a] * q + j) * nrhs; };
+  if (!transposed) {
+    for (int64_t k = 0; k < w; ++k) {
+      const double* lk = L + k * m;
+      double* yk = ys + k * nrhs;
+      for (int64_t c = 0; c < nrhs; ++c) yk[c] /= lk[k];
+      for (int64_t i = k + 1; i < w; ++i)
+        for (int64_t c = 0; c < nrhs; ++c) ys[i * nrhs + c] -= lk[i] * yk[c];
+      for (int64_t a = 0; a < r; ++a)
+        for (int64_t j = 0; j < q; ++j)
+          for (int64_t c = 0; c < nrhs; ++c) below(a, j)[c] -= lk[w + a * q + j] * yk[c];
+    }
+    return;
   }
-}
-
-void BlockCholesky::tiny_backward(int64_t s, double* y, int64_t nrhs) const {
-  const BlockCholeskyPattern& p = *p_;
-  const int64_t q = p.q_, w = (p.first_[s + 1] - p.first_[s]) * q;
-  const int64_t r = p.row_off_[s + 1] - p.row_off_[s], m = w + r * q;
-  const double* L = panels_.data() + p.panel_off_[s];
-  const int64_t* rows = p.rows_.data() + p.row_off_[s];
-  double* ys = y + p.first_[s] * q * nrhs;
   for (int64_t k = w - 1; k >= 0; --k) {
     const double* lk = L + k * m;
     double* yk = ys + k * nrhs;
     for (int64_t a = 0; a < r; ++a)
-      for (int64_t j = 0; j < q; ++j) {
-        const double l = lk[w + a * q + j];
-        const double* yi = y + (rows[a] * q + j) * nrhs;
-        for (int64_t c = 0; c < nrhs; ++c) yk[c] -= l * yi[c];
-      }
+      for (int64_t j = 0; j < q; ++j)
+        for (int64_t c = 0; c < nrhs; ++c) yk[c] -= lk[w + a * q + j] * below(a, j)[c];
     for (int64_t i = k + 1; i < w; ++i)
       for (int64_t c = 0; c < nrhs; ++c) yk[c] -= lk[i] * ys[i * nrhs + c];
     for (int64_t c = 0; c < nrhs; ++c) yk[c] /= lk[k];
@@ -629,7 +618,7 @@ void BlockCholesky::solve_in_place(double* x, int64_t nrhs) const {
   for (int64_t s = 0; s < S; ++s) {  // L y = b
     const int64_t w = (p.first_[s + 1] - p.first_[s]) * q, r = p.row_off_[s + 1] - p.row_off_[s];
     if (w + r * q <= kTinyFront) {
-      tiny_forward(s, work.data(), nrhs);
+      tiny_solve(s, work.data(), nrhs, /*transposed=*/false);
       continue;
     }
     const ConstMapMat L(panels_.data() + p.panel_off_[s], w + r * q, w);
@@ -645,7 +634,7 @@ void BlockCholesky::solve_in_place(double* x, int64_t nrhs) const {
   for (int64_t s = S - 1; s >= 0; --s) {  // L^T x = y
     const int64_t w = (p.first_[s + 1] - p.first_[s]) * q, r = p.row_off_[s + 1] - p.row_off_[s];
     if (w + r * q <= kTinyFront) {
-      tiny_backward(s, work.data(), nrhs);
+      tiny_solve(s, work.data(), nrhs, /*transposed=*/true);
       continue;
     }
     const ConstMapMat L(panels_.data() + p.panel_off_[s], w + r * q, w);
