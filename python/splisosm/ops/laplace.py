@@ -137,7 +137,8 @@ def _check_eig(evals: object, evecs: object, W: Tensor, v: Tensor, theta: Tensor
 
 # A fit calls the sparse ops hundreds of times with the same three tensors (its precision), and
 # the entry-wise checks and canonicalisation read all nnz entries each time; a triple that is
-# still the same objects at the same versions (no in-place change since) is checked once.
+# still the same objects at the same versions (no in-place change since) is checked once. The
+# last _MAX_CHECKED_CSR triples are remembered, with their canonical forms.
 _CHECKED_CSR: list[tuple[tuple[int, ...], tuple[weakref.ref, ...], tuple[Tensor, ...]]] = []
 _MAX_CHECKED_CSR = 4
 
