@@ -81,6 +81,8 @@ DATASETS = {
     "grid100": dict(grid_size=(100, 100), n_covariates=3),
     "grid224": dict(grid_size=(224, 224), n_covariates=3),
 }
+_EXACT_MARGINAL_JOB = ["--kind", "pipeline", "--test", "du", "--batch-size", "20",
+                       "--approx-rank", "none", "--fitting-method", "marginal_newton"]
 WORKLOADS = {
     "du": dict(data="grid30", genes=200, job=["--kind", "pipeline", "--test", "du", "--batch-size", "20"],
                label="DU pipeline, 900 spots, joint_gd 500 ep, batch 20, score test"),
@@ -99,13 +101,9 @@ WORKLOADS = {
                         job=["--kind", "pipeline", "--test", "du", "--batch-size", "20",
                              "--approx-rank", "none", "--fitting-method", "joint_gd"],
                         label="DU pipeline, 10,000 spots, approx_rank=None, joint_gd"),
-    "exact-marginal": dict(data="grid100", genes=6, v120=False,
-                           job=["--kind", "pipeline", "--test", "du", "--batch-size", "20",
-                                "--approx-rank", "none", "--fitting-method", "marginal_newton"],
+    "exact-marginal": dict(data="grid100", genes=6, v120=False, job=_EXACT_MARGINAL_JOB,
                            label="DU pipeline, 10,000 spots, approx_rank=None, marginal_newton"),
-    "exact-marginal-50k": dict(data="grid224", genes=4, v120=False,
-                               job=["--kind", "pipeline", "--test", "du", "--batch-size", "20",
-                                    "--approx-rank", "none", "--fitting-method", "marginal_newton"],
+    "exact-marginal-50k": dict(data="grid224", genes=4, v120=False, job=_EXACT_MARGINAL_JOB,
                                label="DU pipeline, 50,176 spots, approx_rank=None, marginal_newton"),
 }
 DEFAULT_WORKLOADS = ["du", "du10k", "sv", "pergene"]

@@ -62,13 +62,7 @@ std::vector<int64_t> amd_order(const int64_t* crow, const int64_t* col, int64_t 
   return std::vector<int64_t>(pinv.indices().data(), pinv.indices().data() + n);
 }
 
-// One step of the multifrontal factorisation on the m x m front F (lower triangle): F11 = L11
-// L11^T, F21 <- F21 L11^-T, F22 <- F22 - F21 F21^T. Large fronts, where almost all the
-// arithmetic of a factorisation is, go to torch's BLAS and LAPACK, which pick the CPU's widest
-// vector kernels at run time (this file is compiled for the baseline instruction set); small
-// ones stay in Eigen, where a library call would cost more than the arithmetic. The BLAS path
-// also writes parts of F22's upper triangle, which is never read.
-// partial_cholesky for a tiny front, column by column (right-looking).
+// partial_cholesky (below) for a tiny front, in plain loops, column by column (right-looking).
 bool tiny_partial_cholesky(double* F, int64_t m, int64_t w) {
   for (int64_t k = 0; k < w; ++k) {
     double* ck = F + k * m;
@@ -84,6 +78,12 @@ bool tiny_partial_cholesky(double* F, int64_t m, int64_t w) {
   return true;
 }
 
+// One step of the multifrontal factorisation on the m x m front F (lower triangle): F11 = L11
+// L11^T, F21 <- F21 L11^-T, F22 <- F22 - F21 F21^T. Large fronts, where almost all the
+// arithmetic of a factorisation is, go to torch's BLAS and LAPACK, which pick the CPU's widest
+// vector kernels at run time (this file is compiled for the baseline instruction set); small
+// ones stay in Eigen, where a library call would cost more than the arithmetic. The BLAS path
+// also writes parts of F22's upper triangle, which is never read.
 bool partial_cholesky(MapMat& F, int64_t w) {
   const int64_t m = F.rows();
   if (m <= kTinyFront) return tiny_partial_cholesky(F.data(), m, w);

@@ -889,9 +889,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_shifted_solve_cpu(
     for (int64_t g = begin; g < end; ++g) {
       const double a = scale.data_ptr<double>()[g], tau = shift.data_ptr<double>()[g];
       std::shared_ptr<const BlockCholesky> known;
-      std::shared_ptr<BlockCholesky> fresh;
       if (trace_inverse || !known_factors().find(Q.identity, a, tau, known)) {
-        fresh = std::make_shared<BlockCholesky>(pattern->analysis);
+        const auto fresh = std::make_shared<BlockCholesky>(pattern->analysis);
         std::fill(diag.begin(), diag.end(), tau);
         if (!fresh->factorize(Q.val, &a, diag.data())) {
           failures.set(g, "scale * Q + shift * I is not positive definite "
