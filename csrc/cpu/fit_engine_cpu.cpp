@@ -1,12 +1,14 @@
 // Native fitting engine: whole `joint_gd` fits of batches of genes in one call.
 //
 // The Python fitter spends its time dispatching a dozen small autograd steps per epoch. Here an
-// epoch is: one multinomial pass per group of genes (one group per isoform count), two GEMMs with
-// the kernel's eigenvectors for all still-active genes of all groups at once (V is read once per
-// epoch, not once per gene or group: at 10,000 spots streaming V from memory is what an epoch
-// costs), and fused per-gene passes (at::parallel_for over genes) that form the loss and analytic
-// gradients, apply the early-stopping rules and the optimiser step. Genes never interact: each
-// gene's gradient is that of its own objective, so a result does not depend on its batch-mates.
+// epoch is: two GEMMs with the kernel's eigenvectors for all still-active genes of all groups
+// (one group per isoform count) at once, so that V is read once per epoch, not once per gene or
+// group; between them, fused per-gene passes that form the multinomial terms, the loss and
+// analytic gradients, and the optimiser step; the early-stopping rules between epochs. Each pass
+// is one parallel region over the genes of all groups, dealt to the threads by their work (the
+// genes of a batch are few and unequal: one region per group left threads waiting at every
+// barrier). Genes never interact: each gene's gradient is that of its own objective, so a result
+// does not depend on its batch-mates or on the thread that computes it.
 //
 // Model (per gene, isoform column j of q, spots s of n):
 //   l = multinomial(eta) - 1/2 [n q log 2 pi + log det Sigma + nu^T Sigma^-1 nu] + log prior,
@@ -22,7 +24,7 @@
 #include <cmath>
 #include <memory>
 #include <optional>
-#include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -158,10 +160,17 @@ class JointGdEngine {
     counter_.assign(G_, 0);
     stopped_.assign(G_, 0);
     loss_.assign(G_, 0.0);
+    ll_.assign(G_, T(0));
+    low_.assign(G_, 0);
     eta_ = at::empty({G_, n_, q_}, counts_.options());
+    g_eta_ = at::empty({G_, n_, q_}, counts_.options());
+    ll_spot_ = at::empty({G_, n_}, counts_.options());
   }
 
   bool running() const { return !done_; }
+  int64_t isoform_columns() const { return q_; }
+  int64_t spots() const { return n_; }
+  int64_t active_count() const { return static_cast<int64_t>(active_.size()); }
 
   // Starts an epoch: the active genes, and the number of rows (gene columns) they add to the
   // products with the eigenvectors.
@@ -175,14 +184,19 @@ class JointGdEngine {
   }
 
   // Ends an epoch after its loss was evaluated: records it (from the second epoch on; the loss
-  // evaluated at the start of an epoch is the post-step loss of the previous one) and steps the
-  // genes, unless every gene of the group has stopped.
+  // evaluated at the start of an epoch is the post-step loss of the previous one). While the
+  // group is still running after it, its active genes are to be stepped (step_gene).
   void advance(int64_t epoch) {
     if (epoch > 0 && record()) {
       done_ = true;
       return;
     }
-    step();
+    adam_ = engine::adam_scalars(s_.lr, ++t_);
+  }
+
+  // The optimiser step of the a-th active gene.
+  void step_gene(int64_t a) const {
+    for (const auto& slot : slots_) slot.step(active_[a], s_, adam_);
   }
 
   // Records the loss of the last step, after the final epoch.
@@ -204,160 +218,145 @@ class JointGdEngine {
     out.push_back(best_loss_);
     out.push_back(best_epoch_);
     out.push_back(converged_);
-    out.push_back(at::scalar_tensor(low_variance_, f64.dtype(at::kBool)));
+    const bool low = std::any_of(low_.begin(), low_.end(), [](char l) { return l != 0; });
+    out.push_back(at::scalar_tensor(low, f64.dtype(at::kBool)));
     return out;
   }
 
-  // eta of every active gene, its multinomial terms, and nu^T of the active genes into `nuT`
-  // (rows x n, rows as returned by activate(); undefined for a white-noise prior).
-  void begin(const at::Tensor& nuT) {
-    const int64_t A = static_cast<int64_t>(active_.size());
+  // eta of the a-th active gene, its multinomial terms, and its rows of nu^T into `nuT` (this
+  // group's rows x n, rows as returned by activate(); null for a white-noise prior).
+  void begin_gene(int64_t a, T* nuT) {
+    const int64_t g = active_[a];
     const T* X = X_.data_ptr<T>();
-    // The multinomial op runs on the whole group (stopped genes are cheap next to the GEMMs,
-    // which see active genes only).
-    at::parallel_for(0, A, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t a = begin; a < end; ++a) {
-        const int64_t g = active_[a];
-        const T* nu = slots_[kNu].row(slots_[kNu].value, g);
-        const T* beta = slots_[kBeta].row(slots_[kBeta].value, g);
-        const T* bias = slots_[kBias].row(slots_[kBias].value, g);
-        T* eta = eta_.data_ptr<T>() + g * n_ * q_;
-        for (int64_t s = 0; s < n_; ++s)
-          for (int64_t j = 0; j < q_; ++j) {
-            T e = nu[s * q_ + j] + bias[j];
-            for (int64_t f = 0; f < P_; ++f) e += X[s * P_ + f] * beta[f * q_ + j];
-            eta[s * q_ + j] = e;
-          }
-        if (r_ > 0) {
-          T* out = nuT.data_ptr<T>() + a * q_ * n_;
-          for (int64_t s = 0; s < n_; ++s)
-            for (int64_t j = 0; j < q_; ++j) out[j * n_ + s] = nu[s * q_ + j];
-        }
+    const T* nu = slots_[kNu].row(slots_[kNu].value, g);
+    const T* beta = slots_[kBeta].row(slots_[kBeta].value, g);
+    const T* bias = slots_[kBias].row(slots_[kBias].value, g);
+    T* eta = eta_.data_ptr<T>() + g * n_ * q_;
+    for (int64_t s = 0; s < n_; ++s)
+      for (int64_t j = 0; j < q_; ++j) {
+        T e = nu[s * q_ + j] + bias[j];
+        for (int64_t f = 0; f < P_; ++f) e += X[s * P_ + f] * beta[f * q_ + j];
+        eta[s * q_ + j] = e;
       }
-    });
+    if (r_ > 0) {
+      T* out = nuT + a * q_ * n_;
+      for (int64_t s = 0; s < n_; ++s)
+        for (int64_t j = 0; j < q_; ++j) out[j * n_ + s] = nu[s * q_ + j];
+    }
     // Straight to the CPU kernel, without the curvature blocks the engine does not use (through
     // the dispatcher the call would also re-enter Python, where the op's autograd formula is
-    // registered, once per epoch).
-    std::tie(ll_, g_eta_) = multinom_loglik_grad_cpu(eta_, counts_);
+    // registered, once per gene and epoch).
+    ll_[g] = multinom_gene_terms(eta, counts_.data_ptr<T>() + g * n_ * (q_ + 1), n_, q_,
+                                 g_eta_.data_ptr<T>() + g * n_ * q_,
+                                 ll_spot_.data_ptr<T>() + g * n_);
   }
 
-  // The prior's quadratic forms and log-determinants of the active gene columns from their rows
-  // zT = nu^T V, and the rows wT of Sigma^-1 nu in the eigenbasis (undefined for r = 0).
-  void prior(const at::Tensor& zT, const at::Tensor& wT) {
-    const int64_t A = static_cast<int64_t>(active_.size());
-    std::vector<char> low(A, 0);
-    at::parallel_for(0, A, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> inv_a(r_);
-      for (int64_t a = begin; a < end; ++a) {
-        const int64_t g = active_[a];
-        const T* sigma = slots_[kSigma].row(slots_[kSigma].value, g);
-        const T* tl = slots_[kTheta].row(slots_[kTheta].value, g);
-        const T* nu = slots_[kNu].row(slots_[kNu].value, g);
-        double sum_log_a = 0, dlog_a = 0;
-        for (int64_t j = 0; j < q_; ++j) {
-          const int64_t c = C_ == 1 ? 0 : j, row = a * q_ + j;
-          low[a] |= engine::variance_component(sigma[c], tl[c], s_.min_variance, s_.max_theta,
-                                               v_[row], th_[row], d_[row]);
-          // 1 / (theta lambda_k + 1 - theta) and its log-sum depend on theta only: once per
-          // variance component.
-          if (r_ > 0 && (j == 0 || C_ > 1))
-            spectrum_terms(th_[row], inv_a.data(), sum_log_a, dlog_a);
-          double qd = 0, dq = 0, ld = 0, dld = 0, z_sq = 0;
-          if (r_ > 0) {
-            const T* z = zT.data_ptr<T>() + row * r_;
-            T* w = wT.data_ptr<T>() + row * r_;
-            column_terms(z, inv_a.data(), v_[row], d_[row], w, qd, dq, z_sq);
-            ld = sum_log_a + static_cast<double>(r_) * std::log(v_[row]);
-            dld = dlog_a;
-          }
-          if (r_ < n_) {
-            double nu_sq = 0;
-            for (int64_t s = 0; s < n_; ++s) nu_sq += double(nu[s * q_ + j]) * nu[s * q_ + j];
-            engine::add_white_part(nu_sq - z_sq, static_cast<double>(n_ - r_), v_[row], th_[row],
-                                   d_[row], qd, dq, ld, dld);
-          }
-          quad_[row] = qd;
-          dquad_[row] = dq;
-          logdet_[row] = ld;
-          dlogdet_[row] = dld;
-        }
+  // The prior's quadratic forms and log-determinants of the a-th active gene's columns from
+  // their rows zT = nu^T V, and its rows wT of Sigma^-1 nu in the eigenbasis (this group's
+  // rows x r each; null for r = 0). `inv_a`: scratch of r doubles.
+  void prior_gene(int64_t a, const T* zT, T* wT, std::vector<double>& inv_a) {
+    inv_a.resize(r_);
+    const int64_t g = active_[a];
+    const T* sigma = slots_[kSigma].row(slots_[kSigma].value, g);
+    const T* tl = slots_[kTheta].row(slots_[kTheta].value, g);
+    const T* nu = slots_[kNu].row(slots_[kNu].value, g);
+    double sum_log_a = 0, dlog_a = 0;
+    for (int64_t j = 0; j < q_; ++j) {
+      const int64_t c = C_ == 1 ? 0 : j, row = a * q_ + j;
+      low_[g] |= engine::variance_component(sigma[c], tl[c], s_.min_variance, s_.max_theta,
+                                           v_[row], th_[row], d_[row]);
+      // 1 / (theta lambda_k + 1 - theta) and its log-sum depend on theta only: once per
+      // variance component.
+      if (r_ > 0 && (j == 0 || C_ > 1))
+        spectrum_terms(th_[row], inv_a.data(), sum_log_a, dlog_a);
+      double qd = 0, dq = 0, ld = 0, dld = 0, z_sq = 0;
+      if (r_ > 0) {
+        const T* z = zT + row * r_;
+        T* w = wT + row * r_;
+        column_terms(z, inv_a.data(), v_[row], d_[row], w, qd, dq, z_sq);
+        ld = sum_log_a + static_cast<double>(r_) * std::log(v_[row]);
+        dld = dlog_a;
       }
-    });
-    for (char l : low) low_variance_ |= l != 0;
+      if (r_ < n_) {
+        double nu_sq = 0;
+        for (int64_t s = 0; s < n_; ++s) nu_sq += double(nu[s * q_ + j]) * nu[s * q_ + j];
+        engine::add_white_part(nu_sq - z_sq, static_cast<double>(n_ - r_), v_[row], th_[row],
+                               d_[row], qd, dq, ld, dld);
+      }
+      quad_[row] = qd;
+      dquad_[row] = dq;
+      logdet_[row] = ld;
+      dlogdet_[row] = dld;
+    }
   }
 
-  // Loss, and with want_grads the gradients, of the active genes from precT = (V w)^T.
-  void finish(const at::Tensor& precT, bool want_grads) {
-    const int64_t A = static_cast<int64_t>(active_.size());
-    const T* llp = ll_.data_ptr<T>();
+  // Loss, and with want_grads the gradients, of the a-th active gene from its rows of
+  // precT = (V w)^T (this group's rows x n; null for r = 0). `column`: scratch of n values.
+  void finish_gene(int64_t a, const T* precT, bool want_grads, std::vector<T>& column) {
     const T* ge = g_eta_.data_ptr<T>();
     const double log2pi = std::log(2 * M_PI);
-    at::parallel_for(0, A, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> column(want_grads ? n_ : 0);
-      for (int64_t a = begin; a < end; ++a) {
-        const int64_t g = active_[a];
-        const T* sigma = slots_[kSigma].row(slots_[kSigma].value, g);
-        const T* tl = slots_[kTheta].row(slots_[kTheta].value, g);
-        double mvn = static_cast<double>(n_ * q_) * log2pi, lp = 0;
-        for (int64_t j = 0; j < q_; ++j) mvn += logdet_[a * q_ + j] + quad_[a * q_ + j];
-        std::vector<double> dlp(C_, 0.0);
-        for (int64_t c = 0; c < C_; ++c) {
-          double val, der;
-          engine::log_prior(s_.prior, sigma[c], s_.min_variance, val, der);
-          lp += val;
-          dlp[c] = der;
-        }
-        loss_[g] = -(static_cast<double>(llp[g]) - 0.5 * mvn + lp);
-        if (!want_grads) continue;
-        const T* __restrict nu = slots_[kNu].row(slots_[kNu].value, g);
-        const T* __restrict gg = ge + g * n_ * q_;
-        T* __restrict gnu = slots_[kNu].row(slots_[kNu].grad, g);
-        // Column by column, where the prior's rows are contiguous.
-        for (int64_t j = 0; j < q_; ++j) {
-          const T* __restrict prec = r_ > 0 ? precT.data_ptr<T>() + (a * q_ + j) * n_ : nullptr;
-          const T d = static_cast<T>(d_[a * q_ + j]);
-          if (prec && r_ < n_) {
-            for (int64_t s = 0; s < n_; ++s)
-              gnu[s * q_ + j] = (prec[s] + nu[s * q_ + j] / d) - gg[s * q_ + j];
-          } else if (prec) {
-            for (int64_t s = 0; s < n_; ++s) gnu[s * q_ + j] = prec[s] - gg[s * q_ + j];
-          } else {
-            for (int64_t s = 0; s < n_; ++s)
-              gnu[s * q_ + j] = nu[s * q_ + j] / d - gg[s * q_ + j];
-          }
-        }
-        // d loss / d (beta, bias) = -[X 1]^T (y - N p), column by column through a contiguous
-        // copy (a batched BLAS product of these shapes ran at a few GFLOP/s), summed in double.
-        T* gb = slots_[kBeta].row(slots_[kBeta].grad, g);
-        T* gbias = slots_[kBias].row(slots_[kBias].grad, g);
-        for (int64_t j = 0; j < q_; ++j) {
-          for (int64_t s = 0; s < n_; ++s) column[s] = gg[s * q_ + j];
-          for (int64_t f = 0; f <= P_; ++f) {
-            const T* __restrict xf = X1t_.data_ptr<T>() + f * n_;
-            double acc = 0;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t s = 0; s < n_; ++s) acc += static_cast<double>(xf[s]) * column[s];
-            (f < P_ ? gb[f * q_ + j] : gbias[j]) = static_cast<T>(-acc);
-          }
-        }
-        // Sigma_j is proportional to v_j: d l / d v_j = -(n - quad_j) / (2 v_j).
-        T* gs = slots_[kSigma].row(slots_[kSigma].grad, g);
-        T* gt = slots_[kTheta].row(slots_[kTheta].grad, g);
-        std::vector<double> dv(C_, 0.0), dth(C_, 0.0);
-        for (int64_t j = 0; j < q_; ++j) {
-          const int64_t c = C_ == 1 ? 0 : j, row = a * q_ + j;
-          dv[c] += -0.5 * (static_cast<double>(n_) - quad_[row]) / v_[row];
-          dth[c] += -0.5 * (dlogdet_[row] + dquad_[row]);
-        }
-        for (int64_t c = 0; c < C_; ++c) {
-          double g_sigma, g_theta;
-          engine::variance_grads(sigma[c], tl[c], s_.min_variance, s_.max_theta, dv[c], dth[c],
-                                 dlp[c], g_sigma, g_theta);
-          gs[c] = static_cast<T>(g_sigma);
-          gt[c] = static_cast<T>(g_theta);
-        }
+    if (want_grads) column.resize(n_);
+    const int64_t g = active_[a];
+    const T* sigma = slots_[kSigma].row(slots_[kSigma].value, g);
+    const T* tl = slots_[kTheta].row(slots_[kTheta].value, g);
+    double mvn = static_cast<double>(n_ * q_) * log2pi, lp = 0;
+    for (int64_t j = 0; j < q_; ++j) mvn += logdet_[a * q_ + j] + quad_[a * q_ + j];
+    std::vector<double> dlp(C_, 0.0);
+    for (int64_t c = 0; c < C_; ++c) {
+      double val, der;
+      engine::log_prior(s_.prior, sigma[c], s_.min_variance, val, der);
+      lp += val;
+      dlp[c] = der;
+    }
+    loss_[g] = -(static_cast<double>(ll_[g]) - 0.5 * mvn + lp);
+    if (!want_grads) return;
+    const T* __restrict nu = slots_[kNu].row(slots_[kNu].value, g);
+    const T* __restrict gg = ge + g * n_ * q_;
+    T* __restrict gnu = slots_[kNu].row(slots_[kNu].grad, g);
+    // Column by column, where the prior's rows are contiguous.
+    for (int64_t j = 0; j < q_; ++j) {
+      const T* __restrict prec = r_ > 0 ? precT + (a * q_ + j) * n_ : nullptr;
+      const T d = static_cast<T>(d_[a * q_ + j]);
+      if (prec && r_ < n_) {
+        for (int64_t s = 0; s < n_; ++s)
+          gnu[s * q_ + j] = (prec[s] + nu[s * q_ + j] / d) - gg[s * q_ + j];
+      } else if (prec) {
+        for (int64_t s = 0; s < n_; ++s) gnu[s * q_ + j] = prec[s] - gg[s * q_ + j];
+      } else {
+        for (int64_t s = 0; s < n_; ++s)
+          gnu[s * q_ + j] = nu[s * q_ + j] / d - gg[s * q_ + j];
       }
-    });
+    }
+    // d loss / d (beta, bias) = -[X 1]^T (y - N p), column by column through a contiguous
+    // copy (a batched BLAS product of these shapes ran at a few GFLOP/s), summed in double.
+    T* gb = slots_[kBeta].row(slots_[kBeta].grad, g);
+    T* gbias = slots_[kBias].row(slots_[kBias].grad, g);
+    for (int64_t j = 0; j < q_; ++j) {
+      for (int64_t s = 0; s < n_; ++s) column[s] = gg[s * q_ + j];
+      for (int64_t f = 0; f <= P_; ++f) {
+        const T* __restrict xf = X1t_.data_ptr<T>() + f * n_;
+        double acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t s = 0; s < n_; ++s) acc += static_cast<double>(xf[s]) * column[s];
+        (f < P_ ? gb[f * q_ + j] : gbias[j]) = static_cast<T>(-acc);
+      }
+    }
+    // Sigma_j is proportional to v_j: d l / d v_j = -(n - quad_j) / (2 v_j).
+    T* gs = slots_[kSigma].row(slots_[kSigma].grad, g);
+    T* gt = slots_[kTheta].row(slots_[kTheta].grad, g);
+    std::vector<double> dv(C_, 0.0), dth(C_, 0.0);
+    for (int64_t j = 0; j < q_; ++j) {
+      const int64_t c = C_ == 1 ? 0 : j, row = a * q_ + j;
+      dv[c] += -0.5 * (static_cast<double>(n_) - quad_[row]) / v_[row];
+      dth[c] += -0.5 * (dlogdet_[row] + dquad_[row]);
+    }
+    for (int64_t c = 0; c < C_; ++c) {
+      double g_sigma, g_theta;
+      engine::variance_grads(sigma[c], tl[c], s_.min_variance, s_.max_theta, dv[c], dth[c],
+                             dlp[c], g_sigma, g_theta);
+      gs[c] = static_cast<T>(g_sigma);
+      gt[c] = static_cast<T>(g_theta);
+    }
   }
 
  private:
@@ -436,18 +435,11 @@ class JointGdEngine {
     return n_stopped == G_;
   }
 
-  void step() {
-    const AdamScalars adam = engine::adam_scalars(s_.lr, ++t_);
-    at::parallel_for(0, static_cast<int64_t>(active_.size()), 1, [&](int64_t b, int64_t e) {
-      for (int64_t a = b; a < e; ++a)
-        for (const auto& slot : slots_) slot.step(active_[a], s_, adam);
-    });
-  }
-
   const engine::Settings& s_;
   const Eigenbasis<T>& basis_;
-  at::Tensor counts_, X_, X1t_, eta_, ll_, g_eta_;  // X1t_ = [X 1]^T; ll_, g_eta_: this epoch's
-                                                   // multinomial terms
+  // X1t_ = [X 1]^T; g_eta_, ll_spot_ and ll_: this epoch's multinomial terms
+  at::Tensor counts_, X_, X1t_, eta_, g_eta_, ll_spot_;
+  std::vector<T> ll_;
   int64_t G_, n_, q_, P_, r_, C_;
   // Prior terms of this epoch's active gene columns: quadratic form, its theta-derivative (up to
   // v), log det, its theta-derivative, v, d and theta.
@@ -455,11 +447,55 @@ class JointGdEngine {
   std::vector<Slot<T>> slots_;
   at::Tensor best_loss_, best_epoch_, converged_;
   std::vector<int64_t> counter_, active_;
-  std::vector<char> stopped_;
+  std::vector<char> stopped_, low_;  // low_: a gene's variance met its floor
   std::vector<double> loss_;
   std::vector<at::Tensor> history_;
   int64_t epoch_ = 0, t_ = 0;
-  bool done_ = false, low_variance_ = false;
+  AdamScalars adam_{};
+  bool done_ = false;
+};
+
+// The genes of an epoch's passes, dealt to the threads: bins[t] lists the (engine, active gene)
+// pairs that thread t computes, balanced by their work (spots x isoform columns; largest first,
+// each to the lightest bin). Which thread computes a gene never changes its result.
+template <typename T>
+class GeneBins {
+ public:
+  struct Task {
+    JointGdEngine<T>* engine;
+    int64_t gene;     // index among the engine's active genes
+    int64_t part;     // the engine's index among the live ones (its rows of the products)
+  };
+
+  explicit GeneBins(const std::vector<JointGdEngine<T>*>& live)
+      : bins_(std::max<int64_t>(1, at::get_num_threads())) {
+    std::vector<std::pair<int64_t, Task>> tasks;
+    for (size_t i = 0; i < live.size(); ++i)
+      for (int64_t a = 0; a < live[i]->active_count(); ++a)
+        tasks.push_back({live[i]->spots() * live[i]->isoform_columns(),
+                         Task{live[i], a, static_cast<int64_t>(i)}});
+    std::stable_sort(tasks.begin(), tasks.end(),
+                     [](const auto& x, const auto& y) { return x.first > y.first; });
+    std::vector<int64_t> load(bins_.size(), 0);
+    for (const auto& [work, task] : tasks) {
+      const size_t b = std::min_element(load.begin(), load.end()) - load.begin();
+      load[b] += work;
+      bins_[b].push_back(task);
+    }
+  }
+
+  // body(task, scratch) for every task, one parallel region; Scratch is per thread.
+  template <class Scratch, class Body>
+  void run(const Body& body) const {
+    at::parallel_for(0, static_cast<int64_t>(bins_.size()), 1, [&](int64_t begin, int64_t end) {
+      Scratch scratch;
+      for (int64_t b = begin; b < end; ++b)
+        for (const Task& task : bins_[b]) body(task, scratch);
+    });
+  }
+
+ private:
+  std::vector<std::vector<Task>> bins_;
 };
 
 // Fits every group, epoch by epoch together, so that each product with the eigenvectors is one
@@ -476,33 +512,52 @@ std::vector<std::vector<at::Tensor>> fit_groups(const EngineGroups& groups, cons
   const auto any_running = [&] {
     return std::any_of(engines.begin(), engines.end(), [](const auto& e) { return e->running(); });
   };
+  struct NoScratch {};
+  struct PriorScratch {
+    std::vector<double> inv_a;
+  };
+  struct FinishScratch {
+    std::vector<T> column;
+  };
+  // The loss (and gradients) of every running gene; returns the bins of the genes it evaluated.
   const auto evaluate = [&](bool want_grads) {
     std::vector<JointGdEngine<T>*> live;
-    std::vector<int64_t> offset, rows;
+    std::vector<int64_t> offset;
     int64_t total = 0;
     for (auto& e : engines)
       if (e->running()) {
         live.push_back(e.get());
         offset.push_back(total);
-        rows.push_back(e->activate());
-        total += rows.back();
+        total += e->activate();
       }
+    GeneBins<T> bins(live);
     const bool products = basis.r > 0;
-    const auto part = [&](const at::Tensor& t, size_t i) {
-      return products ? t.narrow(0, offset[i], rows[i]) : t;
+    // the first row of live engine i's part of a product operand (n or r wide)
+    const auto part = [&](const at::Tensor& t, int64_t i) -> T* {
+      return products ? t.data_ptr<T>() + offset[i] * t.size(1) : nullptr;
     };
     at::Tensor nuT = products ? at::empty({total, basis.n}, X.options()) : at::Tensor();
-    for (size_t i = 0; i < live.size(); ++i) live[i]->begin(part(nuT, i));
+    bins.template run<NoScratch>([&](const auto& task, NoScratch&) {
+      task.engine->begin_gene(task.gene, part(nuT, task.part));
+    });
     const at::Tensor zT = products ? basis.project(nuT) : at::Tensor();
     at::Tensor wT = products ? at::empty({total, basis.r}, X.options()) : at::Tensor();
-    for (size_t i = 0; i < live.size(); ++i) live[i]->prior(part(zT, i), part(wT, i));
+    bins.template run<PriorScratch>([&](const auto& task, PriorScratch& scratch) {
+      task.engine->prior_gene(task.gene, part(zT, task.part), part(wT, task.part), scratch.inv_a);
+    });
     const at::Tensor precT = products ? basis.expand(wT) : at::Tensor();
-    for (size_t i = 0; i < live.size(); ++i) live[i]->finish(part(precT, i), want_grads);
+    bins.template run<FinishScratch>([&](const auto& task, FinishScratch& scratch) {
+      task.engine->finish_gene(task.gene, part(precT, task.part), want_grads, scratch.column);
+    });
+    return bins;
   };
   for (int64_t epoch = 0; epoch < s.max_epochs && any_running(); ++epoch) {
-    evaluate(/*want_grads=*/true);
+    const GeneBins<T> bins = evaluate(/*want_grads=*/true);
     for (auto& e : engines)
       if (e->running()) e->advance(epoch);
+    bins.template run<NoScratch>([&](const auto& task, NoScratch&) {
+      if (task.engine->running()) task.engine->step_gene(task.gene);
+    });
   }
   if (s.max_epochs > 0 && any_running()) {
     evaluate(/*want_grads=*/false);

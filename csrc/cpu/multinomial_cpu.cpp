@@ -228,6 +228,11 @@ void multinom_dispatch_q(const T* eta, const T* counts, int64_t spots, int64_t q
   }
 }
 
+void check_counts_seen(const std::atomic<int>& bad) {
+  TORCH_CHECK(bad.load() != kCountsNonFinite, "splisosm: `counts` contains NaN or infinite values");
+  TORCH_CHECK(bad.load() != kCountsNegative, "splisosm: `counts` contains negative values");
+}
+
 // The op's three outputs; W undefined (and not computed) without `curvature`.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multinom_terms_impl(const at::Tensor& eta_in,
                                                                    const at::Tensor& counts_in,
@@ -245,8 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multinom_terms_impl(const at::Ten
                                   ll_spot.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
                                   curvature ? W.data_ptr<scalar_t>() : nullptr, bad);
   });
-  TORCH_CHECK(bad.load() != kCountsNonFinite, "splisosm: `counts` contains NaN or infinite values");
-  TORCH_CHECK(bad.load() != kCountsNegative, "splisosm: `counts` contains negative values");
+  check_counts_seen(bad);
   return {ll_spot.sum(1), grad, W};
 }
 
@@ -335,11 +339,20 @@ std::tuple<at::Tensor, at::Tensor> fixed_effect_info_cpu(const at::Tensor& X_in,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> multinom_loglik_grad_cpu(const at::Tensor& eta,
-                                                            const at::Tensor& counts) {
-  auto [ll, grad, W] = multinom_terms_impl(eta, counts, /*curvature=*/false);
-  return {ll, grad};
+template <typename T>
+T multinom_gene_terms(const T* eta, const T* counts, int64_t n, int64_t q, T* grad, T* ll_spot) {
+  std::atomic<int> bad{kCountsOk};
+  multinom_dispatch_q<T>(eta, counts, n, q, ll_spot, grad, nullptr, bad);
+  check_counts_seen(bad);
+  // summed as the op sums its rows, so that both give the same bits
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  return at::from_blob(ll_spot, {1, n}, dtype).sum(1).template item<T>();
 }
+
+template float multinom_gene_terms<float>(const float*, const float*, int64_t, int64_t, float*,
+                                          float*);
+template double multinom_gene_terms<double>(const double*, const double*, int64_t, int64_t,
+                                            double*, double*);
 
 TORCH_LIBRARY_IMPL(splisosm, CPU, m) {
   m.impl("multinom_terms", &multinom_terms_cpu);
