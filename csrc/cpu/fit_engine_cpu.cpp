@@ -139,9 +139,9 @@ class JointGdEngine {
                 const std::vector<at::Tensor>& start, const engine::Settings& s)
       : s_(s),
         basis_(basis),
-        counts_(counts.contiguous()),
-        X_(X.contiguous()),
-        X1t_(at::cat({X_, at::ones({X.size(0), 1}, X.options())}, 1).t().contiguous()),
+        X1t_(at::cat({X, at::ones({X.size(0), 1}, X.options())}, 1).t().contiguous()),
+        counts_t_(counts.transpose(1, 2).contiguous()),
+        totals_(counts.sum(2).contiguous()),
         G_(counts.size(0)),
         n_(counts.size(1)),
         q_(counts.size(2) - 1),
@@ -160,11 +160,14 @@ class JointGdEngine {
     counter_.assign(G_, 0);
     stopped_.assign(G_, 0);
     loss_.assign(G_, 0.0);
-    ll_.assign(G_, T(0));
+    ll_.assign(G_, 0.0);
     low_.assign(G_, 0);
-    eta_ = at::empty({G_, n_, q_}, counts_.options());
-    g_eta_ = at::empty({G_, n_, q_}, counts_.options());
-    ll_spot_ = at::empty({G_, n_}, counts_.options());
+    const at::Tensor rows = counts.contiguous();
+    constant_.resize(G_);
+    for (int64_t g = 0; g < G_; ++g)
+      constant_[g] = multinom_count_constant(rows.data_ptr<T>() + g * n_ * (q_ + 1), n_, q_);
+    eta_t_ = at::empty({G_, q_, n_}, counts.options());
+    g_eta_t_ = at::empty({G_, q_, n_}, counts.options());
   }
 
   bool running() const { return !done_; }
@@ -227,28 +230,29 @@ class JointGdEngine {
   // group's rows x n, rows as returned by activate(); null for a white-noise prior).
   void begin_gene(int64_t a, T* nuT) {
     const int64_t g = active_[a];
-    const T* X = X_.data_ptr<T>();
+    const T* X1t = X1t_.data_ptr<T>();
     const T* nu = slots_[kNu].row(slots_[kNu].value, g);
     const T* beta = slots_[kBeta].row(slots_[kBeta].value, g);
     const T* bias = slots_[kBias].row(slots_[kBias].value, g);
-    T* eta = eta_.data_ptr<T>() + g * n_ * q_;
-    for (int64_t s = 0; s < n_; ++s)
-      for (int64_t j = 0; j < q_; ++j) {
-        T e = nu[s * q_ + j] + bias[j];
-        for (int64_t f = 0; f < P_; ++f) e += X[s * P_ + f] * beta[f * q_ + j];
-        eta[s * q_ + j] = e;
+    T* eta = eta_t_.data_ptr<T>() + g * q_ * n_;
+    for (int64_t j = 0; j < q_; ++j) {
+      T* __restrict e = eta + j * n_;
+      T* __restrict out = r_ > 0 ? nuT + (a * q_ + j) * n_ : nullptr;
+      for (int64_t s = 0; s < n_; ++s) e[s] = nu[s * q_ + j] + bias[j];
+      if (out)
+        for (int64_t s = 0; s < n_; ++s) out[s] = nu[s * q_ + j];
+      for (int64_t f = 0; f < P_; ++f) {
+        const T* __restrict x = X1t + f * n_;
+        const T b = beta[f * q_ + j];
+        for (int64_t s = 0; s < n_; ++s) e[s] += x[s] * b;
       }
-    if (r_ > 0) {
-      T* out = nuT + a * q_ * n_;
-      for (int64_t s = 0; s < n_; ++s)
-        for (int64_t j = 0; j < q_; ++j) out[j * n_ + s] = nu[s * q_ + j];
     }
-    // Straight to the CPU kernel, without the curvature blocks the engine does not use (through
-    // the dispatcher the call would also re-enter Python, where the op's autograd formula is
-    // registered, once per gene and epoch).
-    ll_[g] = multinom_gene_terms(eta, counts_.data_ptr<T>() + g * n_ * (q_ + 1), n_, q_,
-                                 g_eta_.data_ptr<T>() + g * n_ * q_,
-                                 ll_spot_.data_ptr<T>() + g * n_);
+    // Straight to the CPU kernel, without the curvature blocks the engine does not use, and
+    // without the counts' constant, computed once.
+    ll_[g] = constant_[g] + multinom_isoform_major_terms(
+                                eta, counts_t_.data_ptr<T>() + g * (q_ + 1) * n_,
+                                totals_.data_ptr<T>() + g * n_, n_, q_,
+                                g_eta_t_.data_ptr<T>() + g * q_ * n_);
   }
 
   // The prior's quadratic forms and log-determinants of the a-th active gene's columns from
@@ -291,11 +295,9 @@ class JointGdEngine {
   }
 
   // Loss, and with want_grads the gradients, of the a-th active gene from its rows of
-  // precT = (V w)^T (this group's rows x n; null for r = 0). `column`: scratch of n values.
-  void finish_gene(int64_t a, const T* precT, bool want_grads, std::vector<T>& column) {
-    const T* ge = g_eta_.data_ptr<T>();
+  // precT = (V w)^T (this group's rows x n; null for r = 0).
+  void finish_gene(int64_t a, const T* precT, bool want_grads) {
     const double log2pi = std::log(2 * M_PI);
-    if (want_grads) column.resize(n_);
     const int64_t g = active_[a];
     const T* sigma = slots_[kSigma].row(slots_[kSigma].value, g);
     const T* tl = slots_[kTheta].row(slots_[kTheta].value, g);
@@ -308,36 +310,32 @@ class JointGdEngine {
       lp += val;
       dlp[c] = der;
     }
-    loss_[g] = -(static_cast<double>(ll_[g]) - 0.5 * mvn + lp);
+    loss_[g] = -(ll_[g] - 0.5 * mvn + lp);
     if (!want_grads) return;
     const T* __restrict nu = slots_[kNu].row(slots_[kNu].value, g);
-    const T* __restrict gg = ge + g * n_ * q_;
     T* __restrict gnu = slots_[kNu].row(slots_[kNu].grad, g);
-    // Column by column, where the prior's rows are contiguous.
+    T* gb = slots_[kBeta].row(slots_[kBeta].grad, g);
+    T* gbias = slots_[kBias].row(slots_[kBias].grad, g);
+    // Column by column, where the prior's rows and the multinomial gradient are contiguous.
     for (int64_t j = 0; j < q_; ++j) {
+      const T* __restrict gg = g_eta_t_.data_ptr<T>() + (g * q_ + j) * n_;
       const T* __restrict prec = r_ > 0 ? precT + (a * q_ + j) * n_ : nullptr;
       const T d = static_cast<T>(d_[a * q_ + j]);
       if (prec && r_ < n_) {
         for (int64_t s = 0; s < n_; ++s)
-          gnu[s * q_ + j] = (prec[s] + nu[s * q_ + j] / d) - gg[s * q_ + j];
+          gnu[s * q_ + j] = (prec[s] + nu[s * q_ + j] / d) - gg[s];
       } else if (prec) {
-        for (int64_t s = 0; s < n_; ++s) gnu[s * q_ + j] = prec[s] - gg[s * q_ + j];
+        for (int64_t s = 0; s < n_; ++s) gnu[s * q_ + j] = prec[s] - gg[s];
       } else {
-        for (int64_t s = 0; s < n_; ++s)
-          gnu[s * q_ + j] = nu[s * q_ + j] / d - gg[s * q_ + j];
+        for (int64_t s = 0; s < n_; ++s) gnu[s * q_ + j] = nu[s * q_ + j] / d - gg[s];
       }
-    }
-    // d loss / d (beta, bias) = -[X 1]^T (y - N p), column by column through a contiguous
-    // copy (a batched BLAS product of these shapes ran at a few GFLOP/s), summed in double.
-    T* gb = slots_[kBeta].row(slots_[kBeta].grad, g);
-    T* gbias = slots_[kBias].row(slots_[kBias].grad, g);
-    for (int64_t j = 0; j < q_; ++j) {
-      for (int64_t s = 0; s < n_; ++s) column[s] = gg[s * q_ + j];
+      // d loss / d (beta, bias) = -[X 1]^T (y - N p), summed in double (a batched BLAS
+      // product of these shapes ran at a few GFLOP/s)
       for (int64_t f = 0; f <= P_; ++f) {
         const T* __restrict xf = X1t_.data_ptr<T>() + f * n_;
         double acc = 0;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t s = 0; s < n_; ++s) acc += static_cast<double>(xf[s]) * column[s];
+        for (int64_t s = 0; s < n_; ++s) acc += static_cast<double>(xf[s]) * gg[s];
         (f < P_ ? gb[f * q_ + j] : gbias[j]) = static_cast<T>(-acc);
       }
     }
@@ -437,9 +435,11 @@ class JointGdEngine {
 
   const engine::Settings& s_;
   const Eigenbasis<T>& basis_;
-  // X1t_ = [X 1]^T; g_eta_, ll_spot_ and ll_: this epoch's multinomial terms
-  at::Tensor counts_, X_, X1t_, eta_, g_eta_, ll_spot_;
-  std::vector<T> ll_;
+  // Fixed: X1t_ = [X 1]^T, and the counts isoform-major (the multinomial terms run so, for
+  // contiguous loops over spots): counts_t_ (G, q + 1, n), totals_ (G, n) and constant_ (the
+  // counts' part of each gene's log-likelihood). This epoch's: eta_t_, g_eta_t_ (G, q, n), ll_.
+  at::Tensor X1t_, counts_t_, totals_, eta_t_, g_eta_t_;
+  std::vector<double> constant_, ll_;
   int64_t G_, n_, q_, P_, r_, C_;
   // Prior terms of this epoch's active gene columns: quadratic form, its theta-derivative (up to
   // v), log det, its theta-derivative, v, d and theta.
@@ -516,9 +516,6 @@ std::vector<std::vector<at::Tensor>> fit_groups(const EngineGroups& groups, cons
   struct PriorScratch {
     std::vector<double> inv_a;
   };
-  struct FinishScratch {
-    std::vector<T> column;
-  };
   // The loss (and gradients) of every running gene; returns the bins of the genes it evaluated.
   const auto evaluate = [&](bool want_grads) {
     std::vector<JointGdEngine<T>*> live;
@@ -546,8 +543,8 @@ std::vector<std::vector<at::Tensor>> fit_groups(const EngineGroups& groups, cons
       task.engine->prior_gene(task.gene, part(zT, task.part), part(wT, task.part), scratch.inv_a);
     });
     const at::Tensor precT = products ? basis.expand(wT) : at::Tensor();
-    bins.template run<FinishScratch>([&](const auto& task, FinishScratch& scratch) {
-      task.engine->finish_gene(task.gene, part(precT, task.part), want_grads, scratch.column);
+    bins.template run<NoScratch>([&](const auto& task, NoScratch&) {
+      task.engine->finish_gene(task.gene, part(precT, task.part), want_grads);
     });
     return bins;
   };

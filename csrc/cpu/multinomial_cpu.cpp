@@ -340,19 +340,94 @@ std::tuple<at::Tensor, at::Tensor> fixed_effect_info_cpu(const at::Tensor& X_in,
 }  // namespace
 
 template <typename T>
-T multinom_gene_terms(const T* eta, const T* counts, int64_t n, int64_t q, T* grad, T* ll_spot) {
-  std::atomic<int> bad{kCountsOk};
-  multinom_dispatch_q<T>(eta, counts, n, q, ll_spot, grad, nullptr, bad);
-  check_counts_seen(bad);
-  // summed as the op sums its rows, so that both give the same bits
-  const auto dtype = c10::CppTypeToScalarType<T>::value;
-  return at::from_blob(ll_spot, {1, n}, dtype).sum(1).template item<T>();
+double multinom_count_constant(const T* counts, int64_t n, int64_t q) {
+  const auto& table = log_factorial_table();
+  const int64_t m = q + 1;
+  int bad = kCountsOk;
+  double sum = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    const T* y = counts + s * m;
+    T total = 0;
+    double c = 0;
+    for (int64_t k = 0; k < m; ++k) {
+      if (!std::isfinite(y[k])) bad = kCountsNonFinite;
+      else if (y[k] < 0) bad = std::max(bad, static_cast<int>(kCountsNegative));
+      total += y[k];
+      c -= log_factorial(y[k], table);
+    }
+    sum += c + log_factorial(total, table);
+  }
+  check_counts_seen(std::atomic<int>{bad});
+  return sum;
 }
 
-template float multinom_gene_terms<float>(const float*, const float*, int64_t, int64_t, float*,
-                                          float*);
-template double multinom_gene_terms<double>(const double*, const double*, int64_t, int64_t,
-                                            double*, double*);
+// Spots per pass of multinom_isoform_major_terms: the shifted logits of a chunk stay in L2, and
+// the two vectorised torch calls per chunk are amortised.
+constexpr int64_t kMajorChunk = 2048;
+
+template <typename T>
+double multinom_isoform_major_terms(const T* eta_t, const T* counts_t, const T* totals, int64_t n,
+                                    int64_t q, T* grad_t) {
+  const int64_t m = q + 1;
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  const int64_t width = std::min(n, kMajorChunk);
+  // per chunk of len spots: a (m, len), the logits shifted by the spot's largest (0 for the
+  // reference isoform included), then their exponentials; z, the partition functions, then
+  // their inverses; log_z, their logarithms
+  std::vector<T> buffer((m + 3) * width);
+  T* a = buffer.data();
+  T* z = a + m * width;
+  T* log_z = z + width;
+  T* mx = log_z + width;
+  double ll = 0;
+  for (int64_t c0 = 0; c0 < n; c0 += width) {
+    const int64_t len = std::min(width, n - c0);
+    const T* N = totals + c0;
+    std::fill(mx, mx + len, T(0));
+    for (int64_t k = 0; k < q; ++k) {
+      const T* e = eta_t + k * n + c0;
+      for (int64_t i = 0; i < len; ++i) mx[i] = std::max(mx[i], e[i]);
+    }
+    for (int64_t k = 0; k < q; ++k) {
+      const T* e = eta_t + k * n + c0;
+      for (int64_t i = 0; i < len; ++i) a[k * len + i] = e[i] - mx[i];
+    }
+    for (int64_t i = 0; i < len; ++i) a[q * len + i] = -mx[i];
+    at::from_blob(a, {m * len}, dtype).exp_();
+    std::fill(z, z + len, T(0));
+    for (int64_t k = 0; k < m; ++k)
+      for (int64_t i = 0; i < len; ++i) z[i] += a[k * len + i];
+    at::Tensor log_z_t = at::from_blob(log_z, {len}, dtype);
+    at::log_out(log_z_t, at::from_blob(z, {len}, dtype));
+    // sum_k y_k eta_k - N (log Z + shift), summed in double
+    double part = 0;
+    for (int64_t k = 0; k < q; ++k) {
+      const T* y = counts_t + k * n + c0;
+      const T* e = eta_t + k * n + c0;
+#pragma omp simd reduction(+ : part)
+      for (int64_t i = 0; i < len; ++i) part += static_cast<double>(y[i]) * e[i];
+    }
+#pragma omp simd reduction(+ : part)
+    for (int64_t i = 0; i < len; ++i)
+      part -= static_cast<double>(N[i]) * (static_cast<double>(log_z[i]) + mx[i]);
+    ll += part;
+    // the gradient y - N p, p = exp(shifted logit) / Z
+    for (int64_t i = 0; i < len; ++i) z[i] = T(1) / z[i];
+    for (int64_t k = 0; k < q; ++k) {
+      const T* y = counts_t + k * n + c0;
+      T* g = grad_t + k * n + c0;
+      for (int64_t i = 0; i < len; ++i) g[i] = y[i] - N[i] * (a[k * len + i] * z[i]);
+    }
+  }
+  return ll;
+}
+
+template double multinom_count_constant<float>(const float*, int64_t, int64_t);
+template double multinom_count_constant<double>(const double*, int64_t, int64_t);
+template double multinom_isoform_major_terms<float>(const float*, const float*, const float*,
+                                                    int64_t, int64_t, float*);
+template double multinom_isoform_major_terms<double>(const double*, const double*, const double*,
+                                                     int64_t, int64_t, double*);
 
 TORCH_LIBRARY_IMPL(splisosm, CPU, m) {
   m.impl("multinom_terms", &multinom_terms_cpu);
