@@ -162,6 +162,7 @@ class JointGdEngine {
     loss_.assign(G_, 0.0);
     ll_.assign(G_, 0.0);
     low_.assign(G_, 0);
+    snapshot_due_.assign(G_, 0);
     const at::Tensor rows = counts.contiguous();
     constant_.resize(G_);
     for (int64_t g = 0; g < G_; ++g)
@@ -192,19 +193,23 @@ class JointGdEngine {
   void advance(int64_t epoch) {
     if (epoch > 0 && record()) {
       done_ = true;
+      for (int64_t g = 0; g < G_; ++g) take_snapshot(g);
       return;
     }
     adam_ = engine::adam_scalars(s_.lr, ++t_);
   }
 
-  // The optimiser step of the a-th active gene.
-  void step_gene(int64_t a) const {
+  // The optimiser step of the a-th active gene, after the snapshot its last loss asked for.
+  void step_gene(int64_t a) {
+    take_snapshot(active_[a]);
     for (const auto& slot : slots_) slot.step(active_[a], s_, adam_);
   }
 
   // Records the loss of the last step, after the final epoch.
   void conclude() {
-    if (!done_) record();
+    if (done_) return;
+    record();
+    for (int64_t g = 0; g < G_; ++g) take_snapshot(g);
   }
 
   std::vector<at::Tensor> results() {
@@ -400,6 +405,13 @@ class JointGdEngine {
     z_sq = zz;
   }
 
+  // Copies gene g's parameters to its best snapshot if its last logged loss was its best.
+  void take_snapshot(int64_t g) {
+    if (!snapshot_due_[g]) return;
+    snapshot_due_[g] = 0;
+    for (auto& slot : slots_) slot.snapshot(g);
+  }
+
   // Logs the losses of the active genes as one epoch; true when every gene has stopped.
   bool record() {
     auto row = at::full({G_}, INFINITY, at::TensorOptions().dtype(at::kDouble));
@@ -420,7 +432,7 @@ class JointGdEngine {
       hist[g] = rec.logged;
       if (rec.improved) {
         best_epoch[g] = epoch_;
-        for (auto& slot : slots_) slot.snapshot(g);
+        snapshot_due_[g] = 1;  // taken before the gene's next step, in parallel
       }
       if (rec.stopped) {
         stopped_[g] = 1;
@@ -447,7 +459,8 @@ class JointGdEngine {
   std::vector<Slot<T>> slots_;
   at::Tensor best_loss_, best_epoch_, converged_;
   std::vector<int64_t> counter_, active_;
-  std::vector<char> stopped_, low_;  // low_: a gene's variance met its floor
+  // low_: a gene's variance met its floor
+  std::vector<char> stopped_, low_, snapshot_due_;
   std::vector<double> loss_;
   std::vector<at::Tensor> history_;
   int64_t epoch_ = 0, t_ = 0;
