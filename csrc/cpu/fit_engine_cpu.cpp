@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <memory>
 #include <optional>
@@ -37,6 +38,14 @@ namespace splisosm {
 namespace {
 
 using engine::AdamScalars;
+
+// The first rows x cols of `workspace` as a contiguous matrix, the workspace grown as needed: the
+// fit's per-epoch matrices reuse their memory (fresh ones of this size cost page faults).
+at::Tensor reuse(at::Tensor& workspace, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  if (!workspace.defined() || workspace.numel() < rows * cols)
+    workspace = at::empty({rows * cols}, options);
+  return workspace.narrow(0, 0, rows * cols).view({rows, cols});
+}
 
 // One parameter tensor of all genes: values, gradient, optimiser moments and the best snapshot,
 // each (G, size) row-major.
@@ -100,12 +109,13 @@ struct Eigenbasis {
     for (int64_t k = 0; k < r; ++k) lam_m1[k] = lam.data_ptr<double>()[k] - 1;
   }
 
-  // rows V (rows x r) and rows V^T (rows x n).
-  at::Tensor project(const at::Tensor& rows) const {
-    return rows.size(0) == 0 ? rows.new_empty({0, r}) : times(rows, V, packed_V);
+  // rows V (rows x r) and rows V^T (rows x n), in `workspace` (kept by the caller for the next
+  // call); the result's rows may lie further apart than its width.
+  at::Tensor project(const at::Tensor& rows, at::Tensor& workspace) const {
+    return times(rows, V, packed_V, workspace);
   }
-  at::Tensor expand(const at::Tensor& rows) const {
-    return rows.size(0) == 0 ? rows.new_empty({0, n}) : times(rows, Vt, packed_Vt);
+  at::Tensor expand(const at::Tensor& rows, at::Tensor& workspace) const {
+    return times(rows, Vt, packed_Vt, workspace);
   }
 
   // rows @ B: through B packed once per fit where the CPU allows (float32 on AVX2), else BLAS.
@@ -113,11 +123,11 @@ struct Eigenbasis {
   // rows: several times slower), so up to kGemvRows rows go one matrix-vector product B^T x
   // each, through the transposed view of B, which BLAS streams at memory speed.
   static at::Tensor times(const at::Tensor& rows, const at::Tensor& B,
-                          const std::optional<PackedPanels>& packed) {
-    if (packed) return packed->times(rows);
+                          const std::optional<PackedPanels>& packed, at::Tensor& workspace) {
+    if (packed) return packed->times(rows, workspace);
+    at::Tensor out = reuse(workspace, rows.size(0), B.size(1), rows.options());
     constexpr int64_t kGemvRows = 8;
-    if (rows.size(0) > kGemvRows) return at::mm(rows, B);
-    at::Tensor out = at::empty({rows.size(0), B.size(1)}, rows.options());
+    if (rows.size(0) > kGemvRows) return at::mm_out(out, rows, B);
     const at::Tensor op = B.t();
     for (int64_t i = 0; i < rows.size(0); ++i) {
       at::Tensor dst = out.select(0, i);
@@ -261,9 +271,9 @@ class JointGdEngine {
   }
 
   // The prior's quadratic forms and log-determinants of the a-th active gene's columns from
-  // their rows zT = nu^T V, and its rows wT of Sigma^-1 nu in the eigenbasis (this group's
-  // rows x r each; null for r = 0). `inv_a`: scratch of r doubles.
-  void prior_gene(int64_t a, const T* zT, T* wT, std::vector<double>& inv_a) {
+  // their rows zT = nu^T V (ldz apart), and its rows wT of Sigma^-1 nu in the eigenbasis (this
+  // group's rows x r each; null for r = 0). `inv_a`: scratch of r doubles.
+  void prior_gene(int64_t a, const T* zT, int64_t ldz, T* wT, std::vector<double>& inv_a) {
     inv_a.resize(r_);
     const int64_t g = active_[a];
     const T* sigma = slots_[kSigma].row(slots_[kSigma].value, g);
@@ -280,7 +290,7 @@ class JointGdEngine {
         spectrum_terms(th_[row], inv_a.data(), sum_log_a, dlog_a);
       double qd = 0, dq = 0, ld = 0, dld = 0, z_sq = 0;
       if (r_ > 0) {
-        const T* z = zT + row * r_;
+        const T* z = zT + row * ldz;
         T* w = wT + row * r_;
         column_terms(z, inv_a.data(), v_[row], d_[row], w, qd, dq, z_sq);
         ld = sum_log_a + static_cast<double>(r_) * std::log(v_[row]);
@@ -300,8 +310,8 @@ class JointGdEngine {
   }
 
   // Loss, and with want_grads the gradients, of the a-th active gene from its rows of
-  // precT = (V w)^T (this group's rows x n; null for r = 0).
-  void finish_gene(int64_t a, const T* precT, bool want_grads) {
+  // precT = (V w)^T (this group's rows x n, ldp apart; null for r = 0).
+  void finish_gene(int64_t a, const T* precT, int64_t ldp, bool want_grads) {
     const double log2pi = std::log(2 * M_PI);
     const int64_t g = active_[a];
     const T* sigma = slots_[kSigma].row(slots_[kSigma].value, g);
@@ -324,7 +334,7 @@ class JointGdEngine {
     // Column by column, where the prior's rows and the multinomial gradient are contiguous.
     for (int64_t j = 0; j < q_; ++j) {
       const T* __restrict gg = g_eta_t_.data_ptr<T>() + (g * q_ + j) * n_;
-      const T* __restrict prec = r_ > 0 ? precT + (a * q_ + j) * n_ : nullptr;
+      const T* __restrict prec = r_ > 0 ? precT + (a * q_ + j) * ldp : nullptr;
       const T d = static_cast<T>(d_[a * q_ + j]);
       if (prec && r_ < n_) {
         for (int64_t s = 0; s < n_; ++s)
@@ -529,6 +539,8 @@ std::vector<std::vector<at::Tensor>> fit_groups(const EngineGroups& groups, cons
   struct PriorScratch {
     std::vector<double> inv_a;
   };
+  // nu^T, zT, wT and precT of an epoch, in memory kept from epoch to epoch
+  std::array<at::Tensor, 4> workspace;
   // The loss (and gradients) of every running gene; returns the bins of the genes it evaluated.
   const auto evaluate = [&](bool want_grads) {
     std::vector<JointGdEngine<T>*> live;
@@ -542,22 +554,26 @@ std::vector<std::vector<at::Tensor>> fit_groups(const EngineGroups& groups, cons
       }
     GeneBins<T> bins(live);
     const bool products = basis.r > 0;
-    // the first row of live engine i's part of a product operand (n or r wide)
+    // the first row of live engine i's part of a product operand or result
     const auto part = [&](const at::Tensor& t, int64_t i) -> T* {
-      return products ? t.data_ptr<T>() + offset[i] * t.size(1) : nullptr;
+      return products ? t.data_ptr<T>() + offset[i] * t.stride(0) : nullptr;
     };
-    at::Tensor nuT = products ? at::empty({total, basis.n}, X.options()) : at::Tensor();
+    const auto ld = [&](const at::Tensor& t) { return products ? t.stride(0) : int64_t{0}; };
+    const at::Tensor nuT =
+        products ? reuse(workspace[0], total, basis.n, X.options()) : at::Tensor();
     bins.template run<NoScratch>([&](const auto& task, NoScratch&) {
       task.engine->begin_gene(task.gene, part(nuT, task.part));
     });
-    const at::Tensor zT = products ? basis.project(nuT) : at::Tensor();
-    at::Tensor wT = products ? at::empty({total, basis.r}, X.options()) : at::Tensor();
+    const at::Tensor zT = products ? basis.project(nuT, workspace[1]) : at::Tensor();
+    const at::Tensor wT =
+        products ? reuse(workspace[2], total, basis.r, X.options()) : at::Tensor();
     bins.template run<PriorScratch>([&](const auto& task, PriorScratch& scratch) {
-      task.engine->prior_gene(task.gene, part(zT, task.part), part(wT, task.part), scratch.inv_a);
+      task.engine->prior_gene(task.gene, part(zT, task.part), ld(zT), part(wT, task.part),
+                              scratch.inv_a);
     });
-    const at::Tensor precT = products ? basis.expand(wT) : at::Tensor();
+    const at::Tensor precT = products ? basis.expand(wT, workspace[3]) : at::Tensor();
     bins.template run<NoScratch>([&](const auto& task, NoScratch&) {
-      task.engine->finish_gene(task.gene, part(precT, task.part), want_grads);
+      task.engine->finish_gene(task.gene, part(precT, task.part), ld(precT), want_grads);
     });
     return bins;
   };

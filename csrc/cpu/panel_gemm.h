@@ -21,6 +21,12 @@ class PackedPanels {
   // A (M, K) float32 -> A B (M, N), contiguous.
   at::Tensor times(const at::Tensor& A) const;
 
+  // The same in `workspace`, grown as needed and kept by the caller for the next call (a fit
+  // multiplies every epoch; fresh outputs of this size cost page faults each time). Returns a
+  // view of its first M rows: N columns, rows padded_width() apart.
+  at::Tensor times(const at::Tensor& A, at::Tensor& workspace) const;
+  int64_t padded_width() const;
+
  private:
   int64_t K_ = 0, N_ = 0, panels_ = 0;
   at::Tensor packed_;  // (panels, K, kPanelWidth), zero beyond column N

@@ -183,15 +183,25 @@ PackedPanels::PackedPanels(const at::Tensor& B)
   packed_ = padded.view({K_, panels_, kPanelWidth}).transpose(0, 1).contiguous();
 }
 
-at::Tensor PackedPanels::times(const at::Tensor& A_in) const {
+int64_t PackedPanels::padded_width() const { return panels_ * kPanelWidth; }
+
+at::Tensor PackedPanels::times(const at::Tensor& A) const {
+  at::Tensor C;
+  const at::Tensor out = times(A, C);
+  return out.is_contiguous() ? out : out.contiguous();
+}
+
+at::Tensor PackedPanels::times(const at::Tensor& A_in, at::Tensor& workspace) const {
   TORCH_CHECK(A_in.dim() == 2 && A_in.size(1) == K_ && A_in.scalar_type() == at::kFloat,
               "splisosm: the packed-panel product needs float32 rows of length ", K_, ", got ",
               A_in.scalar_type(), " of shape ", A_in.sizes());
   const at::Tensor A = A_in.contiguous();
-  const int64_t M = A.size(0), ldc = panels_ * kPanelWidth;
+  const int64_t M = A.size(0), ldc = padded_width();
   if (M == 0 || K_ == 0) return at::zeros({M, N_}, A.options());
+  if (!workspace.defined() || workspace.numel() < M * ldc)
+    workspace = at::empty({M * ldc}, A.options());
   // every tile's first depth chunk overwrites it, so C needs no clearing
-  at::Tensor C = at::empty({M, ldc}, A.options());
+  const at::Tensor C = workspace.narrow(0, 0, M * ldc).view({M, ldc});
 #ifdef SPLISOSM_PANEL_AVX2
   const float* a = A.data_ptr<float>();
   const float* packed = packed_.data_ptr<float>();
@@ -224,7 +234,7 @@ at::Tensor PackedPanels::times(const at::Tensor& A_in) const {
     }
   });
 #endif
-  return N_ == ldc ? C : C.narrow(1, 0, N_).contiguous();
+  return C.narrow(1, 0, N_);
 }
 
 namespace {
