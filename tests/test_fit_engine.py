@@ -218,7 +218,8 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
     K = ref.car_kernel(6)
     lam, V = (torch.from_numpy(a).to(dtype) for a in np.linalg.eigh(K))
     X = torch.randn(36, 2, dtype=dtype, generator=torch.Generator().manual_seed(6))
-    counts = [ref.simulate_counts(K, g, m, seed=30 + m).to(dtype) for g, m in ((3, 2), (2, 3), (1, 4))]
+    counts = [ref.simulate_counts(K, g, m, seed=30 + m).to(dtype)
+              for g, m in ((3, 2), (2, 3), (1, 4))]
     params = [{"nu": 0.1 * torch.randn(Y.shape[0], 36, Y.shape[2] - 1, dtype=dtype,
                                        generator=torch.Generator().manual_seed(7)),
                "beta": torch.zeros(Y.shape[0], 2, Y.shape[2] - 1, dtype=dtype),

@@ -41,7 +41,8 @@ using engine::AdamScalars;
 
 // The first rows x cols of `workspace` as a contiguous matrix, the workspace grown as needed: the
 // fit's per-epoch matrices reuse their memory (fresh ones of this size cost page faults).
-at::Tensor reuse(at::Tensor& workspace, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+at::Tensor reuse(at::Tensor& workspace, int64_t rows, int64_t cols,
+                 const at::TensorOptions& options) {
   if (!workspace.defined() || workspace.numel() < rows * cols)
     workspace = at::empty({rows * cols}, options);
   return workspace.narrow(0, 0, rows * cols).view({rows, cols});
