@@ -160,6 +160,11 @@ def test_bad_inputs_name_the_argument(data):
         joint_gd_fit([Y], X, lam, V, [params], **{**COMMON, "prior": "lognormal"})
     with pytest.raises(RuntimeError, match="at least one group"):
         joint_gd_fit([], X, lam, V, [], **COMMON)
+    for value, match in ((float("nan"), "NaN or infinite"), (-1.0, "negative values")):
+        bad = Y.clone()
+        bad[0, 3, 1] = value
+        with pytest.raises(RuntimeError, match=match):
+            joint_gd_fit([bad], X, lam, V, [params], **COMMON)
     start = [[t] for t in args[4:]]
     start[2] = start[2] * 2  # two bias tensors for one group of counts
     with pytest.raises(RuntimeError, match="`bias` must hold one tensor per group"):
@@ -279,7 +284,8 @@ def test_pipeline_results_do_not_depend_on_batch_size():
     np.testing.assert_allclose(stats[0], stats[1], rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["zero-count spots", "one spot", "six isoforms"])
+@pytest.mark.parametrize("case", ["zero-count spots", "one spot", "six isoforms",
+                                  "large and fractional counts"])
 def test_edge_cases_match_python(case):
     if case == "one spot":
         K = np.ones((1, 1))
@@ -291,8 +297,19 @@ def test_edge_cases_match_python(case):
             Y[0, :4] = 0
             Y[1] = 0
             Y[1, 2, 0] = 7  # a gene seen in a single spot
+        if case == "large and fractional counts":
+            # beyond the engine's log-factorial table, and between integers (lgamma)
+            Y[0] = Y[0] * 1000
+            Y[1, :3] = Y[1, :3] + 0.5
     X = torch.randn(K.shape[0], 1, dtype=D, generator=torch.Generator().manual_seed(2))
     data = (K, Y, X)
     kw = {"fitting_configs": {"max_epochs": 60}, "var_fix_sigma": False}
-    _assert_same_fit(_fit(data, reference=False, **kw), _fit(data, reference=True, **kw),
-                     rtol=1e-7, atol=1e-7)
+    # Counts of thousands make gradients of thousands: the two implementations' float64
+    # round-off, amplified by Adam, reaches ~1e-7 in nu. The log-likelihood's constant (lgamma
+    # beyond the log-factorial table) shows in every logged loss.
+    tol = 1e-5 if case == "large and fractional counts" else 1e-7
+    engine, python = _fit(data, reference=False, **kw), _fit(data, reference=True, **kw)
+    _assert_same_fit(engine, python, rtol=tol, atol=tol)
+    # the first logged loss, one step from equal starts: round-off apart only
+    torch.testing.assert_close(engine.logger.loss_history[0], python.logger.loss_history[0],
+                               rtol=1e-8, atol=0)
