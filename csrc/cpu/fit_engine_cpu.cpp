@@ -242,8 +242,8 @@ class JointGdEngine {
     return out;
   }
 
-  // eta of the a-th active gene, its multinomial terms, and its rows of nu^T into `nuT` (this
-  // group's rows x n, rows as returned by activate(); null for a white-noise prior).
+  // eta of the a-th active gene, and its rows of nu^T into `nuT` (this group's rows x n, rows as
+  // returned by activate(); null for a white-noise prior).
   void begin_gene(int64_t a, T* nuT) {
     const int64_t g = active_[a];
     const T* X1t = X1t_.data_ptr<T>();
@@ -263,12 +263,15 @@ class JointGdEngine {
         for (int64_t s = 0; s < n_; ++s) e[s] += x[s] * b;
       }
     }
-    // Straight to the CPU kernel, without the curvature blocks the engine does not use, and
-    // without the counts' constant, computed once.
-    ll_[g] = constant_[g] + multinom_isoform_major_terms(
-                                eta, counts_t_.data_ptr<T>() + g * (q_ + 1) * n_,
-                                totals_.data_ptr<T>() + g * n_, n_, q_,
-                                g_eta_t_.data_ptr<T>() + g * q_ * n_);
+  }
+
+  // The operands of the a-th active gene's multinomial terms (after begin_gene): straight to the
+  // CPU kernel, without the curvature blocks the engine does not use, and without the counts'
+  // constant, computed once.
+  MultinomGene<T> multinomial_terms(int64_t a) {
+    const int64_t g = active_[a];
+    return {eta_t_.data_ptr<T>() + g * q_ * n_, counts_t_.data_ptr<T>() + g * (q_ + 1) * n_,
+            totals_.data_ptr<T>() + g * n_, n_, q_, g_eta_t_.data_ptr<T>() + g * q_ * n_, &ll_[g]};
   }
 
   // The prior's quadratic forms and log-determinants of the a-th active gene's columns from
@@ -326,7 +329,7 @@ class JointGdEngine {
       lp += val;
       dlp[c] = der;
     }
-    loss_[g] = -(ll_[g] - 0.5 * mvn + lp);
+    loss_[g] = -(ll_[g] + constant_[g] - 0.5 * mvn + lp);
     if (!want_grads) return;
     const T* __restrict nu = slots_[kNu].row(slots_[kNu].value, g);
     T* __restrict gnu = slots_[kNu].row(slots_[kNu].grad, g);
@@ -508,13 +511,20 @@ class GeneBins {
     }
   }
 
+  // body(bin) for every bin's tasks, one parallel region.
+  template <class Body>
+  void run_bins(const Body& body) const {
+    at::parallel_for(0, static_cast<int64_t>(bins_.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) body(bins_[b]);
+    });
+  }
+
   // body(task, scratch) for every task, one parallel region; Scratch is per thread.
   template <class Scratch, class Body>
   void run(const Body& body) const {
-    at::parallel_for(0, static_cast<int64_t>(bins_.size()), 1, [&](int64_t begin, int64_t end) {
+    run_bins([&](const std::vector<Task>& bin) {
       Scratch scratch;
-      for (int64_t b = begin; b < end; ++b)
-        for (const Task& task : bins_[b]) body(task, scratch);
+      for (const Task& task : bin) body(task, scratch);
     });
   }
 
@@ -562,8 +572,14 @@ std::vector<std::vector<at::Tensor>> fit_groups(const EngineGroups& groups, cons
     const auto ld = [&](const at::Tensor& t) { return products ? t.stride(0) : int64_t{0}; };
     const at::Tensor nuT =
         products ? reuse(workspace[0], total, basis.n, X.options()) : at::Tensor();
-    bins.template run<NoScratch>([&](const auto& task, NoScratch&) {
-      task.engine->begin_gene(task.gene, part(nuT, task.part));
+    // the multinomial terms of a bin's genes together: their vectorised calls are shared
+    bins.run_bins([&](const auto& bin) {
+      std::vector<MultinomGene<T>> terms;
+      for (const auto& task : bin) {
+        task.engine->begin_gene(task.gene, part(nuT, task.part));
+        terms.push_back(task.engine->multinomial_terms(task.gene));
+      }
+      multinom_isoform_major_terms(terms);
     });
     const at::Tensor zT = products ? basis.project(nuT, workspace[1]) : at::Tensor();
     const at::Tensor wT =

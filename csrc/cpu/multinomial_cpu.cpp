@@ -361,73 +361,115 @@ double multinom_count_constant(const T* counts, int64_t n, int64_t q) {
   return sum;
 }
 
-// Spots per pass of multinom_isoform_major_terms: the shifted logits of a chunk stay in L2, and
-// the two vectorised torch calls per chunk are amortised.
-constexpr int64_t kMajorChunk = 2048;
+namespace {
+
+// Spots per pass of multinom_isoform_major_terms: a pass's logits stay in L2, and the two
+// vectorised torch calls per pass are amortised over the genes that fill it.
+constexpr int64_t kPassSpots = 16384;
+
+// A run of spots of one gene in a pass: its spots [begin, begin + len) sit at `spot` in the
+// pass's per-spot buffers, its logits at `cell` in the pass's (m, len) logit blocks.
+struct Piece {
+  size_t gene;
+  int64_t begin, len, spot, cell;
+};
 
 template <typename T>
-double multinom_isoform_major_terms(const T* eta_t, const T* counts_t, const T* totals, int64_t n,
-                                    int64_t q, T* grad_t) {
-  const int64_t m = q + 1;
+void multinom_pass(const std::vector<MultinomGene<T>>& genes, const std::vector<Piece>& pieces,
+                   int64_t spots, int64_t cells, std::vector<T>& buffer) {
   const auto dtype = c10::CppTypeToScalarType<T>::value;
-  const int64_t width = std::min(n, kMajorChunk);
-  // per chunk of len spots: a (m, len), the logits shifted by the spot's largest (0 for the
-  // reference isoform included), then their exponentials; z, the partition functions, then
-  // their inverses; log_z, their logarithms
-  std::vector<T> buffer((m + 3) * width);
-  T* a = buffer.data();
-  T* z = a + m * width;
-  T* log_z = z + width;
-  T* mx = log_z + width;
-  double ll = 0;
-  for (int64_t c0 = 0; c0 < n; c0 += width) {
-    const int64_t len = std::min(width, n - c0);
-    const T* N = totals + c0;
+  buffer.resize(cells + 3 * spots);
+  // a: the logits shifted by the spot's largest (0 for the reference isoform included), then
+  // their exponentials; z: the partition functions, then their inverses; log_z: their logs
+  T* a_all = buffer.data();
+  T* z_all = a_all + cells;
+  T* log_z_all = z_all + spots;
+  T* mx_all = log_z_all + spots;
+  for (const Piece& p : pieces) {
+    const MultinomGene<T>& gene = genes[p.gene];
+    const int64_t q = gene.q, len = p.len;
+    T* a = a_all + p.cell;
+    T* mx = mx_all + p.spot;
     std::fill(mx, mx + len, T(0));
     for (int64_t k = 0; k < q; ++k) {
-      const T* e = eta_t + k * n + c0;
+      const T* e = gene.eta_t + k * gene.n + p.begin;
       for (int64_t i = 0; i < len; ++i) mx[i] = std::max(mx[i], e[i]);
     }
     for (int64_t k = 0; k < q; ++k) {
-      const T* e = eta_t + k * n + c0;
+      const T* e = gene.eta_t + k * gene.n + p.begin;
       for (int64_t i = 0; i < len; ++i) a[k * len + i] = e[i] - mx[i];
     }
     for (int64_t i = 0; i < len; ++i) a[q * len + i] = -mx[i];
-    at::from_blob(a, {m * len}, dtype).exp_();
+  }
+  at::from_blob(a_all, {cells}, dtype).exp_();
+  for (const Piece& p : pieces) {
+    const int64_t m = genes[p.gene].q + 1, len = p.len;
+    const T* a = a_all + p.cell;
+    T* z = z_all + p.spot;
     std::fill(z, z + len, T(0));
     for (int64_t k = 0; k < m; ++k)
       for (int64_t i = 0; i < len; ++i) z[i] += a[k * len + i];
-    at::Tensor log_z_t = at::from_blob(log_z, {len}, dtype);
-    at::log_out(log_z_t, at::from_blob(z, {len}, dtype));
+  }
+  at::Tensor log_z_t = at::from_blob(log_z_all, {spots}, dtype);
+  at::log_out(log_z_t, at::from_blob(z_all, {spots}, dtype));
+  for (const Piece& p : pieces) {
+    const MultinomGene<T>& gene = genes[p.gene];
+    const int64_t q = gene.q, n = gene.n, len = p.len;
+    const T* a = a_all + p.cell;
+    T* z = z_all + p.spot;
+    const T* log_z = log_z_all + p.spot;
+    const T* mx = mx_all + p.spot;
+    const T* N = gene.totals + p.begin;
     // sum_k y_k eta_k - N (log Z + shift), summed in double
     double part = 0;
     for (int64_t k = 0; k < q; ++k) {
-      const T* y = counts_t + k * n + c0;
-      const T* e = eta_t + k * n + c0;
+      const T* y = gene.counts_t + k * n + p.begin;
+      const T* e = gene.eta_t + k * n + p.begin;
 #pragma omp simd reduction(+ : part)
       for (int64_t i = 0; i < len; ++i) part += static_cast<double>(y[i]) * e[i];
     }
 #pragma omp simd reduction(+ : part)
     for (int64_t i = 0; i < len; ++i)
       part -= static_cast<double>(N[i]) * (static_cast<double>(log_z[i]) + mx[i]);
-    ll += part;
+    *gene.ll += part;
     // the gradient y - N p, p = exp(shifted logit) / Z
     for (int64_t i = 0; i < len; ++i) z[i] = T(1) / z[i];
     for (int64_t k = 0; k < q; ++k) {
-      const T* y = counts_t + k * n + c0;
-      T* g = grad_t + k * n + c0;
+      const T* y = gene.counts_t + k * n + p.begin;
+      T* g = gene.grad_t + k * n + p.begin;
       for (int64_t i = 0; i < len; ++i) g[i] = y[i] - N[i] * (a[k * len + i] * z[i]);
     }
   }
-  return ll;
+}
+
+}  // namespace
+
+template <typename T>
+void multinom_isoform_major_terms(const std::vector<MultinomGene<T>>& genes) {
+  thread_local std::vector<T> buffer;  // kept: a fit calls this every epoch
+  std::vector<Piece> pieces;
+  int64_t spots = 0, cells = 0;
+  for (size_t g = 0; g < genes.size(); ++g) {
+    *genes[g].ll = 0;
+    for (int64_t begin = 0; begin < genes[g].n; begin += kPassSpots) {
+      const int64_t len = std::min(kPassSpots, genes[g].n - begin);
+      if (spots + len > kPassSpots && !pieces.empty()) {
+        multinom_pass(genes, pieces, spots, cells, buffer);
+        pieces.clear();
+        spots = cells = 0;
+      }
+      pieces.push_back({g, begin, len, spots, cells});
+      spots += len;
+      cells += (genes[g].q + 1) * len;
+    }
+  }
+  if (!pieces.empty()) multinom_pass(genes, pieces, spots, cells, buffer);
 }
 
 template double multinom_count_constant<float>(const float*, int64_t, int64_t);
 template double multinom_count_constant<double>(const double*, int64_t, int64_t);
-template double multinom_isoform_major_terms<float>(const float*, const float*, const float*,
-                                                    int64_t, int64_t, float*);
-template double multinom_isoform_major_terms<double>(const double*, const double*, const double*,
-                                                     int64_t, int64_t, double*);
+template void multinom_isoform_major_terms<float>(const std::vector<MultinomGene<float>>&);
+template void multinom_isoform_major_terms<double>(const std::vector<MultinomGene<double>>&);
 
 TORCH_LIBRARY_IMPL(splisosm, CPU, m) {
   m.impl("multinom_terms", &multinom_terms_cpu);

@@ -1,6 +1,7 @@
 // The multinomial terms in the layout of the fitting engine, for C++ callers.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace splisosm {
 
@@ -10,11 +11,22 @@ namespace splisosm {
 template <typename T>
 double multinom_count_constant(const T* counts, int64_t n, int64_t q);
 
-// The rest of one gene's log-likelihood, sum_s [sum_k y_sk eta_sk - N_s log Z_s], and its
-// gradient y - N p, in isoform-major layout: eta_t and grad_t (q, n), counts_t (q + 1, n),
-// totals N (n). Inside a parallel region it runs on the calling thread.
+// One gene's operands and results for multinom_isoform_major_terms, in isoform-major layout.
 template <typename T>
-double multinom_isoform_major_terms(const T* eta_t, const T* counts_t, const T* totals, int64_t n,
-                                    int64_t q, T* grad_t);
+struct MultinomGene {
+  const T* eta_t;     // (q, n)
+  const T* counts_t;  // (q + 1, n)
+  const T* totals;    // (n,): N, the counts' sum per spot
+  int64_t n, q;
+  T* grad_t;          // (q, n): y - N p
+  double* ll;         // sum_s [sum_k y_sk eta_sk - N_s log Z_s]
+};
+
+// The multinomial log-likelihood of each gene but for the counts' constant, and its gradient.
+// The genes' spots go through shared passes, each with one vectorised exp and one log over all
+// its spots (per gene, the calls' own cost would be a good part of a small gene's work). Inside a
+// parallel region it runs on the calling thread.
+template <typename T>
+void multinom_isoform_major_terms(const std::vector<MultinomGene<T>>& genes);
 
 }  // namespace splisosm
