@@ -139,10 +139,12 @@ struct Eigenbasis {
 };
 
 // The fit of one group of genes with equal isoform count. An epoch runs in phases so that a
-// driver can do the products with the eigenvectors for all groups in one GEMM each: activate
-// (how many rows this group adds), begin (eta, multinomial terms, nu^T rows), prior (terms of
-// the prior from V^T nu, and the rows of Sigma^-1 nu in the eigenbasis), finish (loss and
-// gradients from V w), then record and step.
+// driver can do the products with the eigenvectors for all groups in one GEMM each, and every
+// per-gene phase in one parallel region for all groups: activate (how many rows this group
+// adds), begin_gene (eta, nu^T rows; then the driver computes the multinomial terms of each
+// thread's genes together), prior_gene (terms of the prior from V^T nu, and the rows of
+// Sigma^-1 nu in the eigenbasis), finish_gene (loss and gradients from V w), advance (the
+// stopping rules), then step_gene.
 template <typename T>
 class JointGdEngine {
  public:
