@@ -162,6 +162,70 @@ def test_from_null_without_refit() -> None:
     assert all(type(m) is IsoNullNoSpVar for m in model.get_fitted_models())
 
 
+def test_from_null_retries_fit_only_the_genes_that_need_them(monkeypatch) -> None:
+    # The from-null protocol fits the full model again, from the better null fit, for the genes
+    # whose full fit came out below their null fit. Only those genes run that fit, and every
+    # gene's states are the ones it gets in a batch of its own.
+    import splisosm.model
+
+    adata = make_adata(n_isos=(2, 3) * 4, spatial_sd=0.5, seed=1)
+    configs = {"max_epochs": 50}
+    sizes = []
+    fit_together = splisosm.model.fit_together
+
+    def recording(models, **kwargs):
+        sizes.append(sum(m.n_genes for m in models))
+        return fit_together(models, **kwargs)
+
+    monkeypatch.setattr(splisosm.model, "fit_together", recording)
+    together = SplisosmGLMM(model_type="glmm-full", fitting_configs=dict(configs))
+    together.setup_data(adata, group_gene_by_n_iso=True)
+    together.fit(from_null=True, batch_size=8, print_progress=False)
+    # null, full, null from full, then the retries: some genes but not all (these data)
+    assert len(sizes) == 4 and 0 < sizes[3] < sizes[0] == 8
+    alone = SplisosmGLMM(model_type="glmm-full", fitting_configs=dict(configs))
+    alone.setup_data(adata, group_gene_by_n_iso=False)  # one gene per batch
+    alone.fit(from_null=True, print_progress=False)
+    # (equal bits where the engine's packed products run; round-off apart on other CPUs)
+    for key in ("glmm-null", "glmm-full"):
+        _assert_same_params(_params(together, key), _params(alone, key), atol=1e-4)
+
+
+def test_from_null_retry_states_land_on_their_genes(monkeypatch) -> None:
+    # Force every stage's choice: the null fit from the full one better than the first null fit,
+    # every first full fit below it (so every gene retries, from the second null fit), every
+    # retry better (so every gene takes it). Each gene must end with the states it gets in a
+    # batch of its own, where no gene can be mixed up with another (a retry's states given to
+    # the wrong gene of a part fail this).
+    from splisosm import _runner
+
+    objective = _runner._objective
+    calls = []
+
+    def forced(model):
+        f = objective(model)
+        calls.append(type(model).__name__)
+        if calls[-1] == "IsoNullNoSpVar":
+            # per part: the first null fit, then the null fit from the full one
+            second = calls.count("IsoNullNoSpVar") % 2 == 0
+            return torch.full_like(f, 1e30 if second else -1e30)
+        # per part the first full fit follows its two nulls; the retries come after all parts
+        first = len(calls) >= 3 and calls[-3:-1] == ["IsoNullNoSpVar"] * 2
+        return torch.full_like(f, -1e31 if first else 1e31)
+
+    monkeypatch.setattr(_runner, "_objective", forced)
+    adata = make_adata(n_isos=(2, 3) * 3, spatial_sd=0.5, seed=1)
+    fits = []
+    for grouped in (True, False):  # the genes of a part together, then one gene per batch
+        calls.clear()
+        model = SplisosmGLMM(model_type="glmm-full", fitting_configs={"max_epochs": 30})
+        model.setup_data(adata, group_gene_by_n_iso=grouped)
+        model.fit(from_null=True, print_progress=False)
+        fits.append(model)
+    for key in ("glmm-null", "glmm-full"):
+        _assert_same_params(_params(fits[0], key), _params(fits[1], key), atol=1e-4)
+
+
 def test_user_fitting_configs_not_mutated() -> None:
     configs = {"max_epochs": 5}
     model = SplisosmGLMM(fitting_configs=configs)

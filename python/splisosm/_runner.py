@@ -226,13 +226,6 @@ def _pick(first: list[GeneState], second: list[GeneState], take_second: torch.Te
     return [b if bool(t) else a for a, b, t in zip(first, second, take_second)]
 
 
-def _model_with_states(model, states: list[GeneState]):
-    """A clone of ``model`` carrying ``states``' parameters (used to continue from a selection)."""
-    clone = model.clone()
-    clone.update_params_from_dict(stack_params(states))
-    return clone
-
-
 def stack_params(states: Sequence[GeneState]) -> dict[str, torch.Tensor]:
     """Concatenate per-gene parameters along the gene axis."""
     return {n: torch.cat([s.params[n] for s in states], dim=0) for n in states[0].params}
@@ -282,20 +275,27 @@ def fit_batch(plan: FitPlan, counts: Sequence[np.ndarray], design: np.ndarray | 
     full_states = [states_from_model(full, FULL_KEY) for full in fulls]
     if plan.refit_null:
         null2s = fitted([IsoNullNoSpVar.from_trained_full(full) for full in fulls])
-        retries = []  # (part, genes to retry, their full objective, null model to restart from)
+        # (part, genes to retry, their full objective, null model of just them to restart from)
+        retries = []
         for i, (null, null2, full) in enumerate(zip(nulls, null2s, fulls)):
             f_null, f_null2 = _objective(null), _objective(null2)
             better_null = f_null2 > f_null
             null_states[i] = _pick(null_states[i], states_from_model(null2, NULL_KEY), better_null)
             f_full = _objective(full)
-            retry = torch.where(better_null, f_null2, f_null) > f_full
-            if bool(retry.any()):
-                base = _model_with_states(null, null_states[i]) if bool(better_null.any()) else null
-                retries.append((i, retry, f_full, base))
+            genes = torch.nonzero(torch.where(better_null, f_null2, f_null) > f_full).flatten()
+            if genes.numel():
+                # only these genes are fitted again (a gene's fit does not depend on its
+                # batch-mates, and retries are usually a few genes of a part)
+                base = new_model(NULL_KEY, plan.model_kwargs)
+                setup_model(base, NULL_KEY, parts[i][genes], X, kernel, plan.device)
+                base.update_params_from_dict(stack_params([null_states[i][g] for g in genes]))
+                retries.append((i, genes.tolist(), f_full[genes], base))
         full2s = fitted([IsoFullModel.from_trained_null(base) for *_, base in retries])
-        for (i, retry, f_full, _), full2 in zip(retries, full2s):
-            take = retry & (_objective(full2) > f_full)
-            full_states[i] = _pick(full_states[i], states_from_model(full2, FULL_KEY), take)
+        for (i, genes, f_full, _), full2 in zip(retries, full2s):
+            better = (_objective(full2) > f_full).tolist()
+            for g, state, take in zip(genes, states_from_model(full2, FULL_KEY), better):
+                if take:
+                    full_states[i][g] = state
     return {NULL_KEY: flat(null_states), FULL_KEY: flat(full_states)}
 
 
