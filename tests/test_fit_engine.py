@@ -140,6 +140,18 @@ def _op_args(data, dtype=D):
             torch.full((G, 1), 0.5, dtype=dtype), torch.full((G, 1), -3.0, dtype=dtype)]
 
 
+def _start(Y: torch.Tensor, P: int, nu_seed: int | None = None) -> dict[str, torch.Tensor]:
+    """Engine start values for counts Y (G, n, m): nu zero, or N(0, 0.1^2) from nu_seed."""
+    G, n, q = Y.shape[0], Y.shape[1], Y.shape[2] - 1
+    nu = (torch.zeros(G, n, q, dtype=Y.dtype) if nu_seed is None else
+          0.1 * torch.randn(G, n, q, dtype=Y.dtype,
+                            generator=torch.Generator().manual_seed(nu_seed)))
+    return {"nu": nu, "beta": torch.zeros(G, P, q, dtype=Y.dtype),
+            "bias_eta": torch.zeros(G, q, dtype=Y.dtype),
+            "sigma": torch.full((G, 1), 0.6, dtype=Y.dtype),
+            "theta_logit": torch.full((G, 1), -3.0, dtype=Y.dtype)}
+
+
 COMMON = {"train_sigma": True, "train_theta": True, "prior": "none", "prior_params": {},
           "min_variance": 0.01, "max_theta": 1 - 1e-6,
           "configs": {"optim": "adam", "lr": 0.01, "tol": 1e-5, "patience": 5, "max_epochs": 3}}
@@ -196,11 +208,7 @@ def test_groups_fitted_together_equal_separate_fits(configs):
     lam, V = torch.from_numpy(lam), torch.from_numpy(V)
     X = torch.randn(25, 2, dtype=D, generator=torch.Generator().manual_seed(5))
     counts = [ref.simulate_counts(K, 3, 3, seed=21), ref.simulate_counts(K, 2, 4, seed=22)]
-    params = [{"nu": torch.zeros(Y.shape[0], 25, Y.shape[2] - 1, dtype=D),
-               "beta": torch.zeros(Y.shape[0], 2, Y.shape[2] - 1, dtype=D),
-               "bias_eta": torch.zeros(Y.shape[0], Y.shape[2] - 1, dtype=D),
-               "sigma": torch.full((Y.shape[0], 1), 0.6, dtype=D),
-               "theta_logit": torch.full((Y.shape[0], 1), -3.0, dtype=D)} for Y in counts]
+    params = [_start(Y, 2) for Y in counts]
     settings = {**COMMON, "configs": {**COMMON["configs"], "max_epochs": 300, **configs}}
     together, _ = joint_gd_fit(counts, X, lam, V, params, **settings)
     for Y, start, joint in zip(counts, params, together):
@@ -225,12 +233,7 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
     X = torch.randn(36, 2, dtype=dtype, generator=torch.Generator().manual_seed(6))
     counts = [ref.simulate_counts(K, g, m, seed=30 + m).to(dtype)
               for g, m in ((3, 2), (2, 3), (1, 4))]
-    params = [{"nu": 0.1 * torch.randn(Y.shape[0], 36, Y.shape[2] - 1, dtype=dtype,
-                                       generator=torch.Generator().manual_seed(7)),
-               "beta": torch.zeros(Y.shape[0], 2, Y.shape[2] - 1, dtype=dtype),
-               "bias_eta": torch.zeros(Y.shape[0], Y.shape[2] - 1, dtype=dtype),
-               "sigma": torch.full((Y.shape[0], 1), 0.6, dtype=dtype),
-               "theta_logit": torch.full((Y.shape[0], 1), -3.0, dtype=dtype)} for Y in counts]
+    params = [_start(Y, 2, nu_seed=7) for Y in counts]
     settings = {**COMMON, "configs": {**COMMON["configs"], "max_epochs": 200}}
     threads = torch.get_num_threads()
     try:

@@ -39,15 +39,6 @@ namespace {
 
 using engine::AdamScalars;
 
-// The first rows x cols of `workspace` as a contiguous matrix, the workspace grown as needed: the
-// fit's per-epoch matrices reuse their memory (fresh ones of this size cost page faults).
-at::Tensor reuse(at::Tensor& workspace, int64_t rows, int64_t cols,
-                 const at::TensorOptions& options) {
-  if (!workspace.defined() || workspace.numel() < rows * cols)
-    workspace = at::empty({rows * cols}, options);
-  return workspace.narrow(0, 0, rows * cols).view({rows, cols});
-}
-
 // One parameter tensor of all genes: values, gradient, optimiser moments and the best snapshot,
 // each (G, size) row-major.
 template <typename T>
@@ -126,7 +117,7 @@ struct Eigenbasis {
   static at::Tensor times(const at::Tensor& rows, const at::Tensor& B,
                           const std::optional<PackedPanels>& packed, at::Tensor& workspace) {
     if (packed) return packed->times(rows, workspace);
-    at::Tensor out = reuse(workspace, rows.size(0), B.size(1), rows.options());
+    at::Tensor out = reuse_workspace(workspace, rows.size(0), B.size(1), rows.options());
     constexpr int64_t kGemvRows = 8;
     if (rows.size(0) > kGemvRows) return at::mm_out(out, rows, B);
     const at::Tensor op = B.t();
@@ -573,7 +564,7 @@ std::vector<std::vector<at::Tensor>> fit_groups(const EngineGroups& groups, cons
     };
     const auto ld = [&](const at::Tensor& t) { return products ? t.stride(0) : int64_t{0}; };
     const at::Tensor nuT =
-        products ? reuse(workspace[0], total, basis.n, X.options()) : at::Tensor();
+        products ? reuse_workspace(workspace[0], total, basis.n, X.options()) : at::Tensor();
     // the multinomial terms of a bin's genes together: their vectorised calls are shared
     bins.run_bins([&](const auto& bin) {
       std::vector<MultinomGene<T>> terms;
@@ -585,7 +576,7 @@ std::vector<std::vector<at::Tensor>> fit_groups(const EngineGroups& groups, cons
     });
     const at::Tensor zT = products ? basis.project(nuT, workspace[1]) : at::Tensor();
     const at::Tensor wT =
-        products ? reuse(workspace[2], total, basis.r, X.options()) : at::Tensor();
+        products ? reuse_workspace(workspace[2], total, basis.r, X.options()) : at::Tensor();
     bins.template run<PriorScratch>([&](const auto& task, PriorScratch& scratch) {
       task.engine->prior_gene(task.gene, part(zT, task.part), ld(zT), part(wT, task.part),
                               scratch.inv_a);

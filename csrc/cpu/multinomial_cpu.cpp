@@ -38,6 +38,18 @@ inline T log_factorial(T y, const std::array<double, kLogFactTable>& table) {
 
 enum BadCounts : int { kCountsOk = 0, kCountsNegative = 1, kCountsNonFinite = 2 };
 
+// Whether a count is finite; records in `bad` the worst problem seen (NaN or infinite counts over
+// negative ones).
+template <typename T>
+inline bool note_count(T y, int& bad) {
+  if (!std::isfinite(y)) {
+    bad = kCountsNonFinite;
+    return false;
+  }
+  if (y < 0) bad = std::max(bad, static_cast<int>(kCountsNegative));
+  return true;
+}
+
 // x86-64 builds target the SSE2 baseline; the branch-free loops below also get an AVX2 clone,
 // chosen at load time on CPUs that have it (ifunc: GCC or Clang on Linux).
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
@@ -99,11 +111,8 @@ void binomial_constants(const T* y, int64_t len, T* ll, int& bad) {
   for (int64_t i = 0; i < len; ++i) {
     const T y0 = y[2 * i], y1 = y[2 * i + 1];
     if (in_table(y0, y1)) continue;
-    if (!(std::isfinite(y0) && std::isfinite(y1))) {
-      bad = kCountsNonFinite;
-      continue;
-    }
-    if (y0 < 0 || y1 < 0) bad = std::max(bad, static_cast<int>(kCountsNegative));
+    const bool finite0 = note_count(y0, bad), finite1 = note_count(y1, bad);
+    if (!(finite0 && finite1)) continue;
     ll[i] += log_factorial(y0 + y1, table) - log_factorial(y0, table) - log_factorial(y1, table);
   }
 }
@@ -168,11 +177,7 @@ void multinom_chunk(const T* eta, const T* counts, int64_t begin, int64_t end, i
     T ll = 0;
     for (int64_t k = 0; k < m; ++k) {
       const T yk = y[k];
-      if (!std::isfinite(yk)) {
-        bad = kCountsNonFinite;
-        continue;
-      }
-      if (yk < 0) bad = std::max(bad, static_cast<int>(kCountsNegative));
+      if (!note_count(yk, bad)) continue;
       total += yk;
       // Zero counts contribute nothing, even where log p underflows to -inf.
       if (yk != 0) ll += yk * ((k < q ? e[k] : T(0)) - log_z) - log_factorial(yk, table);
@@ -228,9 +233,9 @@ void multinom_dispatch_q(const T* eta, const T* counts, int64_t spots, int64_t q
   }
 }
 
-void check_counts_seen(const std::atomic<int>& bad) {
-  TORCH_CHECK(bad.load() != kCountsNonFinite, "splisosm: `counts` contains NaN or infinite values");
-  TORCH_CHECK(bad.load() != kCountsNegative, "splisosm: `counts` contains negative values");
+void check_counts_seen(int bad) {
+  TORCH_CHECK(bad != kCountsNonFinite, "splisosm: `counts` contains NaN or infinite values");
+  TORCH_CHECK(bad != kCountsNegative, "splisosm: `counts` contains negative values");
 }
 
 // The op's three outputs; W undefined (and not computed) without `curvature`.
@@ -250,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multinom_terms_impl(const at::Ten
                                   ll_spot.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
                                   curvature ? W.data_ptr<scalar_t>() : nullptr, bad);
   });
-  check_counts_seen(bad);
+  check_counts_seen(bad.load());
   return {ll_spot.sum(1), grad, W};
 }
 
@@ -350,14 +355,13 @@ double multinom_count_constant(const T* counts, int64_t n, int64_t q) {
     T total = 0;
     double c = 0;
     for (int64_t k = 0; k < m; ++k) {
-      if (!std::isfinite(y[k])) bad = kCountsNonFinite;
-      else if (y[k] < 0) bad = std::max(bad, static_cast<int>(kCountsNegative));
+      note_count(y[k], bad);
       total += y[k];
       c -= log_factorial(y[k], table);
     }
     sum += c + log_factorial(total, table);
   }
-  check_counts_seen(std::atomic<int>{bad});
+  check_counts_seen(bad);
   return sum;
 }
 

@@ -1,4 +1,6 @@
-// The multinomial terms in the layout of the fitting engine, for C++ callers.
+// The multinomial terms in the layout of the fitting engine, for C++ callers. The op's kernel
+// works spot-major and forms curvature blocks for the Laplace system; the engine needs neither
+// and runs isoform-major, where every loop over spots is contiguous.
 #pragma once
 #include <cstdint>
 #include <vector>

@@ -10,6 +10,12 @@
 
 namespace splisosm {
 
+// The first rows x cols of `workspace` as a contiguous matrix, the workspace grown as needed. For
+// matrices a caller makes anew at every step of a loop: fresh ones of a few MB cost page faults
+// each time.
+at::Tensor reuse_workspace(at::Tensor& workspace, int64_t rows, int64_t cols,
+                           const at::TensorOptions& options);
+
 class PackedPanels {
  public:
   // Whether this CPU can run the kernels (x86-64 with AVX2 and FMA, checked at run time).

@@ -183,6 +183,13 @@ PackedPanels::PackedPanels(const at::Tensor& B)
   packed_ = padded.view({K_, panels_, kPanelWidth}).transpose(0, 1).contiguous();
 }
 
+at::Tensor reuse_workspace(at::Tensor& workspace, int64_t rows, int64_t cols,
+                           const at::TensorOptions& options) {
+  if (!workspace.defined() || workspace.numel() < rows * cols)
+    workspace = at::empty({rows * cols}, options);
+  return workspace.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
 int64_t PackedPanels::padded_width() const { return panels_ * kPanelWidth; }
 
 at::Tensor PackedPanels::times(const at::Tensor& A) const {
@@ -198,10 +205,8 @@ at::Tensor PackedPanels::times(const at::Tensor& A_in, at::Tensor& workspace) co
   const at::Tensor A = A_in.contiguous();
   const int64_t M = A.size(0), ldc = padded_width();
   if (M == 0 || K_ == 0) return at::zeros({M, N_}, A.options());
-  if (!workspace.defined() || workspace.numel() < M * ldc)
-    workspace = at::empty({M * ldc}, A.options());
   // every tile's first depth chunk overwrites it, so C needs no clearing
-  const at::Tensor C = workspace.narrow(0, 0, M * ldc).view({M, ldc});
+  const at::Tensor C = reuse_workspace(workspace, M, ldc, A.options());
 #ifdef SPLISOSM_PANEL_AVX2
   const float* a = A.data_ptr<float>();
   const float* packed = packed_.data_ptr<float>();
