@@ -34,6 +34,7 @@ from splisosm._fitting import (check_device, resolve_fitting_configs, resolve_pr
                                validate_glmm_config)
 from splisosm import _marginal
 from splisosm._choices import DU_METHODS, SV_METHODS
+from splisosm.results import DUResult, SVResult, legacy_dict
 from splisosm.stats import bh_adjust, chi2_pvalues, chibar2_pvalues, score_statistics, wald_statistics
 from splisosm.summary import feature_summaries
 
@@ -217,8 +218,8 @@ class SplisosmGLMM:
         self._fit_info: dict[str, Any] = {}
         self._is_trained = False
         self._fit_generation = 0
-        self._sv_test_results: dict[str, Any] = {}
-        self._du_test_results: dict[str, Any] = {}
+        self._sv: SVResult | None = None
+        self._du: DUResult | None = None
         self._perm_cache: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ data
@@ -237,6 +238,25 @@ class SplisosmGLMM:
         if self._filtered_adata is None:
             raise RuntimeError("No filtered data: call setup_data() first")
         return self._filtered_adata
+
+    @property
+    def sv_results(self) -> SVResult | None:
+        """The last spatial-variability test's results (:class:`~splisosm.results.SVResult`), or None."""
+        return self._sv
+
+    @property
+    def du_results(self) -> DUResult | None:
+        """The last differential-usage test's results (:class:`~splisosm.results.DUResult`), or None."""
+        return self._du
+
+    @property
+    def _sv_test_results(self) -> dict[str, Any]:
+        # where splisosm 1.2.0 kept the results, in its layout; {} before the test
+        return {} if self._sv is None else legacy_dict(self._sv)
+
+    @property
+    def _du_test_results(self) -> dict[str, Any]:
+        return {} if self._du is None else legacy_dict(self._du)
 
     def setup_data(
         self,
@@ -735,8 +755,10 @@ class SplisosmGLMM:
         Returns
         -------
         dict or None
-            ``statistic``, ``pvalue``, ``df`` (variance components tested), ``method``,
-            ``use_perm_null``, ``pvalue_adj``.
+            With ``return_results``: ``statistic``, ``pvalue``, ``df`` (variance components
+            tested), ``method``, ``use_perm_null``, ``pvalue_adj``, ``converged`` (numpy arrays,
+            as splisosm 1.2.0 returned them). The same results stay available as
+            :attr:`sv_results` (an :class:`~splisosm.results.SVResult`).
 
         Raises
         ------
@@ -767,16 +789,12 @@ class SplisosmGLMM:
         else:
             stat, pvalue = self._sv_llr(df, use_perm_null, n_perms_per_gene, print_progress, kwargs)
             converged = self._fitted_genes((FULL_KEY, NULL_KEY), stat, pvalue)
-        self._sv_test_results = {
-            "statistic": stat,
-            "pvalue": pvalue,
-            "df": df,
-            "method": method,
-            "use_perm_null": bool(use_perm_null),
-            "pvalue_adj": bh_adjust(pvalue),
-            "converged": converged,
-        }
-        return self._sv_test_results if return_results else None
+        self._sv = SVResult(
+            genes=np.asarray(self.gene_names, dtype=object), statistic=stat.astype(np.float32),
+            pvalue=pvalue.astype(np.float64), pvalue_adj=bh_adjust(pvalue), df=df,
+            converged=converged, method=method, use_perm_null=bool(use_perm_null),
+        )
+        return legacy_dict(self._sv) if return_results else None
 
     def _sv_llr(self, df: np.ndarray, use_perm_null: bool, n_perms_per_gene: int | None,
                 print_progress: bool, kwargs: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -800,7 +818,7 @@ class SplisosmGLMM:
         n_perms = DEFAULT_N_PERMS if n_perms_per_gene is None else n_perms_per_gene
         n_perms = check_int("n_perms_per_gene", n_perms, minimum=1)
         perm_stats = self._permutation_stats(int(n_perms), print_progress=print_progress, **kwargs)
-        pvalue = ((1 + (perm_stats >= stat[None, :]).sum(0)) / (n_perms + 1)).astype(np.float32)
+        pvalue = (1 + (perm_stats >= stat[None, :]).sum(0)) / (n_perms + 1)
         return stat.astype(np.float32), pvalue
 
     def _sv_score(self, progress: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -944,8 +962,11 @@ class SplisosmGLMM:
         Returns
         -------
         dict or None
-            ``statistic`` (tensor ``(n_genes, n_factors)``), ``pvalue`` (float64 tensor),
-            ``method``, ``pvalue_adj`` (numpy, BH per covariate).
+            With ``return_results``: ``statistic`` (float32 tensor ``(n_genes, n_factors)``),
+            ``pvalue`` (float64 tensor), ``method``, ``pvalue_adj`` (numpy, BH per covariate),
+            ``converged``, laid out as splisosm 1.2.0 returned them. The same results stay
+            available as :attr:`du_results` (a :class:`~splisosm.results.DUResult`, numpy
+            arrays and a ``to_frame()``).
 
         Raises
         ------
@@ -981,16 +1002,15 @@ class SplisosmGLMM:
         groups = _dataset.same_size_groups(self.n_isos_per_gene, list(range(self.n_genes)))
         stat = torch.stack(_runner.evaluate_groups(groups, statistics, self.n_genes, print_progress, "DU test"))
         df = np.array(self.n_isos_per_gene)[:, None] - 1
-        pvalue = torch.from_numpy(chi2_pvalues(stat.numpy(), df))
-        converged = self._fitted_genes((self.model_type,), stat.numpy(), pvalue.numpy())
-        self._du_test_results = {
-            "statistic": stat,
-            "pvalue": pvalue,
-            "method": method,
-            "pvalue_adj": bh_adjust(pvalue.numpy()),
-            "converged": converged,
-        }
-        return self._du_test_results if return_results else None
+        stat = stat.numpy()
+        pvalue = chi2_pvalues(stat, df)
+        converged = self._fitted_genes((self.model_type,), stat, pvalue)
+        self._du = DUResult(
+            genes=np.asarray(self.gene_names, dtype=object), covariates=self._covariate_labels(),
+            statistic=stat.astype(np.float32), pvalue=pvalue.astype(np.float64),
+            pvalue_adj=bh_adjust(pvalue), converged=converged, method=method,
+        )
+        return legacy_dict(self._du) if return_results else None
 
     # ------------------------------------------------------------------ results
     def get_formatted_test_results(self, test_type: Literal["sv", "du"], with_gene_summary: bool = False) -> pd.DataFrame:
@@ -1016,35 +1036,20 @@ class SplisosmGLMM:
         """
         if test_type not in ("sv", "du"):
             raise ValueError(f"`test_type` must be 'sv' or 'du', got {test_type!r}")
-        results = self._sv_test_results if test_type == "sv" else self._du_test_results
-        if not results:
+        result = self._sv if test_type == "sv" else self._du
+        if result is None:
             runner = "test_spatial_variability()" if test_type == "sv" else "test_differential_usage()"
             raise ValueError(f"No {test_type} test results: run {runner} first")
-        genes = np.asarray(self.gene_names, dtype=object)
-        if test_type == "sv":
-            df = pd.DataFrame({
-                "gene": genes,
-                "statistic": np.asarray(results["statistic"]),
-                "pvalue": np.asarray(results["pvalue"]),
-                "pvalue_adj": np.asarray(results["pvalue_adj"]),
-            })
-            rows = np.arange(self.n_genes)
-        else:
-            P = self.n_factors
-            labels = self.covariate_names or [f"factor_{i}" for i in range(P)]
-            df = pd.DataFrame({
-                "gene": np.repeat(genes, P),
-                "covariate": np.tile(np.asarray(labels, dtype=object), self.n_genes),
-                "statistic": _numpy(results["statistic"]).reshape(-1),
-                "pvalue": _numpy(results["pvalue"]).reshape(-1),
-                "pvalue_adj": np.asarray(results["pvalue_adj"]).reshape(-1),
-            })
-            rows = np.repeat(np.arange(self.n_genes), P)
-        df["converged"] = _converged_column(results, rows)
+        df = result.to_frame()
         if with_gene_summary:
+            per_gene = 1 if test_type == "sv" else result.statistic.shape[1]
+            rows = np.repeat(np.arange(self.n_genes), per_gene)
             summary = self.extract_feature_summary("gene", print_progress=False).reset_index(drop=True)
             df = pd.concat([df, summary.iloc[rows].reset_index(drop=True)], axis=1)
         return df
+
+    def _covariate_labels(self) -> list[str]:
+        return list(self.covariate_names or [f"factor_{i}" for i in range(self.n_factors)])
 
     def extract_feature_summary(self, level: Literal["gene", "isoform"] = "gene", print_progress: bool = True) -> pd.DataFrame:
         """Filtered feature-level summary statistics (cached until the next ``setup_data``).
@@ -1157,8 +1162,8 @@ class SplisosmGLMM:
             f"  configs: {cfg['fitting_configs']}",
             f"  last fit: {self._fit_info or 'NA'}",
             sub,
-            f"SV test: {_status(self._sv_test_results)}",
-            f"DU test: {_status(self._du_test_results)}",
+            f"SV test: {_status(self._sv)}",
+            f"DU test: {_status(self._du)}",
             rule,
         ]
         return "\n".join(lines)
@@ -1221,18 +1226,8 @@ def _scaled(design: torch.Tensor, scale: list[float] | None) -> torch.Tensor:
     return design / torch.as_tensor(scale, dtype=design.dtype, device=design.device)
 
 
-def _converged_column(results: dict, rows: np.ndarray) -> np.ndarray:
-    """The per-gene ``converged`` flags of a result for the table's rows (None: not recorded)."""
-    flags = results.get("converged")
-    return np.full(len(rows), None, dtype=object) if flags is None else np.asarray(flags)[rows]
-
-
-def _status(results: dict) -> str:
-    return f"Completed ({results['method']})" if results else "NA"
-
-
-def _numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+def _status(result: SVResult | DUResult | None) -> str:
+    return "NA" if result is None else f"Completed ({result.method})"
 
 
 def _resolve_n_jobs(n_jobs: Any, device: str) -> int:

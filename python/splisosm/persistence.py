@@ -92,11 +92,11 @@ def save_model(model, path: str | os.PathLike) -> None:
             })
         states_meta[key] = rows
     results_meta: dict[str, dict[str, Any]] = {}
-    for test, results in (("sv", model._sv_test_results), ("du", model._du_test_results)):
-        if not results:
+    for test, result in (("sv", model.sv_results), ("du", model.du_results)):
+        if result is None:
             continue
         meta = {}
-        for name, value in results.items():
+        for name, value in result.to_dict().items():
             if isinstance(value, (str, bool)):
                 meta[name] = value
             else:
@@ -466,6 +466,7 @@ def _rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], adata: Any,
     from splisosm._runner import GeneState, KernelPayload
     from splisosm._spatial import APPROX_RANK_AUTO
     from splisosm.hyptest_glmm import SplisosmGLMM
+    from splisosm.results import DUResult, SVResult
 
     cfg = meta["model_configs"]
     model = SplisosmGLMM(
@@ -529,17 +530,15 @@ def _rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], adata: Any,
     model._is_trained = bool(meta["is_trained"])
     model._fit_generation = int(meta["fit_generation"])
     model._fit_info = meta["fit_info"]
-    for test, attr in (("sv", "_sv_test_results"), ("du", "_du_test_results")):
-        if test not in meta["results"]:
-            continue
-        results = {}
-        for name, spec in meta["results"][test].items():
-            if isinstance(spec, dict):
-                value = tensors[f"{test}/{name}"]
-                results[name] = value if spec["tensor"] else value.numpy()
-            else:
-                results[name] = spec
-        setattr(model, attr, results)
+    stored = {
+        test: {name: tensors[f"{test}/{name}"].numpy() if isinstance(spec, dict) else spec
+               for name, spec in specs.items()}
+        for test, specs in meta["results"].items()
+    }
+    if "sv" in stored:
+        model._sv = SVResult.from_dict(stored["sv"], model.gene_names)
+    if "du" in stored:
+        model._du = DUResult.from_dict(stored["du"], model.gene_names, model._covariate_labels())
     if meta["perm_key"] is not None:
         key = meta["perm_key"]
         model._perm_cache = {"key": (key[0], key[1], key[2]), "stats": tensors["perm/stats"].numpy()}
