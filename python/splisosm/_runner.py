@@ -169,32 +169,11 @@ def setup_model(model, kind: str, counts: torch.Tensor, design: torch.Tensor | N
         model.setup_data(counts, design_mtx=design, device=device, **kernel.setup_kwargs(device))
 
 
-def _logger_rows(model, G: int) -> tuple[list[bool], list[float], list[int], list[float]]:
-    logger = getattr(model, "logger", None)
-    if logger is None:
-        return [False] * G, [math.nan] * G, [0] * G, [0.0] * G
-
-    def column(name: str, default: float) -> np.ndarray:
-        value = getattr(logger, name, None)
-        if value is None:
-            return np.full(G, default)
-        arr = np.asarray(torch.as_tensor(value).detach().cpu(), dtype=np.float64).reshape(-1)
-        return np.broadcast_to(arr, (G,)) if arr.size == 1 else arr
-
-    conv = column("converged" if hasattr(logger, "converged") else "convergence", 0.0)
-    loss = column("best_loss", math.nan)
-    epoch = column("best_epoch", 0.0)
-    timing = getattr(logger, "fitting_time", None)
-    if timing is None:
-        timing = getattr(model, "fitting_time", 0.0)
-    t = np.asarray(torch.as_tensor(timing).detach().cpu(), dtype=np.float64).reshape(-1)
-    per_gene = np.full(G, float(t[0]) / G) if t.size == 1 else t
-    return (
-        [bool(c) for c in conv],
-        [float(x) for x in loss],
-        [int(e) for e in epoch],
-        [float(x) for x in per_gene],
-    )
+def _logger_rows(model, G: int) -> list[dict[str, Any]]:
+    """Per gene of a fitted batch model: ``converged``, ``best_loss``, ``best_epoch``."""
+    if model.logger is None:  # set up, never fitted
+        return [{"converged": False, "best_loss": math.nan, "best_epoch": 0}] * G
+    return model.logger.summary_rows()
 
 
 def states_from_model(model, kind: str) -> list[GeneState]:
@@ -203,17 +182,11 @@ def states_from_model(model, kind: str) -> list[GeneState]:
     params = {n: getattr(model, n).detach().cpu() for n in names}
     G = params["bias_eta"].shape[0]
     m = params["bias_eta"].shape[1] + 1
-    conv, loss, epoch, timing = _logger_rows(model, G)
+    share = float(model.fitting_time) / G  # the batch's wall time, split evenly
     return [
-        GeneState(
-            params={n: p[g : g + 1].clone() for n, p in params.items()},
-            converged=conv[g],
-            best_loss=loss[g],
-            best_epoch=epoch[g],
-            fitting_time=timing[g],
-            n_isos=m,
-        )
-        for g in range(G)
+        GeneState(params={n: p[g : g + 1].clone() for n, p in params.items()},
+                  fitting_time=share, n_isos=m, **row)
+        for g, row in enumerate(_logger_rows(model, G))
     ]
 
 

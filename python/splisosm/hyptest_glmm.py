@@ -40,7 +40,7 @@ from splisosm.summary import feature_summaries
 
 __all__ = ["SplisosmGLMM", "IsoFullModel", "IsoNullNoSpVar"]
 
-_APPROX_RANK_AUTO = APPROX_RANK_AUTO
+_APPROX_RANK_AUTO = APPROX_RANK_AUTO  # the name splisosm 1.2.0 gives the default; scripts import it
 MODEL_TYPES = ("glmm-full", "glmm-null", "glm")
 DEFAULT_FITTING_CONFIGS = {"max_epochs": 500}
 DEFAULT_N_PERMS = 20
