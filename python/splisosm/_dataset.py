@@ -1,7 +1,8 @@
 """Input validation, spot/isoform filtering and per-gene count tensors for ``SplisosmGLMM``.
 
-Implements SPEC §3.1–3.6 and §3.8: everything ``setup_data`` does before the design matrix and
-the spatial kernel.
+Everything ``setup_data`` does before the design matrix and the spatial kernel: argument
+validation, connected-component filtering of spots, isoform filtering, grouping isoforms into
+genes, the filtered AnnData and the per-gene count tensors.
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ def check_adata_inputs(
     spatial_key: str,
     adj_key: str | None,
 ) -> None:
-    """Validate ``setup_data`` arguments in the order of SPEC §3.1, plus the counts themselves.
+    """Validate ``setup_data`` arguments, plus the counts themselves.
+
+    The checks run in the order splisosm 1.2.0 makes them (``adata``, ``layer``, ``group_iso_by``,
+    ``min_counts``, ``min_bin_pct``, ``gene_names``, ``min_component_size``, the rows of
+    ``design_mtx``, then the spatial inputs), so the first problem reported is the same.
 
     Raises
     ------
@@ -194,7 +199,9 @@ def component_filter(
     design_mtx: Any,
     min_component_size: int,
 ) -> tuple[Any, sp.spmatrix, Any, np.ndarray]:
-    """Drop spots in connected components smaller than ``min_component_size`` (SPEC §3.3).
+    """Drop spots in connected components smaller than ``min_component_size``.
+
+    A ``UserWarning`` reports how many spots were removed and how many remain.
 
     Returns
     -------
@@ -247,7 +254,13 @@ def select_isoforms(
     min_counts: float,
     min_bin_pct: float,
 ) -> tuple[np.ndarray, list[Any], list[np.ndarray]]:
-    """Apply the isoform filters of SPEC §3.4 and group survivors into genes (§3.5).
+    """Keep isoforms that pass the count filters and group them into genes.
+
+    An isoform is kept when its total count is at least ``min_counts``, the fraction of spots
+    where it is non-zero is at least ``min_bin_pct`` (a fraction when ``<= 1``, else a percentage,
+    as in splisosm 1.2.0, so ``1`` means 100 %) and its ``group_iso_by`` value is not missing.
+    Genes with fewer than two kept isoforms are dropped. Genes come in order of first appearance
+    in ``adata.var``; a gene's isoforms keep their var order, the last being the reference.
 
     Returns
     -------

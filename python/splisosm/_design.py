@@ -1,4 +1,9 @@
-"""Design-matrix parsing for :class:`splisosm.hyptest_glmm.SplisosmGLMM` (SPEC §3.7)."""
+"""Design-matrix parsing for :class:`splisosm.hyptest_glmm.SplisosmGLMM`.
+
+A design is one or more obs columns (categorical columns one-hot encoded with all their levels,
+others cast to float32), a DataFrame, a tensor, a scipy sparse matrix or a numpy array, resolved
+on the filtered AnnData as splisosm 1.2.0 does.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +35,8 @@ def subset_rows(design: Any, keep: np.ndarray) -> Any:
     """Row-subset an array-like design to the spots in the boolean mask ``keep``.
 
     Obs-column references are returned unchanged (they are resolved on the filtered AnnData).
-    A 1-D numpy design is indexed along its only axis (fix of quirk Q12, which raised
-    ``IndexError`` there).
+    A 1-D numpy design is indexed along its only axis (splisosm 1.2.0 indexed it with two
+    indices and raised ``IndexError``).
     """
     if design is None or is_obs_reference(design):
         return design

@@ -1,5 +1,8 @@
-"""Likelihood pieces shared by the GLMM fitters: covariance parametrisation and variance priors
-(SPEC §5.3-5.4)."""
+"""Likelihood pieces shared by the GLMM fitters: covariance parametrisation and variance priors.
+
+Column ``j`` of the random effect has covariance ``Sigma_j = v (theta K + (1 - theta) I)`` with
+total variance ``v = max(sigma^2, 0.01)`` and spatial proportion ``theta = sigmoid(theta_logit)``.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ def variance_components(sigma: Tensor, theta_logit: Tensor, q: int, *, warn: boo
     """``v = max(sigma^2, 0.01)`` and ``theta = sigmoid(theta_logit)`` expanded to ``(G, q)``.
 
     ``sigma``/``theta_logit`` are ``(G, C)`` with ``C`` 1 (shared) or ``q``. A ``UserWarning`` is
-    emitted when any ``sigma^2`` is below the floor (SPEC §5.3).
+    emitted on every evaluation where any ``sigma^2`` is below the floor, as in splisosm 1.2.0.
     """
     sq = sigma * sigma
     if warn and bool((sq < MIN_VARIANCE).any()):

@@ -144,7 +144,12 @@ class _ModeSolver:
 
 
 class JointNewton:
-    """Correct Newton on the joint likelihood (fixes quirks Q3/Q4).
+    """Correct Newton on the joint likelihood.
+
+    splisosm 1.2.0's ``joint_newton`` diverges: its fixed-effect step has the wrong sign, its
+    variance step uses a Hessian in which ``sigma`` enters linearly although the likelihood uses
+    ``sigma^2``, and its steps use the gradient of the batch-mean loss with the per-gene Hessian
+    (so they shrink as ``1/G``). This one avoids all three.
 
     Per epoch: one damped Newton step on ``(nu, beta, bias)`` jointly, then one Newton step on
     each gene's variance parameters ``(sigma, theta_logit)`` using the exact Hessian of the

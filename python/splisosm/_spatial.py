@@ -1,4 +1,9 @@
-"""Spatial covariance set-up for ``SplisosmGLMM`` by model type and rank (SPEC §3.9)."""
+"""Spatial covariance set-up for ``SplisosmGLMM`` by model type and rank.
+
+``glm`` has no spatial kernel; ``glmm-null`` uses the identity kernel (its spatial proportion is
+pinned at 0); ``glmm-full`` uses the standardised CAR kernel of the spot graph, with as many
+eigenpairs as :func:`choose_rank` picks.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +43,8 @@ def choose_rank(approx_rank: Any, n: int) -> int | None:
     * int ``k``: ``min(k, n)``;
     * None: ``n`` when ``n <= DENSE_THRESHOLD``; above it None, meaning the models get only the
       sparse precision ``K^-1`` and work with the exact kernel without an eigendecomposition
-      (fix of quirk Q16, where the reference asked an iterative solver for ``n - 2`` pairs).
+      (splisosm 1.2.0 instead asked an iterative solver for ``n - 2`` eigenpairs, impractically
+      slow, and then ran the models in low-rank mode).
     """
     from splisosm.kernel import DENSE_THRESHOLD
 

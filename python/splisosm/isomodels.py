@@ -1,7 +1,8 @@
 """The full (spatial variance free) and null (spatial variance pinned at zero) GLMMs and the
-conversions between them used by ``from_null`` fitting (SPEC §7).
+conversions between them used by ``from_null`` fitting (fit the null model, then start the full
+model from it).
 
-Deviation from the reference, deliberate: the reference switched every Newton method to its
+Deviation from splisosm 1.2.0, deliberate: 1.2.0 switched every Newton method to its
 gradient-descent counterpart on conversion. Our Newton methods are correct, so a conversion keeps
 ``marginal_newton``, and keeps ``joint_newton`` for null -> full; full -> null with
 ``joint_newton`` becomes ``joint_gd`` because a null model cannot use ``joint_newton``. The

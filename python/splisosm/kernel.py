@@ -278,30 +278,15 @@ def _splu(mat: sp.spmatrix) -> spla.SuperLU:
     )
 
 
-def _inverse_diagonal_by_solves(lu: spla.SuperLU, n: int) -> np.ndarray:
-    """``diag(M^-1)`` from blocked LU solves against unit vectors (fallback; O(n) solves)."""
-    diag = np.empty(n)
-    for start in range(0, n, _SOLVE_BLOCK):
-        stop = min(start + _SOLVE_BLOCK, n)
-        rhs = np.zeros((n, stop - start))
-        cols = np.arange(stop - start)
-        rhs[start + cols, cols] = 1.0
-        diag[start:stop] = lu.solve(rhs)[start + cols, cols]
-    return diag
-
-
 def _sparse_inverse_diagonal(mat: sp.csr_matrix) -> np.ndarray:
-    """``diag(mat^-1)`` of an SPD sparse matrix, by selected inversion when the op is built."""
-    if hasattr(splisosm.ops, "sparse_inverse_diagonal"):
-        out = splisosm.ops.sparse_inverse_diagonal(
-            torch.from_numpy(mat.indptr.astype(np.int64)),
-            torch.from_numpy(mat.indices.astype(np.int64)),
-            torch.from_numpy(mat.data.astype(np.float64)),
-        )
-        if isinstance(out, torch.Tensor):
-            out = out.detach().cpu().numpy()
-        return np.asarray(out, dtype=np.float64)
-    return _inverse_diagonal_by_solves(_splu(mat), mat.shape[0])
+    """``diag(mat^-1)`` of an SPD sparse matrix by selected inversion of its sparse Cholesky factor
+    (:func:`splisosm.ops.sparse_inverse_diagonal`; its dense reference without a native kernel)."""
+    out = splisosm.ops.sparse_inverse_diagonal(
+        torch.from_numpy(mat.indptr.astype(np.int64)),
+        torch.from_numpy(mat.indices.astype(np.int64)),
+        torch.from_numpy(mat.data.astype(np.float64)),
+    )
+    return np.asarray(out.detach().cpu().numpy(), dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 Per gene and isoform column ``j`` the random effect ``nu_j`` has prior covariance
 ``Sigma_j = v_j (theta_j K + (1 - theta_j) I)``; with the multinomial curvature ``W`` the
-negative Hessian in ``nu`` is ``H = blockdiag_j(Sigma_j^-1) + W`` (SPEC §5.5).
-:class:`LaplaceSystem` provides the prior terms of the joint likelihood, Newton solves with ``H`` and ``log det H`` (the
-Laplace marginal, SPEC §5.7), choosing the cheapest exact route for the kernel it was given.
+negative Hessian in ``nu`` is ``H = blockdiag_j(Sigma_j^-1) + W``.
+:class:`LaplaceSystem` provides the prior terms of the joint likelihood, Newton solves with ``H``
+and ``log det H`` (the term of the Laplace marginal ``l_J - 1/2 log det H``), choosing the cheapest
+exact route for the kernel it was given.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from splisosm.ops.laplace import (
     laplace_sparse_logdet,
     sparse_shifted_solve,
 )
+from splisosm.ops._linalg import LOW_RANK_CLIP, checked_cholesky
 from splisosm.ops._native import has_native_kernel
-from splisosm.ops.laplace_reference import LOW_RANK_CLIP, checked_cholesky
 
 if TYPE_CHECKING:  # pragma: no cover
     import scipy.sparse
@@ -34,7 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["LaplaceSystem", "NULL_THETA", "SYMMETRY_RTOL", "ShiftedTraces", "shifted_traces",
            "symmetric_precision"]
 
-#: Below this spatial proportion (for every gene and column) the prior is ``v I`` (SPEC §5.4).
+#: Below this spatial proportion, for every gene and column, the prior is taken as exactly ``v I``
+#: (the identity fast path of null models, with the threshold splisosm 1.2.0 uses).
 NULL_THETA = 1e-10
 _CPU = torch.device("cpu")
 # Low-rank solves alone use CG up to this theta (cheaper than the direct factorisation there);
@@ -51,7 +53,8 @@ class LaplaceSystem:
         Number of spots ``n``.
     evals, evecs
         Kernel eigenpairs ``(r,)`` and ``(n, r)``; ``r == n`` is the exact kernel, ``r < n`` the
-        low-rank model of SPEC §5.3 (residual eigenvalue ``v (1 - theta)`` off ``span(V)``).
+        low-rank model (covariance ``V diag(c) V^T + d (I - V V^T)``, residual eigenvalue
+        ``d = v (1 - theta)`` off ``span(V)``).
     precision
         Sparse kernel precision ``K^-1`` (any scipy sparse matrix, converted to float64 CSR).
     identity
@@ -169,8 +172,9 @@ class LaplaceSystem:
 
         Notes
         -----
-        So ``sum_j l_MVN(nu_j) = -1/2 [n q log 2 pi + logdet_sigma + quad]`` (SPEC §5.4, without the
-        clip of the low-rank Hessian of §5.5). ``theta == 1`` is accepted for a full-rank kernel
+        So ``sum_j l_MVN(nu_j) = -1/2 [n q log 2 pi + logdet_sigma + quad]``; the low-rank
+        correction ``1/c - 1/d`` is not clipped here (only the Hessian ``H`` clips it, at
+        ``LOW_RANK_CLIP``). ``theta == 1`` is accepted for a full-rank kernel
         (``Sigma = v K``), where a float32 sigmoid saturates. Differentiable by autograd; the
         precision-only form gives first derivatives of ``quad`` and ``logdet_sigma`` (from its
         sparse factorisations and their selected inverses) and a ``prec_nu`` without gradient.

@@ -1,4 +1,4 @@
-"""Per-gene multinomial models: the GLM and the spatial GLMM (SPEC §5-6).
+"""Per-gene multinomial models: the GLM and the spatial GLMM, and how each is fitted.
 
 Both are batched over ``G`` genes with the same isoform count; the last isoform of each gene is
 the reference category. The multinomial pieces come from the fused ops in :mod:`splisosm.ops`;
@@ -65,7 +65,8 @@ def _as_tensor(x, dtype: torch.dtype, device: torch.device, name: str) -> Tensor
 
 
 def _prepare_counts(counts, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Counts as a dense ``(G, n, m)`` tensor; ``m = 1`` is not supported (SPEC §5.6)."""
+    """Counts as a dense ``(G, n, m)`` tensor; one isoform (``m = 1``) raises
+    ``NotImplementedError``, as in splisosm 1.2.0."""
     Y = _as_tensor(counts, dtype, device, "counts")
     if Y.dim() == 2:
         Y = Y.unsqueeze(0)
@@ -106,8 +107,8 @@ def _ridge_solve(A: Tensor, b: Tensor) -> Tensor:
     """``(A + 1e-5 I)^-1 b`` in float64, returned in ``b``'s dtype.
 
     A design that one-hot encodes every level of a factor is collinear with the intercept
-    (SPEC §3.7 keeps all levels), so only the 1e-5 ridge makes the information invertible; in
-    float32 that is below round-off and the solve fails as singular.
+    (categorical obs columns keep all their levels), so only the 1e-5 ridge makes the
+    information invertible; in float32 that is below round-off and the solve fails as singular.
     """
     eye = torch.eye(A.shape[-1], dtype=torch.float64, device=A.device)
     return torch.linalg.solve(A.double() + 1e-5 * eye, b.double()).to(b.dtype)
@@ -210,7 +211,7 @@ class _CountModel(nn.Module):
 
 
 class MultinomGLM(_CountModel):
-    """Multinomial GLM ``eta = X beta + 1 bias^T`` (SPEC §5.1, §6.6).
+    """Multinomial GLM ``eta = X beta + 1 bias^T``, the reference isoform at logit 0.
 
     Parameters
     ----------
@@ -272,7 +273,10 @@ class MultinomGLM(_CountModel):
 
     def fit(self, store_param_history: bool = False, verbose: bool = False, quiet: bool = False,
             random_seed: int | None = None, diagnose: bool | None = None):
-        """Fit by IWLS, Newton or gradient descent with per-gene early stopping (SPEC §6.6)."""
+        """Fit by IWLS, Newton or gradient descent with per-gene early stopping.
+
+        Updates touch only the genes not yet converged; the loss is ``-l_mult`` per gene.
+        """
         store_param_history = _resolve_diagnose(store_param_history, diagnose)
         if random_seed is not None:
             torch.manual_seed(random_seed)
@@ -306,7 +310,11 @@ def _resolve_diagnose(store_param_history: bool, diagnose: bool | None) -> bool:
 
 
 class MultinomGLMM(_CountModel):
-    """Multinomial GLMM with a spatial Gaussian random effect per isoform (SPEC §5.2-5.8).
+    """Multinomial GLMM with a spatial Gaussian random effect per isoform.
+
+    ``eta = nu + X beta + 1 bias^T``; column ``j`` of ``nu`` has prior covariance
+    ``Sigma_j = v (theta K + (1 - theta) I)`` with ``v = max(sigma^2, 0.01)`` and
+    ``theta = sigmoid(theta_logit)``.
 
     Parameters
     ----------
@@ -323,7 +331,9 @@ class MultinomGLMM(_CountModel):
     fitting_method
         ``'joint_gd'``, ``'joint_newton'``, ``'marginal_gd'`` or ``'marginal_newton'``.
     fitting_configs
-        Overrides of the method's defaults (SPEC §6.1); validated here, at construction.
+        Overrides of the method's defaults (base ``lr=1e-2, optim='adam', tol=1e-5,
+        max_epochs=1000, patience=5``, then per method, then these); validated here, at
+        construction.
     dtype
         Parameter dtype (float32 by default; float64 for tests).
     """
@@ -355,7 +365,7 @@ class MultinomGLMM(_CountModel):
     # ----------------------------------------------------------------- data and parameters
     def setup_data(self, counts, corr_sp=None, design_mtx=None, device: str = "cpu",
                    corr_sp_eigvals=None, corr_sp_eigvecs=None, corr_sp_precision=None) -> None:
-        """Attach counts, design and the spatial covariance; initialise parameters (SPEC §5.6).
+        """Attach counts, design and the spatial covariance; initialise the parameters.
 
         The covariance is a dense ``corr_sp`` (eigendecomposed here, full rank), eigenpairs
         ``corr_sp_eigvals (r,)`` / ``corr_sp_eigvecs (n, r)``, or (extension) a scipy sparse
@@ -474,7 +484,7 @@ class MultinomGLMM(_CountModel):
         return {"joint": l_joint, "grad": grad, "W": W, "v": v, "theta": theta}
 
     def joint_loglik(self) -> Tensor:
-        """Per-gene joint log-likelihood ``l_J`` ``(G,)`` (SPEC §5.4)."""
+        """Per-gene joint log-likelihood ``l_J = l_mult + sum_j l_MVN(nu_j) + l_prior`` ``(G,)``."""
         return self._joint_parts()["joint"]
 
     def marginal_loglik(self) -> Tensor:
@@ -493,7 +503,7 @@ class MultinomGLMM(_CountModel):
         return parts["joint"] - 0.5 * self.system.logdet(W, v, theta).to(parts["joint"].dtype)
 
     def forward(self) -> Tensor:
-        """``l_M`` for marginal methods, ``l_J`` otherwise (SPEC §5.8)."""
+        """Laplace marginal ``l_M`` for marginal methods, joint ``l_J`` otherwise ``(G,)``."""
         if self.fitting_method in MARGINAL_METHODS:
             return self.marginal_loglik()
         return self.joint_loglik()
@@ -501,7 +511,10 @@ class MultinomGLMM(_CountModel):
     # ---------------------------------------------------------------------------- fitting
     def fit(self, store_param_history: bool = False, verbose: bool = False, quiet: bool = False,
             random_seed: int | None = None, diagnose: bool | None = None):
-        """Fit with the configured method and per-gene early stopping (SPEC §6.2).
+        """Fit with the configured method and per-gene early stopping.
+
+        Each gene keeps the parameters of its best epoch and converges once ``patience`` epochs
+        in a row bring no improvement of at least ``tol`` (relative with ``tol_relative``).
 
         Returns ``{'loss': (epochs, G), 'params': [...]}`` when history is requested.
         """

@@ -1,4 +1,5 @@
-"""Test statistics and p-value utilities for ``SplisosmGLMM`` (SPEC §8)."""
+"""Test statistics and p-value utilities for ``SplisosmGLMM``: the per-covariate score and Wald
+statistics of the differential-usage test and Benjamini–Hochberg adjustment."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from scipy.stats import chi2
 
 from splisosm.ops import fixed_effect_info
 
-#: Ridge added to each score-test information block (fix of quirk Q11: the reference subtracted it).
+#: Ridge added to each score-test information block. splisosm 1.2.0 subtracts it instead, which
+#: can make a nearly singular block indefinite; adding it keeps the block positive definite.
 SCORE_JITTER = 1e-5
 
 
@@ -123,7 +125,11 @@ def _diagonal_blocks(info: torch.Tensor, n_factors: int, q: int) -> torch.Tensor
 
 
 def score_statistics(design: torch.Tensor, counts: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Per-covariate score statistics for models fitted without the design (SPEC §8.2).
+    """Per-covariate score statistics for models fitted without the design.
+
+    Each covariate ``f`` is tested on its own: ``U_f = sum_s x_sf r_s`` with the residuals
+    ``r_s`` of the first ``q`` isoforms, and ``I_f = sum_s x_sf^2 W_s``; no adjustment is made for
+    the intercept, the random effect or the other covariates.
 
     Parameters
     ----------
@@ -155,7 +161,10 @@ def score_statistics(design: torch.Tensor, counts: torch.Tensor, probs: torch.Te
 def wald_statistics(
     design: torch.Tensor, counts: torch.Tensor, probs: torch.Tensor, beta: torch.Tensor
 ) -> torch.Tensor:
-    """Per-covariate Wald statistics ``beta_f^T I_f beta_f`` (SPEC §8.2).
+    """Per-covariate Wald statistics ``beta_f^T I_f beta_f`` for models fitted with the design.
+
+    ``I_f = sum_s x_sf^2 W_s`` is the covariate's own information block (no ridge, and the joint
+    information matrix is not inverted).
 
     Parameters
     ----------

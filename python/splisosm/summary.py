@@ -1,4 +1,9 @@
-"""Gene- and isoform-level feature summaries of filtered isoform counts (SPEC §9.1)."""
+"""Gene- and isoform-level feature summaries of filtered isoform counts.
+
+The columns are those of splisosm 1.2.0's ``extract_feature_summary`` (gene: ``n_isos``,
+``perplexity``, ``pct_bin_on``, ``count_avg``, ``count_std``, ``major_ratio_avg``; isoform: the var
+columns followed by count and ratio statistics).
+"""
 
 from __future__ import annotations
 

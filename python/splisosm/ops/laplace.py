@@ -2,13 +2,13 @@
 
 Per gene, column ``j`` of the random effect has prior covariance
 ``Sigma_j = v_j (theta_j K + (1 - theta_j) I)`` and ``W (n, q, q)`` holds the per-spot multinomial
-curvature. Two forms of the kernel are supported (see NUMERICS.md):
+curvature. Two forms of the kernel are supported:
 
-* eigenbasis ``K = V diag(lambda) V^T`` (rank ``r <= n``; ``r < n`` is the low-rank model of
-  SPEC §5.3 with residual eigenvalue ``d = v (1 - theta)``): block-Jacobi preconditioned CG for
-  solves (:func:`laplace_solve_eig`, any rank), the determinant lemma for log-determinants
-  (:func:`laplace_logdet_eig`), and for ``r < n`` a direct solve plus log-determinant from one
-  ``rq x rq`` factor (:func:`laplace_lowrank`);
+* eigenbasis ``K = V diag(lambda) V^T`` (rank ``r <= n``; ``r < n`` is the low-rank model with
+  covariance ``V diag(c) V^T + d (I - V V^T)`` and residual eigenvalue ``d = v (1 - theta)``):
+  block-Jacobi preconditioned CG for solves (:func:`laplace_solve_eig`, any rank), the
+  determinant lemma for log-determinants (:func:`laplace_logdet_eig`), and for ``r < n`` a direct
+  solve plus log-determinant from one ``rq x rq`` factor (:func:`laplace_lowrank`);
 * sparse precision ``Q = K^-1`` (CSR, float64): one sparse Cholesky factor per gene of the system
   left after eliminating the white-noise part of the prior, exact at any ``n``
   (:func:`laplace_sparse`), and the gradients of its log-determinant by selected inversion of
@@ -17,8 +17,10 @@ curvature. Two forms of the kernel are supported (see NUMERICS.md):
 
 The wrappers validate inputs (``ValueError`` naming the argument), dispatch to the native kernel
 and fall back to the dense references of :mod:`splisosm.ops.laplace_reference` where there is none.
-Numerical failures (a system that is not positive definite, CG without convergence) raise
-``RuntimeError`` naming the gene.
+Value checks that the native kernels make themselves (``TORCH_CHECK``, a ``RuntimeError`` naming
+the argument) run in Python only before a reference, so a native call does not wait on the device
+for them. Numerical failures (a system that is not positive definite, CG without convergence)
+raise ``RuntimeError`` naming the gene.
 """
 
 from __future__ import annotations
@@ -128,6 +130,13 @@ def _check_eig(evals: object, evecs: object, W: Tensor, v: Tensor, theta: Tensor
         if t.device != W.device:
             raise ValueError(f"`{name}` must be on the device of `W` ({W.device}), got {t.device}")
     _check_variance(v, theta, W, open_theta=False)
+
+
+def _check_prior_eigenvalues(evals: Tensor, theta: Tensor) -> None:
+    """Prior eigenvalues ``v (theta lambda + 1 - theta)`` are positive (given ``v > 0``).
+
+    Only the reference path needs this: the native kernels make the same check.
+    """
     c_min = theta.to(torch.float64) * float(evals.min()) + (1 - theta.to(torch.float64))
     if not bool((c_min > 0).all()):
         raise ValueError(
@@ -242,6 +251,7 @@ def laplace_solve_eig(
             W, rhs4, evals, evecs, v, theta, float(tol), max_iter
         )
     else:
+        _check_prior_eigenvalues(evals, theta)
         x = laplace_solve_eig_reference(W, rhs4, evals, evecs, v, theta)
         iters = torch.zeros(G, dtype=torch.int64, device=W.device)
     x = x[:, 0] if squeeze else x
@@ -259,6 +269,7 @@ def laplace_logdet_eig(W: Tensor, evals: Tensor, evecs: Tensor, v: Tensor, theta
     _check_eig(evals, evecs, W, v, theta)
     if has_native_kernel("laplace_logdet_eig", W.device):
         return torch.ops.splisosm.laplace_logdet_eig(W, evals, evecs, v, theta)
+    _check_prior_eigenvalues(evals, theta)
     return laplace_logdet_eig_reference(W, evals, evecs, v, theta)
 
 
@@ -268,8 +279,9 @@ def laplace_lowrank(
     """Direct ``H^-1 rhs`` and ``log det H`` for the low-rank eigenbasis prior (``r < n``).
 
     One ``rq x rq`` factorisation per gene gives both: the determinant lemma for the
-    log-determinant and the Woodbury identity for the solve, with the clipped low-rank precision
-    of SPEC §5.5. Unlike CG its cost does not grow as ``theta -> 1``.
+    log-determinant and the Woodbury identity for the solve, with the low-rank correction
+    ``1/c - 1/d`` of the prior precision clipped to ``[-1e6, 1e6]``. Unlike CG its cost does not
+    grow as ``theta -> 1``.
 
     Parameters
     ----------
@@ -292,6 +304,7 @@ def laplace_lowrank(
     if has_native_kernel("laplace_lowrank", W.device):
         x, logdet = torch.ops.splisosm.laplace_lowrank(W, rhs4, evals, evecs, v, theta)
     else:
+        _check_prior_eigenvalues(evals, theta)
         x = laplace_solve_eig_reference(W, rhs4, evals, evecs, v, theta)
         logdet = laplace_logdet_eig_reference(W, evals, evecs, v, theta)
     return _solution_as_given(x, rhs, squeeze), logdet
@@ -435,14 +448,14 @@ def sparse_shifted_solve(
     _check_tensor(scale, "scale", (G,), "(G,)")
     _check_tensor(shift, "shift", (G,), "(G,) as `scale`")
     _check_tensor(rhs, "rhs", (G, None, n), "(G, R, n)")
-    if not bool((scale > 0).all()) or not bool((shift >= 0).all()):
-        raise ValueError("`scale` must be positive and `shift` non-negative")
     scale, shift = scale.to(torch.float64), shift.to(torch.float64)
     trace_inverse = bool(trace_inverse)
     if has_native_kernel("sparse_shifted_solve", val.device):
         out = torch.ops.splisosm.sparse_shifted_solve(crow, col, val, scale, shift, rhs,
                                                       trace_inverse)
-    else:
+    else:  # the native kernel checks the signs itself
+        if not bool((scale > 0).all()) or not bool((shift >= 0).all()):
+            raise ValueError("`scale` must be positive and `shift` non-negative")
         out = sparse_shifted_solve_reference(crow, col, val, scale, shift, rhs, trace_inverse)
     return out if trace_inverse else out[:2]
 

@@ -1,4 +1,4 @@
-"""Dense float64 references of the Laplace-system ops (SPEC §5.3-5.7).
+"""Dense float64 references of the Laplace-system ops.
 
 They build ``H = blockdiag_j(Sigma_j^-1) + W`` as an explicit ``nq x nq`` matrix (isoform-major,
 index ``j * n + s``) and use a dense Cholesky factor. Readable, exact and slow: they are the
@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Bound on the low-rank correction 1/c - 1/d of the prior precision (SPEC §5.5).
-LOW_RANK_CLIP = 1e6
+from splisosm.ops._linalg import LOW_RANK_CLIP, checked_cholesky
 
 
 def prior_eigenvalues(evals: Tensor, v: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,19 +54,6 @@ def dense_hessian(prior_prec: Tensor, W: Tensor) -> Tensor:
     spots = torch.arange(n, device=W.device)
     H[:, :, spots, :, spots] += W.permute(1, 0, 2, 3)  # advanced indices first: (n, G, q, q)
     return H.reshape(G, q * n, q * n)
-
-
-def checked_cholesky(M: Tensor, what: str) -> Tensor:
-    """Batched Cholesky factor of ``M (G, ..., k, k)``; a failure names the first gene (leading
-    index) with a ``what`` that is not SPD."""
-    L, info = torch.linalg.cholesky_ex(M)
-    bad = torch.nonzero(info.reshape(M.shape[0], -1).any(1)).flatten()
-    if bad.numel():
-        raise RuntimeError(
-            f"splisosm: gene {int(bad[0])}: {what} is not positive definite "
-            "(Cholesky factorisation failed)"
-        )
-    return L
 
 
 def dense_solve_logdet(H: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,6 @@
 """Pure-torch references of the multinomial ops: plain, readable, and the fallback on devices
-without native kernels. Shapes follow SPEC §5 (last isoform is the reference category)."""
+without native kernels. Arrays are ``(G, n, ...)`` (genes, spots); of a gene's ``m`` isoforms the
+last is the reference category (logit 0), so ``eta`` has ``q = m - 1`` columns."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def multinom_terms_reference(eta: Tensor, counts: Tensor) -> tuple[Tensor, Tenso
 def fixed_effect_info_reference(X: Tensor, W: Tensor, resid: Tensor) -> tuple[Tensor, Tensor]:
     """Information ``X~^T W X~`` and score ``X~^T r`` for the design ``X~ = [X, 1]``.
 
-    The flattened index is isoform-major, ``j * (P + 1) + f``, as in SPEC §5.5.
+    The flattened index is isoform-major, ``j * (P + 1) + f``, with the intercept last
+    (``f = P``).
     """
     G, n, q = resid.shape
     Xt = torch.cat([X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1)
