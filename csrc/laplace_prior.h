@@ -5,7 +5,9 @@
 
 namespace splisosm {
 
-// Bound on the low-rank correction 1/c - 1/d of the prior precision (SPEC §5.5).
+// Bound on the low-rank correction 1/c - 1/d of the prior precision. As theta -> 1 the white-noise
+// variance d = v (1 - theta) goes to 0 and 1/d grows without bound; the bound keeps the low-rank
+// terms finite. The Python references of these ops clip at the same value (LOW_RANK_CLIP).
 constexpr double kLowRankClip = 1e6;
 
 // Prior eigenvalues c (G, q, r) and the eigenbasis precision: full rank V diag(e) V^T with

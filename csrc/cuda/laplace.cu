@@ -1,4 +1,4 @@
-// CUDA kernels of the eigenbasis Laplace ops (semantics: csrc/cpu/laplace_cpu.cpp).
+// CUDA kernels of the eigenbasis Laplace ops (semantics: csrc/cpu/laplace_eigen_cpu.cpp).
 //
 // The GEMMs with the shared eigenvectors run in cuBLAS from the binding; the kernels here do the
 // per-spot q x q work and the CG vector updates. Reductions over spots write per-chunk partial
