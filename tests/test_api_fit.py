@@ -9,7 +9,8 @@ import pytest
 import torch
 from _glmm_data import make_adata
 
-from splisosm.hyptest_glmm import IsoFullModel, IsoNullNoSpVar, SplisosmGLMM, _resolve_n_jobs
+from splisosm._fit import resolve_n_jobs
+from splisosm.hyptest_glmm import IsoFullModel, IsoNullNoSpVar, SplisosmGLMM
 from splisosm.model import MultinomGLM
 
 EPOCHS = {"max_epochs": 20}
@@ -22,7 +23,7 @@ def _model(model_type: str = "glmm-full", grouped: bool = True, adata=None, **se
 
 
 def _params(model: SplisosmGLMM, key: str | None = None) -> list[dict[str, torch.Tensor]]:
-    return [s.params for s in model._fitted_states[key or model.model_type]]
+    return [s.params for s in model.fit_record.states[key or model.model_type]]
 
 
 def _assert_same_params(a, b, atol: float = 0.0) -> None:
@@ -45,23 +46,23 @@ def test_bad_batch_size() -> None:
 
 def test_n_jobs_resolution(monkeypatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    assert _resolve_n_jobs(3, "cpu") == 3
-    assert _resolve_n_jobs(-1, "cpu") == 4
-    assert _resolve_n_jobs(-3, "cpu") == 2
+    assert resolve_n_jobs(3, "cpu") == 3
+    assert resolve_n_jobs(-1, "cpu") == 4
+    assert resolve_n_jobs(-3, "cpu") == 2
     with pytest.warns(UserWarning, match="more than the 4 cores available; using 4"):
-        assert _resolve_n_jobs(64, "cpu") == 4
+        assert resolve_n_jobs(64, "cpu") == 4
     with pytest.warns(UserWarning, match="only supported on CPU"):
-        assert _resolve_n_jobs(2, "cuda") == 1
+        assert resolve_n_jobs(2, "cuda") == 1
     for bad in (0, 2.0, "2", True):
         with pytest.raises(ValueError, match="`n_jobs`"):
-            _resolve_n_jobs(bad, "cpu")
+            resolve_n_jobs(bad, "cpu")
 
 
 def test_batch_size_ignored_without_grouping() -> None:
     model = _model("glm", grouped=False)
     with pytest.warns(UserWarning, match="Ignoring batch size argument"):
         model.fit(batch_size=4, print_progress=False)
-    assert model._fit_info["batch_size"] == 1
+    assert model.fit_record.info()["batch_size"] == 1
 
 
 def test_from_null_rejected_for_glm() -> None:
@@ -147,17 +148,17 @@ def test_with_design_mtx_fits_fixed_effects() -> None:
 def test_from_null_stores_both_and_denovo_clears_null() -> None:
     model = _model()
     model.fit(from_null=True, batch_size=2, print_progress=False)
-    assert set(model._fitted_states) == {"glmm-null", "glmm-full"}
+    assert set(model.fit_record.states) == {"glmm-null", "glmm-full"}
     assert all(torch.isinf(p["theta_logit"]).all() for p in _params(model, "glmm-null"))
     assert all(torch.isfinite(p["theta_logit"]).all() for p in _params(model, "glmm-full"))
     model.fit(print_progress=False)  # Q21: no stale null states
-    assert set(model._fitted_states) == {"glmm-full"}
+    assert set(model.fit_record.states) == {"glmm-full"}
 
 
 def test_from_null_without_refit() -> None:
     model = _model("glmm-null")
     model.fit(from_null=True, refit_null=False, print_progress=False)
-    assert model._fit_info == {"with_design_mtx": False, "from_null": True, "refit_null": False, "batch_size": 1,
+    assert model.fit_record.info() == {"with_design_mtx": False, "from_null": True, "refit_null": False, "batch_size": 1,
                                "design_scale": None}
     assert all(type(m) is IsoNullNoSpVar for m in model.get_fitted_models())
 
@@ -284,7 +285,7 @@ def test_fitted_ratios_with_custom_gene_names() -> None:
     ratios = out.layers["pi"]
     assert ratios.shape == model.filtered_adata.shape and ratios.dtype == np.float32
     assert np.isfinite(ratios).all()
-    for g, idx in enumerate(model._genes.var_index):
+    for g, idx in enumerate(model.setup_record.genes.var_index):
         np.testing.assert_allclose(ratios[:, idx].sum(1), 1.0, rtol=1e-5)
         pi = model.get_fitted_models()[g].get_isoform_ratio()[0].numpy()
         np.testing.assert_allclose(ratios[:, idx], pi, rtol=1e-6)

@@ -53,7 +53,7 @@ def test_round_trip_identical_tables(fitted, tmp_path) -> None:
     res_b = loaded.test_differential_usage(print_progress=False, return_results=True)
     torch.testing.assert_close(res_a["statistic"], res_b["statistic"])
     # the permutation cache survives: a repeated permutation test reuses it
-    np.testing.assert_array_equal(loaded._perm_cache["stats"], fitted._perm_cache["stats"])
+    np.testing.assert_array_equal(loaded.permutation_cache.stats, fitted.permutation_cache.stats)
     sv = loaded.test_spatial_variability(use_perm_null=True, n_perms_per_gene=2, random_seed=1,
                                          print_progress=False, return_results=True)
     np.testing.assert_array_equal(sv["pvalue"], fitted._sv_test_results["pvalue"])

@@ -256,7 +256,7 @@ def test_sparse_layer_matches_dense() -> None:
     dense = _setup(make_adata(seed=3))
     sparse = _setup(make_adata(seed=3, sparse=True))
     assert dense.gene_names == sparse.gene_names
-    for a, b in zip(dense._genes.counts, sparse._genes.counts):
+    for a, b in zip(dense.setup_record.genes.counts, sparse.setup_record.genes.counts):
         torch.testing.assert_close(a, b)
 
 
@@ -273,24 +273,24 @@ def test_kernels_by_model_type(adata) -> None:
     assert _setup(adata, "glm").sp_kernel is None
     null = _setup(adata, "glmm-null")
     assert isinstance(null.sp_kernel, IdentityKernel)
-    assert null._kernel.eigvecs.shape == (adata.n_obs, 1)
+    assert null.setup_record.kernel.eigvecs.shape == (adata.n_obs, 1)
     full = _setup(adata, "glmm-full")
     assert isinstance(full.sp_kernel, SpatialCovKernel)
-    assert full._kernel.eigvecs.shape == (adata.n_obs, adata.n_obs)
+    assert full.setup_record.kernel.eigvecs.shape == (adata.n_obs, adata.n_obs)
 
 
 def test_rank_selection(adata, monkeypatch) -> None:
     model = SplisosmGLMM(approx_rank=10)
     model.setup_data(adata)
-    assert model._kernel.eigvecs.shape == (64, 10) and model._kernel.precision is None
+    assert model.setup_record.kernel.eigvecs.shape == (64, 10) and model.setup_record.kernel.precision is None
     monkeypatch.setattr(splisosm.kernel, "DENSE_THRESHOLD", 50)
     model = SplisosmGLMM()
     model.setup_data(adata)
-    assert model._kernel.eigvecs.shape == (64, math.ceil(4 * 8))
+    assert model.setup_record.kernel.eigvecs.shape == (64, math.ceil(4 * 8))
     model = SplisosmGLMM(approx_rank=None)
     with pytest.warns(UserWarning, match="approx_rank=None"):
         model.setup_data(adata)
-    assert model._kernel.eigvecs is None and model._kernel.precision.shape == (64, 64)
+    assert model.setup_record.kernel.eigvecs is None and model.setup_record.kernel.precision.shape == (64, 64)
 
 
 @pytest.mark.parametrize("rho", [1.0, -0.1, "high", float("nan")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,8 +10,10 @@ import torch
 from _glmm_data import make_adata
 from scipy.stats import chi2
 
+from splisosm import _fit
 from splisosm import _runner
-from splisosm.hyptest_glmm import SplisosmGLMM, _null_at_mode
+from splisosm._sv import null_at_mode
+from splisosm.hyptest_glmm import SplisosmGLMM
 from splisosm.stats import bh_adjust
 
 EPOCHS = {"max_epochs": 20}
@@ -75,7 +78,7 @@ def test_score_statistic_matches_hand_computation() -> None:
     res = model.test_differential_usage(print_progress=False, return_results=True)
     g = 1
     pi = model.get_fitted_models()[g].get_isoform_ratio()[0].double()
-    Y = model._genes.counts[g].double()
+    Y = model.setup_record.genes.counts[g].double()
     x = model.design_mtx[:, 0].double()
     N = Y.sum(1)
     q = Y.shape[1] - 1
@@ -90,11 +93,13 @@ def test_score_statistic_matches_hand_computation() -> None:
 
 def test_covariate_fallback_labels() -> None:
     model = _model("glm", design=("cov",))
+    assert model.setup_record.covariate_labels() == ["cov"]
+    # files that recorded no covariate names label the columns by position
+    unnamed = dataclasses.replace(model.setup_record, covariate_names=None)
+    assert unnamed.covariate_labels() == ["factor_0"]
     model.fit(print_progress=False)
-    model.covariate_names = None  # as in files that recorded no names
     model.test_differential_usage(print_progress=False)
-    assert list(model.get_formatted_test_results("du")["covariate"].unique()) == ["factor_0"]
-    assert model.du_results.covariates == ["factor_0"]
+    assert model.du_results.covariates == ["cov"]
 
 
 # ------------------------------------------------------------------------------ SV
@@ -126,11 +131,11 @@ def test_sv_chibar2(sv_model) -> None:
 def test_sv_statistic_is_marginal_llr(sv_model) -> None:
     res = sv_model.test_spatial_variability(return_results=True, print_progress=False)
     g = 1
-    full = sv_model._rebuild("glmm-full", [g])
-    null = sv_model._rebuild("glmm-null", [g])
+    full = _fit.Fitted(sv_model.config, sv_model.setup_record, sv_model.fit_record).rebuild("glmm-full", [g])
+    null = _fit.Fitted(sv_model.config, sv_model.setup_record, sv_model.fit_record).rebuild("glmm-null", [g])
     with torch.no_grad():
         as_fitted = null.marginal_loglik().item()
-        _null_at_mode(null)  # the null model is taken at the mode of its likelihood
+        null_at_mode(null)  # the null model is taken at the mode of its likelihood
         at_mode = null.marginal_loglik().item()
         expected = 2 * (full.marginal_loglik().item() - at_mode)
     assert at_mode >= as_fitted - 1e-6
@@ -161,7 +166,7 @@ def test_sv_permutation_null(sv_model, monkeypatch) -> None:
         use_perm_null=True, n_perms_per_gene=3, random_seed=5, print_progress=False, return_results=True
     )
     assert len(calls) == 3 and res["use_perm_null"]
-    stats = sv_model._perm_cache["stats"]
+    stats = sv_model.permutation_cache.stats
     assert stats.shape == (3, 4)
     assert not np.allclose(stats[0], stats[1])  # Q6: independent permutations
     expected = (1 + (stats >= res["statistic"][None, :]).sum(0)) / 4
@@ -175,7 +180,7 @@ def test_sv_permutation_null(sv_model, monkeypatch) -> None:
     np.testing.assert_array_equal(again["pvalue"], res["pvalue"])
     # ... recomputed for a different number (Q7)
     sv_model.test_spatial_variability(use_perm_null=True, n_perms_per_gene=2, random_seed=5, print_progress=False)
-    assert len(calls) == 5 and sv_model._perm_cache["stats"].shape == (2, 4)
+    assert len(calls) == 5 and sv_model.permutation_cache.stats.shape == (2, 4)
 
 
 def test_permutations_seeded_and_dropped_on_refit() -> None:
@@ -183,11 +188,11 @@ def test_permutations_seeded_and_dropped_on_refit() -> None:
     model.fit(from_null=True, batch_size=2, print_progress=False)
     kwargs = dict(use_perm_null=True, n_perms_per_gene=2, random_seed=3, print_progress=False)
     model.test_spatial_variability(**kwargs)
-    first = model._perm_cache["stats"].copy()
+    first = model.permutation_cache.stats.copy()
     model.fit(from_null=True, batch_size=2, print_progress=False)
-    assert model._perm_cache is None and model._sv_test_results == {}
+    assert model.permutation_cache is None and model._sv_test_results == {}
     model.test_spatial_variability(**kwargs)
-    np.testing.assert_allclose(model._perm_cache["stats"], first, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.permutation_cache.stats, first, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ results
@@ -222,7 +227,7 @@ def test_feature_summary_values() -> None:
     assert genes is model.extract_feature_summary("gene")  # cached
     assert list(genes.columns) == ["n_isos", "perplexity", "pct_bin_on", "count_avg", "count_std", "major_ratio_avg"]
     assert list(genes.index) == model.gene_names and genes.index.name == "gene"
-    Y = model._genes.counts[1].double().numpy()
+    Y = model.setup_record.genes.counts[1].double().numpy()
     N = Y.sum(1)
     R = Y.sum(0) / Y.sum()
     row = genes.iloc[1]

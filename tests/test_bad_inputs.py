@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import torch
 from _glmm_data import make_adata
 
+from splisosm import _fit
 from splisosm import _dataset
 from splisosm._fitting import NOT_CONVERGED
 from splisosm.hyptest_glmm import SplisosmGLMM
@@ -220,7 +221,7 @@ def test_sv_tables_flag_the_fits_they_read() -> None:
 
 def test_genes_never_fitted_get_nan(monkeypatch) -> None:
     model, _ = _fitted()
-    state = model._fitted_states["glmm-full"][2]
+    state = model.fit_record.states["glmm-full"][2]
     monkeypatch.setattr(state, "best_epoch", -1)  # as after an objective that was never finite
     with pytest.warns(UserWarning, match=r"1 gene\(s\) never reached a finite loss .*'G2'"):
         model.test_differential_usage(print_progress=False)
@@ -255,7 +256,7 @@ def test_wald_with_a_covariate_of_large_magnitude() -> None:
             # Effects come back on the user's scale: the same linear predictor from the raw design.
             user = model.get_gene_model("G0")
             assert torch.equal(user.X.cpu(), model.design_mtx.cpu())
-            internal = model._rebuild("glmm-full", [0])
+            internal = _fit.Fitted(model.config, model.setup_record, model.fit_record).rebuild("glmm-full", [0])
             torch.testing.assert_close(user._fixed_eta(), internal._fixed_eta(), rtol=1e-4, atol=1e-3)
     huge = stats["huge"]
     assert torch.isfinite(huge).all() and (huge > 0).all()
@@ -293,6 +294,6 @@ def test_fit_with_design_but_no_covariates_runs() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model.fit(with_design_mtx=True, print_progress=False)
-    assert model._fit_info["design_scale"] is None
+    assert model.fit_record.info()["design_scale"] is None
     with pytest.raises(ValueError, match="No design matrix"):
         model.test_differential_usage("wald", print_progress=False)

@@ -96,7 +96,7 @@ def load_error(path, cls: type[Exception] = ValueError, **kwargs) -> str:
 def test_untouched_copy_loads(saved, tmp_path) -> None:
     # The tampering helper alone must not break the archive, or every test below proves nothing.
     loaded = SplisosmGLMM.load(rewrite(saved, tmp_path / "copy"))
-    assert loaded.n_genes == 2 and loaded._perm_cache is not None and loaded._kernel.precision is not None
+    assert loaded.n_genes == 2 and loaded.permutation_cache is not None and loaded.setup_record.kernel.precision is not None
 
 
 # ---------------------------------------------------------------------------- wrong path

@@ -234,7 +234,7 @@ def test_batch_size_without_grouping_warning(adata) -> None:
         model.fit(batch_size=2, print_progress=False)
     # filterwarnings(message=...) patterns match at the start of the text
     assert any(m.startswith("Ignoring batch size argument") for m in _messages(record))
-    assert model._fit_info["batch_size"] == 1
+    assert model.fit_record.info()["batch_size"] == 1
 
     grouped = SplisosmGLMM(model_type="glm")
     grouped.setup_data(adata, group_gene_by_n_iso=True)
@@ -242,7 +242,7 @@ def test_batch_size_without_grouping_warning(adata) -> None:
         warnings.simplefilter("always")
         grouped.fit(batch_size=2, print_progress=False)
     assert not any("Ignoring batch size" in m for m in _messages(record))
-    assert grouped._fit_info["batch_size"] == 2
+    assert grouped.fit_record.info()["batch_size"] == 2
 
 
 def test_cached_permutation_results_message(adata, capsys) -> None:

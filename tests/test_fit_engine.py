@@ -250,7 +250,7 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
 
 
 def test_engine_group_size_only_for_engine_fits():
-    from splisosm._fitting import resolve_fitting_configs
+    from splisosm.config import resolve_fitting_configs
     from splisosm._runner import ENGINE_GROUP_BYTES, FitPlan, KernelPayload, engine_group_size
 
     eig = KernelPayload(eigvals=np.ones(3), eigvecs=np.zeros((100, 3)))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import _reference_models as ref
-from splisosm._fitting import PatienceLogger, validate_glmm_config
+from splisosm._fitting import PatienceLogger
+from splisosm.config import validate_glmm_config
 from splisosm.isomodels import IsoFullModel, IsoNullNoSpVar
 from splisosm.model import MultinomGLM, MultinomGLMM
 

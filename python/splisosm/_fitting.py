@@ -1,4 +1,4 @@
-"""Fitting configuration, the per-gene patience logger and the shared training loop (SPEC §6).
+"""The per-gene patience logger, the optimisers and the shared training loop of the models.
 
 Kept free of model maths: a model hands the loop a closure computing its per-gene loss and an
 optional method-specific update, and the loop does the bookkeeping (early stopping, best-parameter
@@ -15,47 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from splisosm._checks import check_bool, check_dict, check_int, check_keys, check_real
-from splisosm._choices import FITTING_METHODS as GLMM_METHODS
+from splisosm.config import Device
 from splisosm.ops._native import check_cuda_kernels
-
-NULL_METHODS = ("joint_gd", "marginal_gd", "marginal_newton")
-GLM_METHODS = ("iwls", "newton", "gd")
-OPTIMIZERS = ("adam", "sgd", "lbfgs")
-PRIOR_MODELS = ("none", "gamma", "inv_gamma")
-INIT_RATIOS = ("uniform", "observed")
-DEVICES = ("cpu", "cuda", "mps")
-
-# Documented defaults (the inverse-gamma values fix quirk Q10 of the reference).
-PRIOR_DEFAULTS: dict[str, dict[str, float]] = {
-    "none": {},
-    "gamma": {"alpha": 2.0, "beta": 0.3},
-    "inv_gamma": {"alpha": 3.0, "beta": 0.5},
-}
-
-_BASE_DEFAULTS = {
-    "lr": 1e-2,
-    "optim": "adam",
-    "tol": 1e-5,
-    "tol_relative": False,
-    "max_epochs": 1000,
-    "patience": 5,
-}
-_METHOD_OVERRIDES: dict[str, dict] = {
-    "joint_gd": {},
-    "joint_newton": {"patience": 2},
-    "marginal_gd": {"lr": 0.1},
-    "marginal_newton": {"lr": 0.1, "patience": 10, "update_nu_every_k": 3},
-    "iwls": {"patience": 2},
-    "newton": {"patience": 2},
-    "gd": {},
-}
-
-
-def _check_choice(name: str, value, allowed: Iterable[str]) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ValueError(f"Invalid {name} {value!r}; valid values are {', '.join(allowed)}.")
 
 
 def check_device(device, name: str = "device") -> torch.device:
@@ -64,9 +25,8 @@ def check_device(device, name: str = "device") -> torch.device:
     ``'cuda'`` also needs the extension's CUDA kernels when torch has CUDA (see
     :func:`splisosm.ops._native.check_cuda_kernels`). ``name`` is the argument named in errors.
     """
-    if not isinstance(device, str) or device not in DEVICES:
-        raise ValueError(f"Invalid {name} {device!r}; valid values are {', '.join(DEVICES)}.")
-    if device == "cuda":
+    device = Device.check(name, device)
+    if device == Device.CUDA:
         # A build without the CUDA kernels is the problem to name first: a GPU would not help.
         check_cuda_kernels()
         if not torch.cuda.is_available():
@@ -74,7 +34,7 @@ def check_device(device, name: str = "device") -> torch.device:
                    else "no CUDA GPU is visible to torch")
             raise ValueError(f"{name}='cuda' is not available: {why} (torch {torch.__version__}); "
                              f"use {name}='cpu'.")
-    if device == "mps" and not torch.backends.mps.is_available():
+    if device == Device.MPS and not torch.backends.mps.is_available():
         raise ValueError(f"{name}='mps' is not available: torch finds no Apple GPU (MPS) here; "
                          f"use {name}='cpu'.")
     return torch.device(device)
@@ -82,88 +42,11 @@ def check_device(device, name: str = "device") -> torch.device:
 
 #: End of the per-fit warning; ``SplisosmGLMM`` silences it and counts all batches in one.
 NOT_CONVERGED = "gene(s) did not converge"
-#: Keys of ``fitting_configs`` that are arguments of ``SplisosmGLMM.fit()`` instead.
-_FIT_ARGUMENT_KEYS = ("with_design_mtx", "from_null", "refit_null", "batch_size")
-#: ``max_epochs = -1`` asks for the long run of splisosm 1.2.0.
-UNLIMITED_EPOCHS = 10000
-
-
-def resolve_fitting_configs(method: str, user: dict | None) -> dict:
-    """Base defaults, then the method's overrides, then the user's dict (user values win).
-
-    Every key is checked: unknown keys (a misspelt ``max_epoch`` would otherwise be ignored),
-    wrong types and out-of-range values raise ``ValueError`` naming the key. ``max_epochs``
-    must be >= 1, or -1 for 10000; ``patience <= 0`` means 1.
-    """
-    user = check_dict("fitting_configs", user)
-    hints = {k: f"{k!r} is an argument of SplisosmGLMM.fit(), not a fitting config"
-             for k in _FIT_ARGUMENT_KEYS}
-    known = {*_BASE_DEFAULTS, *(k for o in _METHOD_OVERRIDES.values() for k in o)}
-    check_keys("fitting_configs", user, known, hints)
-    configs = {**_BASE_DEFAULTS, **_METHOD_OVERRIDES[method], **user}
-    _check_choice("optim", configs["optim"], OPTIMIZERS)
-    configs["lr"] = check_real("fitting_configs['lr']", configs["lr"], low=0.0, low_open=True)
-    configs["tol"] = check_real("fitting_configs['tol']", configs["tol"], low=0.0)
-    configs["tol_relative"] = check_bool("fitting_configs['tol_relative']", configs["tol_relative"])
-    epochs = check_int("fitting_configs['max_epochs']", configs["max_epochs"], minimum=1, also=(-1,))
-    configs["max_epochs"] = UNLIMITED_EPOCHS if epochs == -1 else epochs
-    configs["patience"] = max(check_int("fitting_configs['patience']", configs["patience"]), 1)
-    if "update_nu_every_k" in configs:
-        every = check_int("fitting_configs['update_nu_every_k']", configs["update_nu_every_k"])
-        configs["update_nu_every_k"] = max(every, 1)
-    return configs
-
-
-def resolve_prior_params(var_prior_model: str, params: dict | None) -> dict:
-    """Merge user prior parameters over the documented defaults (``{}`` for ``'none'``).
-
-    Both parameters of either prior are positive; unknown keys are refused, and parameters
-    given with ``var_prior_model='none'`` draw a warning because nothing uses them.
-    """
-    _check_choice("var_prior_model", var_prior_model, PRIOR_MODELS)
-    params = check_dict("var_prior_model_params", params)
-    check_keys("var_prior_model_params", params,
-               PRIOR_DEFAULTS.get(var_prior_model) or {k for p in PRIOR_DEFAULTS.values() for k in p})
-    if var_prior_model == "none":
-        if params:
-            warnings.warn(
-                f"`var_prior_model_params` {params} is ignored with var_prior_model='none'; "
-                "choose 'gamma' or 'inv_gamma' to use a prior.", UserWarning, stacklevel=3)
-        return {}
-    return {k: check_real(f"var_prior_model_params['{k}']", v, low=0.0, low_open=True)
-            for k, v in {**PRIOR_DEFAULTS[var_prior_model], **params}.items()}
-
-
-def validate_glmm_config(
-    *,
-    fitting_method: str = "joint_gd",
-    init_ratio: str = "uniform",
-    var_prior_model: str = "none",
-    var_fix_sigma: bool = True,
-    fitting_configs: dict | None = None,
-    null_model: bool = False,
-) -> dict:
-    """Validate a GLMM configuration and return the resolved fitting configs.
-
-    Raises ``ValueError`` naming the valid values for an unknown ``fitting_method``,
-    ``init_ratio``, ``var_prior_model`` or ``optim``, for ``joint_newton`` with
-    ``var_fix_sigma=True`` and for ``joint_newton`` on a null model. Called by the per-gene
-    models at construction and usable by wrappers at theirs.
-    """
-    _check_choice("fitting_method", fitting_method, NULL_METHODS if null_model else GLMM_METHODS)
-    _check_choice("init_ratio", init_ratio, INIT_RATIOS)
-    _check_choice("var_prior_model", var_prior_model, PRIOR_MODELS)
-    if fitting_method == "joint_newton" and var_fix_sigma:
-        raise ValueError(
-            "fitting_method='joint_newton' requires var_fix_sigma=False; valid methods with a "
-            f"fixed sigma are {', '.join(m for m in GLMM_METHODS if m != 'joint_newton')}."
-        )
-    return resolve_fitting_configs(fitting_method, fitting_configs)
 
 
 @dataclass
 class PatienceLogger:
-    """Per-gene early stopping (SPEC §6.2), NaN-safe.
+    """Per-gene early stopping: a gene stops after ``patience`` epochs without a gain of ``tol``.
 
     A non-finite loss is never an improvement; it advances the patience counter, so a diverged
     gene stops, but it is reported as not converged (``converged`` requires the loss at the
@@ -265,7 +148,7 @@ def run_training(
     positive_params: tuple[str, ...] = (),
     logger: PatienceLogger | None = None,
 ) -> FitResult:
-    """The loop of SPEC §6.2, shared by every fitting method.
+    """The training loop shared by every fitting method: per-gene early stopping and best snapshots.
 
     Parameters
     ----------
@@ -284,8 +167,8 @@ def run_training(
     configs
         Resolved fitting configs (``tol``, ``tol_relative``, ``patience``, ``max_epochs``).
     positive_params
-        Parameters replaced by their absolute value after restoring the best values (``sigma``,
-        quirk Q14 fixed: applied after the restore so stored values are non-negative).
+        Parameters replaced by their absolute value after restoring the best values (``sigma``;
+        after the restore, so that the stored values are non-negative).
     logger
         A fresh logger from :func:`make_logger` when the step needs to see it; else made here.
     """

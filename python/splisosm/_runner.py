@@ -4,7 +4,7 @@ Everything here is free of the ``SplisosmGLMM`` object so that the batch functio
 joblib worker processes with a small payload: one batch of counts, the design (when used), the
 kernel arrays (numpy, memory-mapped by joblib when large) and a plain configuration record.
 Workers return :class:`GeneState` rows only — parameters plus the training log of each gene —
-which is what keeps the log through batching and parallelism (fix of quirk Q1).
+so the training log survives batching and parallelism (splisosm 1.2.0 lost it there).
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ class FitPlan:
     model_kwargs
         Constructor keywords of the per-gene GLMMs (a private copy of the user's configuration).
     from_null, refit_null
-        SPEC §7 from-null protocol switches.
+        Fit the white-noise null first and start the spatial fit from it; then refit each
+        from the other where that improves it.
     quiet
         Passed to the per-gene ``fit``.
     device
@@ -124,7 +125,7 @@ def engine_group_size(plan: FitPlan, kernel: KernelPayload | None, n_spots: int,
     without eigenpairs, a device without the compiled op); otherwise as many genes as fit in
     :func:`engine_group_bytes` of per-gene working memory.
     """
-    from splisosm._fitting import resolve_fitting_configs
+    from splisosm.config import resolve_fitting_configs
     from splisosm.ops.engine import engine_runs
 
     if plan.model_type == GLM_KEY:  # the GLM has fitters of its own
@@ -150,7 +151,7 @@ def new_model(kind: str, model_kwargs: dict[str, Any]):
     from splisosm.model import MultinomGLM
 
     if kind == GLM_KEY:
-        # SPEC §6.6: the GLM always uses its own (IWLS) defaults.
+        # the GLM always fits with its own (IWLS) defaults
         return MultinomGLM()
     cls = IsoFullModel if kind == FULL_KEY else IsoNullNoSpVar
     return cls(**{k: _copy_config(v) for k, v in model_kwargs.items()})
@@ -287,8 +288,7 @@ def run_batches(
     """Fit all batches (optionally in worker processes) and return states in gene order.
 
     Results are placed by gene index, never by display name, so grouped fits always map back
-    to the original gene order and duplicate names keep their own parameters (fixes of quirks
-    Q2 and Q15).
+    to the original gene order and duplicate names keep their own parameters.
     """
     design_np = None if design is None else design.detach().cpu().numpy()
 

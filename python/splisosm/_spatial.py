@@ -15,26 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from splisosm._runner import KernelPayload
-
-#: Sentinel for "approx_rank not given": choose the rank from the number of spots.
-class _AutoRank:
-    def __repr__(self) -> str:
-        return "'auto'"
-
-    def __reduce__(self) -> str:
-        return "APPROX_RANK_AUTO"
-
-
-APPROX_RANK_AUTO = _AutoRank()
-
-
-def validate_approx_rank(approx_rank: Any) -> None:
-    """``approx_rank`` must be the auto sentinel, None, or a positive int."""
-    if approx_rank is APPROX_RANK_AUTO or approx_rank is None:
-        return
-    if isinstance(approx_rank, bool) or not isinstance(approx_rank, (int, np.integer)) or approx_rank < 1:
-        raise ValueError(f"`approx_rank` must be omitted, None or a positive int, got {approx_rank!r}")
-
+from splisosm.config import APPROX_RANK_AUTO
 
 def choose_rank(approx_rank: Any, n: int) -> int | None:
     """Number of leading eigenpairs to keep, or None for the exact sparse-precision route.

@@ -16,14 +16,21 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from splisosm._choices import (
-    DU_METHODS,
-    FITTING_METHODS,
+from splisosm.config import (
+    DEFAULT_MAX_EPOCHS,
     RECOMMENDED_DU,
     RECOMMENDED_FIT,
     RECOMMENDED_SV,
-    SV_METHODS,
+    DUMethod,
+    FittingMethod,
+    GLMMConfig,
+    ModelType,
+    SVMethod,
 )
+
+_DEFAULTS = GLMMConfig()
+#: The demo's smaller fits: its simulated genes need fewer epochs, and fit in one batch.
+DEMO_MAX_EPOCHS, DEMO_BATCH_SIZE = 200, 200
 
 EXIT_USER_ERROR = 2
 _USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
@@ -31,13 +38,14 @@ _USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model options")
-    group.add_argument("--model-type", default="glmm-full", choices=["glmm-full", "glmm-null", "glm"])
-    group.add_argument("--fitting-method", default=RECOMMENDED_FIT, choices=list(FITTING_METHODS),
+    group.add_argument("--model-type", default=_DEFAULTS.model_type, choices=ModelType.values())
+    group.add_argument("--fitting-method", default=RECOMMENDED_FIT, choices=FittingMethod.values(),
                        help=f"fitting method (default {RECOMMENDED_FIT}; the Python API's default is "
-                            f"{FITTING_METHODS[0]}, splisosm 1.2.0's)")
-    group.add_argument("--max-epochs", type=int, default=500, help="maximum epochs per fit (default 500)")
-    group.add_argument("--k-neighbors", type=int, default=4)
-    group.add_argument("--rho", type=float, default=0.99)
+                            f"{_DEFAULTS.fitting_method}, splisosm 1.2.0's)")
+    group.add_argument("--max-epochs", type=int, default=DEFAULT_MAX_EPOCHS,
+                       help=f"maximum epochs per fit (default {DEFAULT_MAX_EPOCHS})")
+    group.add_argument("--k-neighbors", type=int, default=_DEFAULTS.k_neighbors)
+    group.add_argument("--rho", type=float, default=_DEFAULTS.rho)
     group.add_argument("--approx-rank", type=int, default=None,
                        help="keep this many kernel eigenpairs (default: automatic)")
     group.add_argument("--learn-sigma", action="store_true", help="learn the total variance (var_fix_sigma=False)")
@@ -60,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="splisosm_demo", help="output folder (default ./splisosm_demo)")
     demo.add_argument("--top", type=int, default=10, help="rows of the printed top-hits table")
     _model_options(demo)
-    demo.set_defaults(batch_size=200, max_epochs=200)
+    demo.set_defaults(batch_size=DEMO_BATCH_SIZE, max_epochs=DEMO_MAX_EPOCHS)
 
     run = sub.add_parser("run", help="run the pipeline on an .h5ad file")
     run.add_argument("input", help="AnnData .h5ad file with isoform counts")
@@ -73,12 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="obs columns to test for differential usage")
     run.add_argument("--min-counts", type=int, default=10)
     run.add_argument("--min-bin-pct", type=float, default=0.0)
-    run.add_argument("--du-method", default=RECOMMENDED_DU, choices=list(DU_METHODS),
+    run.add_argument("--du-method", default=RECOMMENDED_DU, choices=DUMethod.values(),
                      help="differential-usage test (default marginal-score: calibrated; 'score' is "
                           "splisosm 1.2.0's conservative conditional test)")
     run.add_argument("--sv", action="store_true",
                      help="also fit null models and run the spatial-variability test")
-    run.add_argument("--sv-method", default=RECOMMENDED_SV, choices=list(SV_METHODS),
+    run.add_argument("--sv-method", default=RECOMMENDED_SV, choices=SVMethod.values(),
                      help="spatial-variability test (default score: calibrated after any fitting "
                           "method; 'llr' needs --fitting-method marginal_newton)")
     run.add_argument("--top", type=int, default=10)
@@ -90,7 +98,7 @@ def _make_model(args: argparse.Namespace):
     from splisosm.hyptest_glmm import SplisosmGLMM
 
     extra = {} if args.approx_rank is None else {"approx_rank": args.approx_rank}
-    if args.model_type != "glm":  # the GLM has a fitter of its own and no fitting options
+    if args.model_type != ModelType.GLM:  # the GLM has a fitter of its own and no fitting options
         extra.update(fitting_method=args.fitting_method,
                      fitting_configs={"max_epochs": args.max_epochs})
     return SplisosmGLMM(

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from splisosm import _newton
 from splisosm._fitting import (
-    GLM_METHODS,
     FitResult,
     check_device,
     make_logger,
@@ -27,11 +26,10 @@ from splisosm._fitting import (
     make_optimizer,
     optimizer_step,
     report_fit,
-    resolve_fitting_configs,
-    resolve_prior_params,
     run_training,
-    validate_glmm_config,
 )
+from splisosm.config import (GLMFittingMethod, resolve_fitting_configs, resolve_prior_params,
+                             validate_glmm_config)
 from splisosm._likelihood import (
     LOW_VARIANCE_WARNING,
     MAX_THETA,
@@ -228,10 +226,7 @@ class MultinomGLM(_CountModel):
     def __init__(self, fitting_method: str = "iwls", fitting_configs: dict | None = None, *,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__(dtype)
-        if fitting_method not in GLM_METHODS:
-            raise ValueError(f"Invalid fitting_method {fitting_method!r}; valid values are "
-                             f"{', '.join(GLM_METHODS)}.")
-        self.fitting_method = fitting_method
+        self.fitting_method = GLMFittingMethod.check("fitting_method", fitting_method)
         self.fitting_configs = resolve_fitting_configs(fitting_method, fitting_configs)
 
     def setup_data(self, counts, design_mtx=None, device: str = "cpu") -> None:

@@ -20,6 +20,7 @@ import os
 import tempfile
 import warnings
 import zipfile
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,13 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from splisosm._fit import FitRecord
+from splisosm._fitting import check_device
+from splisosm._setup import SetupRecord
+from splisosm._sv import PermutationCache
+from splisosm.config import APPROX_RANK_AUTO, GLMMConfig, ModelType
+from splisosm.results import DUResult, SVResult
 
 FORMAT_NAME = "splisosm-glmm"
 FORMAT_VERSION = 1
@@ -55,95 +63,65 @@ def _t(x: Any) -> torch.Tensor:
     return t.detach().cpu().contiguous().clone()
 
 
-def save_model(model, path: str | os.PathLike) -> None:
-    """Write ``model`` to ``path`` (see the module docstring for the layout)."""
-    from splisosm._spatial import APPROX_RANK_AUTO
+@dataclass(frozen=True, eq=False)
+class SavedModel:
+    """Everything a model file holds: the configuration and the records of each step."""
 
-    tensors: dict[str, torch.Tensor] = {}
-    genes = model._genes
-    if genes is not None:
-        for g, c in enumerate(genes.counts):
-            tensors[f"counts/{g}"] = _t(c)
-    if model.design_mtx is not None:
-        tensors["design"] = _t(model.design_mtx)
-    kernel = model._kernel
-    if kernel is not None:
-        if kernel.eigvals is not None:
-            tensors["kernel/eigvals"] = _t(kernel.eigvals)
-            tensors["kernel/eigvecs"] = _t(kernel.eigvecs)
-        if kernel.precision is not None:
-            prec = sp.csr_matrix(kernel.precision)
-            tensors["kernel/prec_data"] = _t(prec.data)
-            tensors["kernel/prec_indices"] = _t(prec.indices.astype(np.int64))
-            tensors["kernel/prec_indptr"] = _t(prec.indptr.astype(np.int64))
-    states_meta: dict[str, list[dict[str, Any]]] = {}
-    for key, states in model._fitted_states.items():
-        rows = []
-        for g, s in enumerate(states):
-            for name, value in s.params.items():
-                tensors[f"state/{key}/{g}/{name}"] = _t(value)
-            rows.append({
-                "params": list(s.params),
-                "converged": s.converged,
-                "best_loss": s.best_loss,
-                "best_epoch": s.best_epoch,
-                "fitting_time": s.fitting_time,
-                "n_isos": s.n_isos,
-            })
-        states_meta[key] = rows
-    results_meta: dict[str, dict[str, Any]] = {}
-    for test, result in (("sv", model.sv_results), ("du", model.du_results)):
-        if result is None:
-            continue
-        meta = {}
-        for name, value in result.to_dict().items():
-            if isinstance(value, (str, bool)):
-                meta[name] = value
-            else:
-                tensors[f"{test}/{name}"] = _t(value)
-                meta[name] = {"tensor": isinstance(value, torch.Tensor)}
-        results_meta[test] = meta
-    perm_key = None
-    if model._perm_cache is not None:
-        tensors["perm/stats"] = _t(model._perm_cache["stats"])
-        perm_key = list(model._perm_cache["key"])
-    approx = model.approx_rank
-    meta = {
+    config: GLMMConfig
+    setup: SetupRecord | None = None
+    fit: FitRecord | None = None
+    sv: SVResult | None = None
+    du: DUResult | None = None
+    permutations: PermutationCache | None = None
+
+
+def save_model(saved: SavedModel, path: str | os.PathLike) -> None:
+    """Write ``saved`` to ``path`` (see the module docstring for the layout)."""
+    config, setup = saved.config, saved.setup
+    tensors: dict[str, Any] = {}
+    meta: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "model_type": model.model_type,
-        "model_configs": model.model_configs,
-        "k_neighbors": model.k_neighbors,
-        "rho": model.rho,
-        "approx_rank": "auto" if approx is APPROX_RANK_AUTO else approx,
-        "device": model.device,
-        "setup_args": model._setup_args,
-        "has_data": genes is not None,
-        "genes": None if genes is None else {
-            "names": genes.names,
-            "keys": [str(k) for k in genes.keys],
-            "n_isos": genes.n_isos,
-            "var_index": [idx.tolist() for idx in genes.var_index],
-        },
-        "n_spots": model.n_spots,
-        "covariate_names": model.covariate_names,
-        "kernel": None if kernel is None else {"n": model.n_spots},
-        "is_trained": model._is_trained,
-        "fit_generation": model._fit_generation,
-        "fit_info": model._fit_info,
-        "states": states_meta,
-        "results": results_meta,
-        "perm_key": perm_key,
+        "model_type": config.model_type,
+        "model_configs": config.model_configs(),
+        "k_neighbors": config.k_neighbors,
+        "rho": config.rho,
+        "approx_rank": config.to_dict()["approx_rank"],
+        "device": config.device,
+        "has_data": setup is not None,
+        "setup_args": {},
+        "genes": None, "n_spots": None, "covariate_names": None, "kernel": None,
+        "is_trained": saved.fit is not None,
+        "fit_generation": 0, "fit_info": {}, "states": {},
+        "results": {},
+        "perm_key": None if saved.permutations is None else list(saved.permutations.key),
     }
+    for record in (setup, saved.fit):
+        if record is not None:
+            part, part_tensors = record.to_dict()
+            meta.update(part)
+            tensors.update(part_tensors)
+    for test, result in (("sv", saved.sv), ("du", saved.du)):
+        if result is None:
+            continue
+        meta["results"][test] = {}
+        for name, value in result.to_dict().items():
+            if isinstance(value, (str, bool)):
+                meta["results"][test][name] = value
+            else:
+                tensors[f"{test}/{name}"] = value
+                meta["results"][test][name] = {"tensor": False}
+    if saved.permutations is not None:
+        tensors["perm/stats"] = saved.permutations.stats
     meta_bytes = json.dumps(meta, default=_json_default).encode()
     with tempfile.TemporaryDirectory() as tmp:
         h5 = os.path.join(tmp, _ADATA)
-        if model._filtered_adata is not None:
-            _write_h5ad(model._filtered_adata, h5)
+        if setup is not None:
+            _write_h5ad(setup.filtered_adata, h5)
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
             zf.writestr(_META, meta_bytes)
-            zf.writestr(_TENSORS, st_save(tensors))
-            if model._filtered_adata is not None:
+            zf.writestr(_TENSORS, st_save({name: _t(value) for name, value in tensors.items()}))
+            if setup is not None:
                 zf.write(h5, _ADATA)
 
 
@@ -314,9 +292,6 @@ def _check_consistent(meta: dict[str, Any], tensors: dict[str, torch.Tensor], ad
     The metadata is checked on its own first, then the set of tensors it implies, then their
     shapes, so that the message names the first part that went wrong rather than a consequence.
     """
-    from splisosm._runner import GLM_KEY
-    from splisosm.hyptest_glmm import MODEL_TYPES, SplisosmGLMM
-
     def fail(what: str) -> None:
         raise _inconsistent(path, what)
 
@@ -325,7 +300,7 @@ def _check_consistent(meta: dict[str, Any], tensors: dict[str, torch.Tensor], ad
         if got != expected:
             fail(f"tensor {name!r} has shape {got}, expected {expected} ({meaning})")
 
-    _check_keys(meta["model_configs"], SplisosmGLMM().model_configs, "the configuration 'model_configs'",
+    _check_keys(meta["model_configs"], GLMMConfig().model_configs(), "the configuration 'model_configs'",
                 path)
     has_data, genes, n = meta["has_data"], meta["genes"], meta["n_spots"]
     if has_data != (genes is not None) or has_data != (n is not None):
@@ -341,13 +316,13 @@ def _check_consistent(meta: dict[str, Any], tensors: dict[str, torch.Tensor], ad
         for g, m in enumerate(n_isos):
             if len(genes["var_index"][g]) != m:
                 fail(f"gene {g} has {m} isoforms but {len(genes['var_index'][g])} var_index entries")
-    if (meta["kernel"] is not None) != (has_data and meta["model_type"] != GLM_KEY):
+    if (meta["kernel"] is not None) != (has_data and meta["model_type"] != ModelType.GLM):
         fail(f"a {meta['model_type']!r} model {'with' if has_data else 'without'} data has the kernel "
              f"entry {meta['kernel']}")
     if meta["kernel"] is not None and meta["kernel"] != {"n": n}:
         fail(f"the kernel entry {meta['kernel']} does not match {n} spots")
     for key, rows in meta["states"].items():
-        if key not in MODEL_TYPES:
+        if key not in ModelType.values():
             fail(f"fitted states of unknown model type {key!r}")
         if len(rows) != len(n_isos):
             fail(f"{len(rows)} fitted {key!r} genes for {len(n_isos)} genes")
@@ -401,7 +376,6 @@ def _check_consistent(meta: dict[str, Any], tensors: dict[str, torch.Tensor], ad
 
 def _saved_device(saved: str, path: str | os.PathLike) -> str:
     """The saved device, refused with a hint to ``map_location`` where it is not usable here."""
-    from splisosm._fitting import check_device
 
     try:
         check_device(saved)
@@ -442,7 +416,6 @@ def load_model(path: str | os.PathLike, map_location: str | None = None):
 
     The errors are those listed on :meth:`SplisosmGLMM.load <splisosm.hyptest_glmm.SplisosmGLMM.load>`.
     """
-    from splisosm._fitting import check_device
 
     if map_location is not None:
         map_location = _device_type(map_location)
@@ -461,85 +434,24 @@ def load_model(path: str | os.PathLike, map_location: str | None = None):
         raise _inconsistent(path, reason) from err
 
 
-def _rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], adata: Any, device: str):
-    from splisosm._dataset import GeneTable
-    from splisosm._runner import GeneState, KernelPayload
-    from splisosm._spatial import APPROX_RANK_AUTO
-    from splisosm.hyptest_glmm import SplisosmGLMM
-    from splisosm.results import DUResult, SVResult
-
-    cfg = meta["model_configs"]
-    model = SplisosmGLMM(
-        model_type=meta["model_type"],
-        k_neighbors=meta["k_neighbors"],
-        rho=meta["rho"],
-        approx_rank=APPROX_RANK_AUTO if meta["approx_rank"] == "auto" else meta["approx_rank"],
-        device=device,
-        **cfg,
-    )
-    model._filtered_adata = adata
-    model._setup_args = meta["setup_args"]
-    if meta["has_data"]:
-        g_meta = meta["genes"]
-        n_genes = len(g_meta["names"])
-        model._genes = GeneTable(
-            counts=[tensors[f"counts/{g}"] for g in range(n_genes)],
-            names=g_meta["names"],
-            keys=g_meta["keys"],
-            n_isos=g_meta["n_isos"],
-            var_index=[np.asarray(idx, dtype=np.int64) for idx in g_meta["var_index"]],
-        )
-        model.n_genes = n_genes
-        model.n_spots = meta["n_spots"]
-        model.n_isos_per_gene = list(g_meta["n_isos"])
-        model.gene_names = list(g_meta["names"])
-        model.covariate_names = meta["covariate_names"]
-        design = tensors.get("design")
-        model.design_mtx = None if design is None else design.to(device)
-        model.n_factors = 0 if design is None else design.shape[1]
-    if meta["kernel"] is not None:
-        precision = None
-        if "kernel/prec_data" in tensors:
-            n = meta["kernel"]["n"]
-            precision = sp.csr_matrix(
-                (tensors["kernel/prec_data"].numpy(), tensors["kernel/prec_indices"].numpy(),
-                 tensors["kernel/prec_indptr"].numpy()),
-                shape=(n, n),
-            )
-        eigvals = tensors.get("kernel/eigvals")
-        eigvecs = tensors.get("kernel/eigvecs")
-        model._kernel = KernelPayload(
-            eigvals=None if eigvals is None else eigvals.numpy(),
-            eigvecs=None if eigvecs is None else eigvecs.numpy(),
-            precision=precision,
-        )
-    model._fitted_states = {
-        key: [
-            GeneState(
-                params={name: tensors[f"state/{key}/{g}/{name}"] for name in row["params"]},
-                converged=bool(row["converged"]),
-                best_loss=float(row["best_loss"]),
-                best_epoch=int(row["best_epoch"]),
-                fitting_time=float(row["fitting_time"]),
-                n_isos=int(row["n_isos"]),
-            )
-            for g, row in enumerate(rows)
-        ]
-        for key, rows in meta["states"].items()
-    }
-    model._is_trained = bool(meta["is_trained"])
-    model._fit_generation = int(meta["fit_generation"])
-    model._fit_info = meta["fit_info"]
+def _rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], adata: Any, device: str) -> SavedModel:
+    approx = meta["approx_rank"]
+    config = GLMMConfig(model_type=meta["model_type"], k_neighbors=meta["k_neighbors"], rho=meta["rho"],
+                        approx_rank=APPROX_RANK_AUTO if approx == "auto" else approx, device=device,
+                        **meta["model_configs"])
+    setup = SetupRecord.from_dict(meta, tensors, adata, device) if meta["has_data"] else None
+    fit = FitRecord.from_dict(meta, tensors) if meta["is_trained"] else None
     stored = {
         test: {name: tensors[f"{test}/{name}"].numpy() if isinstance(spec, dict) else spec
                for name, spec in specs.items()}
         for test, specs in meta["results"].items()
     }
-    if "sv" in stored:
-        model._sv = SVResult.from_dict(stored["sv"], model.gene_names)
-    if "du" in stored:
-        model._du = DUResult.from_dict(stored["du"], model.gene_names, model._covariate_labels())
-    if meta["perm_key"] is not None:
-        key = meta["perm_key"]
-        model._perm_cache = {"key": (key[0], key[1], key[2]), "stats": tensors["perm/stats"].numpy()}
-    return model
+    key = meta["perm_key"]
+    return SavedModel(
+        config=config, setup=setup, fit=fit,
+        sv=SVResult.from_dict(stored["sv"], setup.genes.names) if "sv" in stored else None,
+        du=DUResult.from_dict(stored["du"], setup.genes.names, setup.covariate_labels())
+        if "du" in stored else None,
+        permutations=None if key is None else PermutationCache(
+            key=(key[0], key[1], key[2]), stats=tensors["perm/stats"].numpy()),
+    )
