@@ -120,6 +120,7 @@ def run_pipeline(args, adata, torch) -> dict:
 
 def run_pergene(args, adata, torch) -> dict:
     import numpy as np
+
     from splisosm.kernel import SpatialCovKernel
 
     IsoFullModel = _import_iso_full_model()
@@ -178,6 +179,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import anndata as ad
+
     import splisosm
 
     warnings.simplefilter("ignore")

@@ -1,6 +1,6 @@
 """Calibration and power of the SV and DU tests on held-out simulations.
 
-Our own simulator (:func:`splisosm.simulation.simulate_isoform_data`): a 30 x 30 grid, 2-4
+Our own simulator (:func:`splisosm.data.simulation.simulate_isoform_data`): a 30 x 30 grid, 2-4
 isoforms per gene, ~10 counts per spot.
 
 * ``sv``: ``--genes`` genes, half of them null (white noise only, so the null model is exactly
@@ -34,9 +34,9 @@ import warnings
 
 import numpy as np
 
+from splisosm.data.simulation import simulate_isoform_data
 from splisosm.hyptest_glmm import SplisosmGLMM
-from splisosm.kernel import SpatialCovKernel
-from splisosm.simulation import simulate_isoform_data
+from splisosm.spatial.kernel import SpatialCovKernel
 
 ALPHA = 0.05
 #: Further levels at which the false-positive rate is reported (the tails beyond ALPHA).

@@ -142,7 +142,7 @@ def bench_ops(args) -> None:
 
 def bench_pipeline(args) -> None:
     from splisosm import SplisosmGLMM
-    from splisosm.simulation import simulate_isoform_data
+    from splisosm.data.simulation import simulate_isoform_data
 
     genes, spots = PRESETS[args.preset]
     genes, spots = args.genes or genes, args.spots or spots

@@ -25,10 +25,10 @@ import warnings
 
 import numpy as np
 import torch
-
 from _timing import machine_line
-from splisosm.isomodels import IsoFullModel
-from splisosm.kernel import SpatialCovKernel
+
+from splisosm.glmm.isomodels import IsoFullModel
+from splisosm.spatial.kernel import SpatialCovKernel
 
 
 def grid_kernel(side: int) -> SpatialCovKernel:

@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
+from splisosm.data.simulation import simulate_isoform_data
 from splisosm.hyptest_glmm import SplisosmGLMM
-from splisosm.simulation import simulate_isoform_data
 
 
 def run(adata, method: str, batch_size: int, n_jobs: int, max_epochs: int | None) -> dict:

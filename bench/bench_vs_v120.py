@@ -11,7 +11,7 @@ Every speed claim of the project is a ratio measured by this script. It
    the report says so) or, with ``--ours-ref GIT_REF``, as that commit exported with
    ``git archive`` and built into its own virtualenv ``~/.cache/splisosm-bench/venv-ours-<sha>``
    (``--cache-dir`` / ``SPLISOSM_BENCH_CACHE``; built once, reused) -- the reproducible mode;
-3. simulates each data set once with our ``splisosm.simulation.simulate_isoform_data`` (of the
+3. simulates each data set once with our ``splisosm.data.simulation.simulate_isoform_data`` (of the
    measured install) and writes it to an ``.h5ad`` in a temporary directory (``--workdir`` keeps
    it and the per-job JSON files), then runs one job script, ``bench/_v120_job.py`` (public API
    common to both packages only), on that file under our interpreter and under the 1.2.0 venv,
@@ -224,7 +224,7 @@ def _ours_provenance(info: dict) -> str:
 # --------------------------------------------------------------------------- data
 _SIMULATE = """
 import sys, numpy as np
-from splisosm.simulation import simulate_isoform_data
+from splisosm.data.simulation import simulate_isoform_data
 path, nx, ny, n_cov, n_genes, seed = sys.argv[1], *map(int, sys.argv[2:])
 n_isoforms = [int(m) for m in np.random.default_rng(seed + 1).integers(2, 5, size=n_genes)]
 adata = simulate_isoform_data(
@@ -414,7 +414,8 @@ def report(results: dict, meta: dict) -> tuple[str, str]:
     header = (f"{meta['date']}, `{meta['command']}`; {meta['machine']}; threads {meta['threads']} "
               f"(torch.set_num_threads + OMP/MKL/OPENBLAS_NUM_THREADS), "
               f"{meta['repeats']} repeat(s) per side (times: minimum); ours: splisosm "
-              f"{meta['ours']['splisosm']} ({meta['ours']['provenance']}), torch {meta['ours']['torch']}; reference: splisosm "
+              f"{meta['ours']['splisosm']} ({meta['ours']['provenance']}), torch {meta['ours']['torch']}; "
+              "reference: splisosm "
               f"{meta['v120']['splisosm'] if meta.get('v120') else '-'}, torch "
               f"{meta['v120']['torch'] if meta.get('v120') else '-'}; load average at start "
               f"{meta['load_start']}, at end {meta['load_end']}.")

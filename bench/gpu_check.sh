@@ -48,7 +48,7 @@ fi
 
 step build 240 python3 -m pip install --no-build-isolation --no-deps -v -Cbuild-dir=build .
 # From /tmp, pytest imports the installed package (with the compiled _C), not python/.
-step cuda-tests 150 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider -ra $repo/tests/test_cuda.py"
+step cuda-tests 150 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider -ra $repo/tests/ops/test_cuda.py"
 step pipeline-small 90 python3 bench/bench_cuda.py pipeline --preset small
 step pipeline-large-subset 90 python3 bench/bench_cuda.py pipeline --preset large --genes 2000 --no-du-test
 step ops 60 python3 bench/bench_cuda.py ops

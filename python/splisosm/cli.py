@@ -147,7 +147,7 @@ def _print_top(df: pd.DataFrame, top: int, title: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from splisosm.simulation import simulate_isoform_data
+    from splisosm.data.simulation import simulate_isoform_data
 
     start = time.perf_counter()
     adata = simulate_isoform_data(

@@ -2,7 +2,7 @@
 
 The class holds a validated :class:`~splisosm.config.GLMMConfig` and the records of each step:
 the set-up (``_setup``), the fit (``_fit``), and the test results (:mod:`splisosm.results`),
-computed by ``_sv`` and ``_du``. Saving and loading go through :mod:`splisosm.persistence`.
+computed by ``_sv`` and ``_du``. Saving and loading go through :mod:`splisosm.io.persistence`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from splisosm import _du, _fit, _setup, _sv
 from splisosm._checks import check_int
-from splisosm._fitting import check_device
 from splisosm.config import APPROX_RANK_AUTO, GLMMConfig, ModelType, SVMethod
-from splisosm.isomodels import IsoFullModel, IsoNullNoSpVar
+from splisosm.data import _setup
+from splisosm.data.summary import feature_summaries
+from splisosm.glmm import _du, _fit, _sv
+from splisosm.glmm._fitting import check_device
+from splisosm.glmm.isomodels import IsoFullModel, IsoNullNoSpVar
 from splisosm.results import DUResult, SVResult, legacy_dict
-from splisosm.summary import feature_summaries
 
 __all__ = ["SplisosmGLMM", "IsoFullModel", "IsoNullNoSpVar"]
 
@@ -32,8 +33,8 @@ _DEFAULTS = GLMMConfig()
 class SplisosmGLMM:
     """Spatial isoform statistics with per-gene multinomial GLM(M)s.
 
-    Wraps the per-gene models :class:`splisosm.model.MultinomGLMM` (through
-    :class:`IsoFullModel` / :class:`IsoNullNoSpVar`) and :class:`splisosm.model.MultinomGLM` for
+    Wraps the per-gene models :class:`splisosm.glmm.model.MultinomGLMM` (through
+    :class:`IsoFullModel` / :class:`IsoNullNoSpVar`) and :class:`splisosm.glmm.model.MultinomGLM` for
     batched fitting, the spatial-variability (SV) tests (score and likelihood ratio) and the
     differential-usage (DU) tests (marginal score, conditional score and Wald).
 
@@ -494,7 +495,8 @@ class SplisosmGLMM:
         out.layers[layer_name] = ratios
         return out
 
-    def get_formatted_test_results(self, test_type: Literal["sv", "du"], with_gene_summary: bool = False) -> pd.DataFrame:
+    def get_formatted_test_results(self, test_type: Literal["sv", "du"],
+                                   with_gene_summary: bool = False) -> pd.DataFrame:
         """Test results as a data frame (see :meth:`SVResult.to_frame <splisosm.results.SVResult.to_frame>`).
 
         Parameters
@@ -558,7 +560,7 @@ class SplisosmGLMM:
         fitted parameters with training logs, test results and permutation statistics. The
         source ``adata`` and the kernel object are not saved: after :meth:`load` they are None.
         """
-        from splisosm.persistence import SavedModel, save_model
+        from splisosm.io.persistence import SavedModel, save_model
 
         save_model(SavedModel(config=self.config, setup=self._setup, fit=self._fit, sv=self._sv,
                               du=self._du, permutations=self._permutations), path)
@@ -579,14 +581,14 @@ class SplisosmGLMM:
         ------
         FileNotFoundError, IsADirectoryError
             ``path`` does not exist or is a directory.
-        splisosm.persistence.DamagedModelError
+        splisosm.io.persistence.DamagedModelError
             (a ``ValueError``) A member that cannot be read or parts that disagree with each
             other; the message names the part at fault.
         ValueError
             Not a model saved by :meth:`save`, another format version, or a device that is not
             available here. Loading never runs code stored in the file.
         """
-        from splisosm.persistence import load_model
+        from splisosm.io.persistence import load_model
 
         saved = load_model(path, map_location=map_location)
         model = SplisosmGLMM(**{k: v for k, v in saved.config.to_dict().items() if k != "approx_rank"},

@@ -6,12 +6,6 @@ the input's device and fall back to the reference where no native kernel exists 
 """
 
 from splisosm.ops._native import NATIVE_AVAILABLE, has_native_kernel, use_reference
-from splisosm.ops.multinomial import fixed_effect_info, multinom_terms
-from splisosm.ops.multinomial_reference import (
-    fixed_effect_info_reference,
-    multinom_probs,
-    multinom_terms_reference,
-)
 from splisosm.ops.laplace import (
     laplace_logdet_eig,
     laplace_lowrank,
@@ -29,6 +23,12 @@ from splisosm.ops.laplace_reference import (
     laplace_sparse_reference,
     sparse_inverse_diagonal_reference,
     sparse_shifted_solve_reference,
+)
+from splisosm.ops.multinomial import fixed_effect_info, multinom_terms
+from splisosm.ops.multinomial_reference import (
+    fixed_effect_info_reference,
+    multinom_probs,
+    multinom_terms_reference,
 )
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Dense linear-algebra helpers shared by the Laplace system and the dense references.
 
-Production code (:mod:`splisosm.laplace`) and the test references
+Production code (:mod:`splisosm.glmm.laplace`) and the test references
 (:mod:`splisosm.ops.laplace_reference`) both use these; they live here so that production never
 imports from a reference module.
 """

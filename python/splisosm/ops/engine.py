@@ -1,7 +1,7 @@
 """The native fitting engine: whole ``joint_gd`` fits of a batch of genes in one op call.
 
 It runs on the CPU and, in a build with the CUDA kernels, on the GPU (every epoch on the device,
-float32 or float64 as the model's dtype). The Python fitter in :mod:`splisosm.model` (autograd,
+float32 or float64 as the model's dtype). The Python fitter in :mod:`splisosm.glmm.model` (autograd,
 with Adam and SGD updates identical to ``torch.optim``'s) computes the same trajectories and stays
 the reference the engine is tested against; the GPU engine is tested against the CPU engine.
 """

@@ -1,0 +1,651 @@
+"""Per-gene multinomial models: the GLM and the spatial GLMM, and how each is fitted.
+
+Both are batched over ``G`` genes with the same isoform count; the last isoform of each gene is
+the reference category. The multinomial pieces come from the fused ops in :mod:`splisosm.ops`;
+the Gaussian random-effect pieces (quadratic form, log-determinants, structured solves) from a
+``LaplaceSystem`` (eigenbasis, low rank, sparse precision or identity).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from splisosm.config import GLMFittingMethod, resolve_fitting_configs, resolve_prior_params, validate_glmm_config
+from splisosm.glmm import _newton
+from splisosm.glmm._fitting import (
+    FitResult,
+    check_device,
+    logger_from_outcome,
+    make_logger,
+    make_optimizer,
+    optimizer_step,
+    report_fit,
+    run_training,
+)
+from splisosm.glmm._likelihood import (
+    LOW_VARIANCE_WARNING,
+    MAX_THETA,
+    MIN_VARIANCE,
+    GuardedSystem,
+    gaussian_loglik,
+    log_prior,
+    variance_components,
+)
+from splisosm.glmm.laplace import LaplaceSystem, symmetric_precision
+from splisosm.ops import fixed_effect_info, multinom_probs, multinom_terms
+from splisosm.ops.engine import engine_runs, joint_gd_fit
+
+__all__ = ["MultinomGLM", "MultinomGLMM"]
+
+MARGINAL_METHODS = ("marginal_gd", "marginal_newton")
+DENSE_MARGINAL_WARN_N = 300
+
+
+def _as_tensor(x, dtype: torch.dtype, device: torch.device, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        t = x.to_dense() if x.is_sparse else x
+    elif hasattr(x, "toarray"):
+        t = torch.from_numpy(np.asarray(x.toarray()))
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"`{name}` must be array-like, got {type(x)}") from exc
+    return t.to(device=device, dtype=dtype)
+
+
+def _prepare_counts(counts, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Counts as a dense ``(G, n, m)`` tensor; one isoform (``m = 1``) raises
+    ``NotImplementedError``, as in splisosm 1.2.0."""
+    Y = _as_tensor(counts, dtype, device, "counts")
+    if Y.dim() == 2:
+        Y = Y.unsqueeze(0)
+    if Y.dim() != 3:
+        raise ValueError(f"`counts` must be 2-D (n, m) or 3-D (G, n, m), got {Y.dim()}-D")
+    if Y.shape[-1] < 2:
+        raise NotImplementedError("A gene needs at least two isoforms; got one.")
+    return Y.contiguous()
+
+
+def _prepare_design(design, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Design ``(n, P)`` (``(1, n, P)`` accepted); ``None`` gives ``P = 0``."""
+    if design is None:
+        return torch.zeros(n, 0, dtype=dtype, device=device)
+    X = _as_tensor(design, dtype, device, "design_mtx")
+    if X.dim() == 3:
+        if X.shape[0] != 1:
+            raise ValueError("A batched design matrix (first dimension != 1) is not supported.")
+        X = X[0]
+    if X.dim() == 1:
+        X = X[:, None]
+    if X.dim() != 2 or X.shape[0] != n:
+        raise ValueError(f"`design_mtx` must have shape ({n}, P), got {tuple(X.shape)}")
+    return X.contiguous()
+
+
+def _omega(beta: Tensor, bias: Tensor) -> Tensor:
+    """Fixed effects flattened isoform-major with the intercept last: ``(G, q (P + 1))``."""
+    return torch.cat([beta.transpose(1, 2), bias[..., None]], dim=-1).flatten(1)
+
+
+def _split_omega(omega: Tensor, P: int, q: int) -> tuple[Tensor, Tensor]:
+    w = omega.reshape(omega.shape[0], q, P + 1)
+    return w[..., :P].transpose(1, 2), w[..., P]
+
+
+def _ridge_solve(A: Tensor, b: Tensor) -> Tensor:
+    """``(A + 1e-5 I)^-1 b`` in float64, returned in ``b``'s dtype.
+
+    A design that one-hot encodes every level of a factor is collinear with the intercept
+    (categorical obs columns keep all their levels), so only the 1e-5 ridge makes the
+    information invertible; in float32 that is below round-off and the solve fails as singular.
+    """
+    eye = torch.eye(A.shape[-1], dtype=torch.float64, device=A.device)
+    return torch.linalg.solve(A.double() + 1e-5 * eye, b.double()).to(b.dtype)
+
+
+def _fixed_effect_newton(X: Tensor, W: Tensor, grad: Tensor) -> Tensor:
+    """Newton direction for the fixed effects, ``(X~^T W X~ + 1e-5 I)^-1 X~^T r``."""
+    info, score = fixed_effect_info(X, W, grad)
+    return _ridge_solve(info, score)
+
+
+class _CountModel(nn.Module):
+    """Shared data handling of the GLM and the GLMM."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.n_genes = self.n_spots = self.n_isos = self.n_factors = None
+        self.logger = None
+        self.fitting_time = 0.0
+
+    def _set_data(self, counts, design_mtx, device) -> None:
+        self.device = check_device(device)
+        self.counts = _prepare_counts(counts, self.dtype, self.device)
+        self.n_genes, self.n_spots, self.n_isos = self.counts.shape
+        self.X = _prepare_design(design_mtx, self.n_spots, self.dtype, self.device)
+        self.n_factors = self.X.shape[1]
+
+    @property
+    def design_mtx(self) -> Tensor:
+        return self.X
+
+    @property
+    def X_spot(self) -> Tensor:
+        """The design as ``(1, n, P)``: the name and layout splisosm 1.2.0 exposes."""
+        return self.X.unsqueeze(0)
+
+    @property
+    def convergence(self) -> Tensor:
+        """``(G,)`` convergence flags of the last :meth:`fit` (all False before fitting)."""
+        if self.logger is None:
+            return torch.zeros(self.n_genes, dtype=torch.bool, device=self.device)
+        return self.logger.converged
+
+    def _fixed_eta(self) -> Tensor:
+        return torch.matmul(self.X, self.beta) + self.bias_eta[:, None, :]
+
+    def get_isoform_ratio(self) -> Tensor:
+        """Fitted isoform ratios ``(G, n, m)``."""
+        with torch.no_grad():
+            return multinom_probs(self._eta())
+
+    def update_params_from_dict(self, params: dict) -> None:
+        """Overwrite a subset of parameters (by name) in place."""
+        own = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in params.items():
+                if name not in own:
+                    raise KeyError(f"Unknown parameter {name!r}; known: {', '.join(own)}")
+                own[name].copy_(torch.as_tensor(value).to(own[name]))
+
+    # First line as printed by splisosm 1.2.0, which scripts and notebooks may match on.
+    _title = ""
+
+    def _description(self) -> list[str]:
+        """Model-specific lines of :meth:`__str__`."""
+        return []
+
+    def __str__(self) -> str:
+        lines = [
+            self._title,
+            f"- Class: {type(self).__name__}",
+            f"- Genes in batch: {self.n_genes}",
+            f"- Spots: {self.n_spots}",
+            f"- Isoforms per gene: {self.n_isos}",
+            f"- Covariates: {self.n_factors}",
+            *self._description(),
+            f"- Fitting method: {self.fitting_method}",
+            f"- Fitting configs: {self.fitting_configs}",
+        ]
+        if self.logger is None:
+            lines.append("- Training: not fitted")
+        else:
+            lg = self.logger
+            lines.append(
+                f"- Training: {int(lg.converged.sum())} / {self.n_genes} genes converged in "
+                f"{self.fitting_time:.2f} s; median best epoch {int(lg.best_epoch.median())}, "
+                f"median best loss {float(lg.best_loss.median()):.4f}")
+        return "\n".join(lines)
+
+    # nn.Module's repr lists submodules, of which these models have none
+    __repr__ = __str__
+
+    def _fit_report(self, result, store_param_history: bool):
+        self.logger = result.logger
+        self.fitting_time = result.fitting_time
+        if store_param_history:
+            return {"loss": result.logger.loss_history, "params": result.param_history}
+        return None
+
+
+class MultinomGLM(_CountModel):
+    """Multinomial GLM ``eta = X beta + 1 bias^T``, the reference isoform at logit 0.
+
+    Parameters
+    ----------
+    fitting_method
+        ``'iwls'`` (default), ``'newton'`` or ``'gd'``.
+    fitting_configs
+        Overrides of ``lr, optim, tol, tol_relative, max_epochs, patience``.
+    dtype
+        Parameter dtype (float32 by default; float64 for tests).
+    """
+
+    _title = "A Multinomial Generalized Linear Model (GLM)"
+
+    def __init__(self, fitting_method: str = "iwls", fitting_configs: dict | None = None, *,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(dtype)
+        self.fitting_method = GLMFittingMethod.check("fitting_method", fitting_method)
+        self.fitting_configs = resolve_fitting_configs(fitting_method, fitting_configs)
+
+    def setup_data(self, counts, design_mtx=None, device: str = "cpu") -> None:
+        """Attach counts ``(G, n, m)`` or ``(n, m)`` and an optional design ``(n, P)``."""
+        self._set_data(counts, design_mtx, device)
+        G, q, P = self.n_genes, self.n_isos - 1, self.n_factors
+        opts = {"dtype": self.dtype, "device": self.device}
+        self.beta = nn.Parameter(torch.zeros(G, P, q, **opts))
+        self.bias_eta = nn.Parameter(torch.zeros(G, q, **opts))
+
+    def _eta(self) -> Tensor:
+        return self._fixed_eta()
+
+    def forward(self) -> Tensor:
+        """Per-gene multinomial log-likelihood ``(G,)``."""
+        return multinom_terms(self._eta(), self.counts)[0]
+
+    def clone(self) -> MultinomGLM:
+        new = MultinomGLM(self.fitting_method, dict(self.fitting_configs), dtype=self.dtype)
+        new.setup_data(self.counts, self.X, self.device.type)
+        new.load_state_dict(self.state_dict())
+        return new
+
+    def _newton_epoch(self, active: Tensor, scale: float, iwls: bool) -> None:
+        with torch.no_grad():
+            eta = self._eta()
+            _, grad, W = multinom_terms(eta, self.counts)
+            omega = _omega(self.beta, self.bias_eta)
+            if iwls:
+                y_work = eta + _ridge_solve(W, grad.unsqueeze(-1))[..., 0]
+                info, rhs = fixed_effect_info(self.X, W, torch.einsum("gsjk,gsk->gsj", W, y_work))
+                new = _ridge_solve(info, rhs)
+            else:
+                new = omega + scale * _fixed_effect_newton(self.X, W, grad)
+            new = torch.where(active[:, None], new, omega)
+            beta, bias = _split_omega(new, self.n_factors, self.n_isos - 1)
+            self.beta.copy_(beta)
+            self.bias_eta.copy_(bias)
+
+    def fit(self, store_param_history: bool = False, verbose: bool = False, quiet: bool = False,
+            random_seed: int | None = None, diagnose: bool | None = None):
+        """Fit by IWLS, Newton or gradient descent with per-gene early stopping.
+
+        Updates touch only the genes not yet converged; the loss is ``-l_mult`` per gene.
+        """
+        store_param_history = _resolve_diagnose(store_param_history, diagnose)
+        if random_seed is not None:
+            torch.manual_seed(random_seed)
+        params = dict(self.named_parameters())
+        logger = make_logger(params, self.fitting_configs)
+        fused = self.fitting_method == "gd"
+        if fused:
+            optimizer = make_optimizer(list(params.values()), self.fitting_configs)
+
+            def step(epoch: int, active: Tensor, record) -> bool:
+                # summed over the genes still active once this epoch's loss has been logged
+                return optimizer_step(
+                    optimizer, lambda: -self.forward(), record,
+                    reduce=lambda loss: (loss * (~logger.stopped).to(loss.dtype)).sum())
+        else:
+            def step(epoch: int, active: Tensor) -> None:
+                self._newton_epoch(active, 0.9, self.fitting_method == "iwls")
+
+        result = run_training(params, lambda: -self.forward(), step, self.fitting_configs,
+                              fused=fused, store_param_history=store_param_history,
+                              verbose=verbose, quiet=quiet, logger=logger)
+        return self._fit_report(result, store_param_history)
+
+
+def _resolve_diagnose(store_param_history: bool, diagnose: bool | None) -> bool:
+    if diagnose is not None:
+        warnings.warn("`diagnose` is deprecated; use `store_param_history`.", DeprecationWarning,
+                      stacklevel=3)
+        return bool(diagnose)
+    return bool(store_param_history)
+
+
+class MultinomGLMM(_CountModel):
+    """Multinomial GLMM with a spatial Gaussian random effect per isoform.
+
+    ``eta = nu + X beta + 1 bias^T``; column ``j`` of ``nu`` has prior covariance
+    ``Sigma_j = v (theta K + (1 - theta) I)`` with ``v = max(sigma^2, 0.01)`` and
+    ``theta = sigmoid(theta_logit)``.
+
+    Parameters
+    ----------
+    share_variance
+        One variance component for all isoforms (``C = 1``) or one per isoform (``C = q``).
+    var_fix_sigma
+        Keep ``sigma`` at its Fano initial value (only ``theta_logit`` is learned).
+    var_prior_model, var_prior_model_params
+        ``'none'``, ``'gamma'`` or ``'inv_gamma'``; parameters merged over the documented
+        defaults (gamma ``alpha=2, beta=0.3``; inverse gamma ``alpha=3, beta=0.5``).
+    init_ratio
+        ``'uniform'`` (all ratios equal) or ``'observed'`` (the intercept at the gene's pooled
+        log-ratios, with 0.5 added to each count; the random effect starts at 0 either way).
+    fitting_method
+        ``'joint_gd'``, ``'joint_newton'``, ``'marginal_gd'`` or ``'marginal_newton'``.
+    fitting_configs
+        Overrides of the method's defaults (base ``lr=1e-2, optim='adam', tol=1e-5,
+        max_epochs=1000, patience=5``, then per method, then these); validated here, at
+        construction.
+    dtype
+        Parameter dtype (float32 by default; float64 for tests).
+    """
+
+    _title = "A Multinomial Generalized Linear Mixed Model (GLMM)"
+    _null_model = False
+
+    def __init__(self, share_variance: bool = True, var_fix_sigma: bool = True,
+                 var_prior_model: str = "none", var_prior_model_params: dict | None = None,
+                 init_ratio: str = "uniform", fitting_method: str = "joint_gd",
+                 fitting_configs: dict | None = None, *, dtype: torch.dtype = torch.float32
+                 ) -> None:
+        super().__init__(dtype)
+        self.fitting_configs = validate_glmm_config(
+            fitting_method=fitting_method, init_ratio=init_ratio,
+            var_prior_model=var_prior_model, var_fix_sigma=var_fix_sigma,
+            fitting_configs=fitting_configs, null_model=self._null_model)
+        self.share_variance = bool(share_variance)
+        self.var_fix_sigma = bool(var_fix_sigma)
+        self.var_prior_model = var_prior_model
+        self.var_prior_model_params = resolve_prior_params(var_prior_model,
+                                                           var_prior_model_params)
+        self.init_ratio = init_ratio
+        self.fitting_method = fitting_method
+        self._user_fitting_configs = dict(fitting_configs or {})
+        self.corr_sp_eigvals = self.corr_sp_eigvecs = self.corr_sp_precision = None
+        self._pairs_given = None
+
+    # ----------------------------------------------------------------- data and parameters
+    def setup_data(self, counts, corr_sp=None, design_mtx=None, device: str = "cpu",
+                   corr_sp_eigvals=None, corr_sp_eigvecs=None, corr_sp_precision=None) -> None:
+        """Attach counts, design and the spatial covariance; initialise the parameters.
+
+        The covariance is a dense ``corr_sp`` (eigendecomposed here, full rank), eigenpairs
+        ``corr_sp_eigvals (r,)`` / ``corr_sp_eigvecs (n, r)``, or (extension) a scipy sparse
+        ``corr_sp_precision`` ``K^-1`` for the exact sparse route.
+        """
+        self._set_data(counts, design_mtx, device)
+        self._set_spatial(corr_sp, corr_sp_eigvals, corr_sp_eigvecs, corr_sp_precision)
+        self._init_params()
+        if (self.fitting_method == "marginal_gd" and self.n_spots > DENSE_MARGINAL_WARN_N
+                and self.system.route == "eigen" and self.system.rank == self.n_spots):
+            warnings.warn(
+                "marginal_gd with a full-rank kernel but no sparse precision differentiates a "
+                f"dense (nq x nq) log-determinant; n = {self.n_spots} > {DENSE_MARGINAL_WARN_N} "
+                "makes this slow (pass corr_sp_precision as well, or use approximate eigenpairs).",
+                UserWarning, stacklevel=2)
+
+    def _set_spatial(self, corr_sp, eigvals, eigvecs, precision) -> None:
+        n = self.n_spots
+        if precision is not None:
+            precision = symmetric_precision(precision, n, "corr_sp_precision")
+        if corr_sp is not None:
+            if eigvals is not None or eigvecs is not None:
+                warnings.warn("Both corr_sp and its eigenpairs were given; the eigenpairs are "
+                              "ignored.", UserWarning, stacklevel=3)
+            K = _as_tensor(corr_sp, torch.float64, torch.device("cpu"), "corr_sp")
+            if K.shape != (n, n):
+                raise ValueError(f"`corr_sp` must be ({n}, {n}), got {tuple(K.shape)}")
+            lam, vec = torch.linalg.eigh((K + K.T) / 2)
+            eigvals, eigvecs = lam.flip(0), vec.flip(1)
+        self._pairs_given = None
+        if eigvals is not None or eigvecs is not None:
+            if eigvals is None or eigvecs is None:
+                raise ValueError("Both corr_sp_eigvals and corr_sp_eigvecs are required.")
+            # The Laplace system works in float64 on the CPU: built from the pairs as given
+            # (typically one float64 array shared by every model of a dataset), it needs no
+            # float64 copy of its own per model.
+            self._pairs_given = (eigvals, eigvecs)
+            eigvals = _as_tensor(eigvals, self.dtype, self.device, "corr_sp_eigvals").reshape(-1)
+            eigvecs = _as_tensor(eigvecs, self.dtype, self.device, "corr_sp_eigvecs")
+            if eigvecs.dim() != 2 or eigvecs.shape != (n, eigvals.shape[0]):
+                raise ValueError(f"`corr_sp_eigvecs` must be ({n}, {eigvals.shape[0]}) to match "
+                                 f"the eigenvalues, got {tuple(eigvecs.shape)}")
+            self.corr_sp_eigvals, self.corr_sp_eigvecs = eigvals, eigvecs
+            self.corr_sp_precision = precision
+        elif precision is not None:
+            self.corr_sp_eigvals = self.corr_sp_eigvecs = None
+            self.corr_sp_precision = precision
+        else:
+            raise ValueError("A spatial covariance is required: pass corr_sp, both "
+                             "corr_sp_eigvals and corr_sp_eigvecs, or corr_sp_precision.")
+        self._system = None
+
+    @property
+    def system(self):
+        """The structured Laplace system for this model's spatial covariance."""
+        if self._system is None:
+            self._system = GuardedSystem(self._build_system(LaplaceSystem))
+        return self._system
+
+    def _build_system(self, cls):
+        evals = evecs = None
+        if self._pairs_given is not None:
+            cpu = torch.device("cpu")
+            evals = _as_tensor(self._pairs_given[0], torch.float64, cpu, "corr_sp_eigvals")
+            evecs = _as_tensor(self._pairs_given[1], torch.float64, cpu, "corr_sp_eigvecs")
+        return cls(self.n_spots, evals=None if evals is None else evals.reshape(-1), evecs=evecs,
+                   precision=self.corr_sp_precision)
+
+    def _init_params(self) -> None:
+        G, n, m = self.counts.shape
+        q, P = m - 1, self.n_factors
+        C = 1 if self.share_variance else q
+        opts = {"dtype": self.dtype, "device": self.device}
+        Y = self.counts
+        nu = torch.zeros(G, n, q, **opts)
+        bias = torch.zeros(G, q, **opts)
+        if self.init_ratio == "observed":
+            # The gene's pooled ratios start the intercept; the random effect starts at 0. Spot
+            # log-ratios as its start (splisosm 1.2.0) put every zero count near +-11.5, which
+            # 500 Adam epochs of step ~lr cannot undo: the random effect then still mirrors the
+            # spots' own ratios, the residuals shrink, and the DU score test loses its power.
+            pooled = Y.sum(1)
+            bias = torch.log((pooled[:, :q] + 0.5) / (pooled[:, q:] + 0.5)).to(**opts)
+        var = Y.var(dim=1) if n > 1 else torch.zeros(G, m, **opts)
+        fano = var.mean(-1) / Y.sum(-1).mean(-1).clamp(min=1.0)
+        sigma = fano.clamp(1e-4, 0.9).sqrt()[:, None].expand(G, C)
+        self.nu = nn.Parameter(nu.contiguous())
+        self.beta = nn.Parameter(torch.zeros(G, P, q, **opts))
+        self.bias_eta = nn.Parameter(bias.contiguous())
+        self.sigma = nn.Parameter(sigma.contiguous(), requires_grad=not self.var_fix_sigma)
+        self.theta_logit = nn.Parameter(torch.full((G, C), -3.0, **opts))
+        self._freeze_null()
+
+    def _freeze_null(self) -> None:
+        """Hook for null models (theta pinned at zero)."""
+
+    # ----------------------------------------------------------------------- likelihoods
+    def _eta(self) -> Tensor:
+        return self.nu + self._fixed_eta()
+
+    def _variance(self, warn: bool = True) -> tuple[Tensor, Tensor]:
+        return variance_components(self.sigma, self.theta_logit, self.n_isos - 1, warn=warn)
+
+    def _log_prior(self) -> Tensor:
+        return log_prior(self.sigma, self.var_prior_model, self.var_prior_model_params)
+
+    def _joint_parts(self, nu: Tensor | None = None) -> dict[str, Tensor]:
+        """Joint log-likelihood and its multinomial/Gaussian pieces at ``nu``."""
+        nu = self.nu if nu is None else nu
+        eta = nu + self._fixed_eta()
+        l_mult, grad, W = multinom_terms(eta, self.counts)
+        v, theta = self._variance()
+        quad, logdet_sigma, _ = self.system.prior_terms(nu, v, theta, with_precision=False)
+        l_mvn = gaussian_loglik(quad, logdet_sigma, self.n_spots, self.n_isos - 1)
+        l_joint = l_mult + l_mvn + self._log_prior()
+        return {"joint": l_joint, "grad": grad, "W": W, "v": v, "theta": theta}
+
+    def joint_loglik(self) -> Tensor:
+        """Per-gene joint log-likelihood ``l_J = l_mult + sum_j l_MVN(nu_j) + l_prior`` ``(G,)``."""
+        return self._joint_parts()["joint"]
+
+    def marginal_loglik(self) -> Tensor:
+        """Per-gene Laplace marginal ``l_J - 1/2 log det(Sigma^-1 + W)`` at the current ``nu``.
+
+        Differentiable when gradients are enabled (the structured log-determinant gradients of
+        :meth:`splisosm.glmm.laplace.LaplaceSystem.logdet`).
+        """
+        parts = self._joint_parts()
+        # float64 curvature: float32 blocks of spots with extreme probabilities can be
+        # numerically indefinite
+        W = parts["W"]
+        if W.dtype != torch.float64:
+            W = multinom_terms(self._eta().to(torch.float64), self.counts.to(torch.float64))[2]
+        v, theta = parts["v"].to(torch.float64), parts["theta"].to(torch.float64)
+        return parts["joint"] - 0.5 * self.system.logdet(W, v, theta).to(parts["joint"].dtype)
+
+    def forward(self) -> Tensor:
+        """Laplace marginal ``l_M`` for marginal methods, joint ``l_J`` otherwise ``(G,)``."""
+        if self.fitting_method in MARGINAL_METHODS:
+            return self.marginal_loglik()
+        return self.joint_loglik()
+
+    # ---------------------------------------------------------------------------- fitting
+    def fit(self, store_param_history: bool = False, verbose: bool = False, quiet: bool = False,
+            random_seed: int | None = None, diagnose: bool | None = None):
+        """Fit with the configured method and per-gene early stopping.
+
+        Each gene keeps the parameters of its best epoch and converges once ``patience`` epochs
+        in a row bring no improvement of at least ``tol`` (relative with ``tol_relative``).
+
+        Returns ``{'loss': (epochs, G), 'params': [...]}`` when history is requested.
+        """
+        store_param_history = _resolve_diagnose(store_param_history, diagnose)
+        method = self.fitting_method
+        if random_seed is not None:
+            torch.manual_seed(random_seed)
+        if method == "joint_gd" and not (store_param_history or verbose) and self._use_engine():
+            _fit_native([self], quiet)
+            return None
+        params = dict(self.named_parameters())
+        fused = method in ("joint_gd", "marginal_gd")
+        if fused:
+            optimizer = make_optimizer(list(params.values()), self.fitting_configs)
+            # Each gene descends its own objective (a sum, not a batch mean), so a gene's fit
+            # does not depend on its batch-mates; L-BFGS couples them through its line search.
+            reduce = None if self.fitting_configs["optim"] == "lbfgs" else torch.sum
+
+            def step(epoch: int, active: Tensor, record) -> bool:
+                return optimizer_step(optimizer, lambda: -self.forward(), record, reduce)
+        elif method == "joint_newton":
+            step = _newton.JointNewton(self).step
+        else:
+            fitter = _newton.MarginalNewton(self)
+            step = fitter.step
+
+            def loss() -> Tensor:  # the step already evaluated l_M at the new state
+                return -fitter.objective
+        if method != "marginal_newton":
+            def loss() -> Tensor:
+                return -self.forward()
+        result = run_training(params, loss, step, self.fitting_configs, fused=fused,
+                              store_param_history=store_param_history, verbose=verbose,
+                              quiet=quiet, positive_params=("sigma",))
+        return self._fit_report(result, store_param_history)
+
+    def _use_engine(self) -> bool:
+        """Whether the native engine can run this model's ``joint_gd`` fit: Adam or SGD, a
+        kernel given by eigenpairs (or a null model), and a device with the compiled op."""
+        null = not self.theta_logit.requires_grad
+        return engine_runs(self.fitting_method, self.fitting_configs["optim"],
+                           null or self.corr_sp_eigvecs is not None, self.device)
+
+    def _engine_settings(self) -> dict[str, Any]:
+        """The settings of this model's fit, as :func:`splisosm.ops.engine.joint_gd_fit` takes
+        them (models with equal settings can share one engine call)."""
+        return {"train_sigma": not self.var_fix_sigma,
+                "train_theta": self.theta_logit.requires_grad,
+                "prior": self.var_prior_model,
+                "prior_params": dict(self.var_prior_model_params),
+                "min_variance": MIN_VARIANCE, "max_theta": MAX_THETA,
+                "configs": dict(self.fitting_configs)}
+
+    def _engine_kernel(self) -> tuple[Tensor, Tensor]:
+        """Eigenvalues and eigenvectors of the prior, none (``r = 0``) for a null model."""
+        if not self.theta_logit.requires_grad:
+            return self.counts.new_zeros(0), self.counts.new_zeros(self.n_spots, 0)
+        return self.corr_sp_eigvals, self.corr_sp_eigvecs
+
+    # ------------------------------------------------------------------------- utilities
+    def _config_kwargs(self) -> dict:
+        return {"share_variance": self.share_variance, "var_fix_sigma": self.var_fix_sigma,
+                "var_prior_model": self.var_prior_model,
+                "var_prior_model_params": dict(self.var_prior_model_params),
+                "init_ratio": self.init_ratio, "fitting_method": self.fitting_method,
+                "fitting_configs": dict(self._user_fitting_configs), "dtype": self.dtype}
+
+    def _copy_data_from(self, other: MultinomGLMM) -> None:
+        """Share ``other``'s counts, design and spatial inputs and copy its parameters."""
+        self.device = other.device
+        self.counts, self.X = other.counts, other.X
+        self.n_genes, self.n_spots, self.n_isos = other.n_genes, other.n_spots, other.n_isos
+        self.n_factors = other.n_factors
+        self.corr_sp_eigvals, self.corr_sp_eigvecs = other.corr_sp_eigvals, other.corr_sp_eigvecs
+        self._pairs_given = other._pairs_given
+        self.corr_sp_precision = other.corr_sp_precision
+        self._system = other.system
+        self._init_params()
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(getattr(other, name).detach())
+
+    def clone(self) -> MultinomGLMM:
+        """Same configuration, data, spatial inputs and parameters (no fit state)."""
+        new = type(self)(**self._config_kwargs())
+        new._copy_data_from(self)
+        return new
+
+    def _description(self) -> list[str]:
+        return [
+            f"- Variance: learnable {not self.var_fix_sigma}, shared across isoforms "
+            f"{self.share_variance}, prior {self.var_prior_model}",
+            f"- Initial ratios: {self.init_ratio}",
+        ]
+
+
+def fit_together(models: Sequence[MultinomGLMM], *, quiet: bool = True,
+                 random_seed: int | None = None) -> None:
+    """Fit several models set up with the same design and spatial kernel (one model per isoform
+    count, say), each by its own configuration.
+
+    Where the native engine runs all of them with equal settings, they share one engine call, in
+    which each product with the kernel's eigenvectors covers the genes of every model; a gene's
+    fit is the same as in a call of its own. Otherwise each model is fitted in turn.
+    """
+    if len(models) > 1 and all(m._use_engine() for m in models):
+        settings = models[0]._engine_settings()
+        if all(m._engine_settings() == settings for m in models[1:]):
+            _fit_native(models, quiet)
+            return
+    for model in models:
+        model.fit(quiet=quiet, random_seed=random_seed)
+
+
+def _fit_native(models: Sequence[MultinomGLMM], quiet: bool) -> None:
+    """One engine call for ``models`` (equal engine settings, shared design and kernel)."""
+    first = models[0]
+    evals, evecs = first._engine_kernel()
+    params = [{name: p.detach() for name, p in m.named_parameters()} for m in models]
+    start = time.perf_counter()
+    fits, low_variance = joint_gd_fit([m.counts for m in models], first.X, evals, evecs, params,
+                                      **first._engine_settings())
+    fitting_time = time.perf_counter() - start
+    if low_variance:
+        warnings.warn(LOW_VARIANCE_WARNING, UserWarning, stacklevel=3)
+    n_bad = sum(int((~torch.isfinite(fit.loss_history)).any(0).sum()) for fit in fits)
+    if n_bad:
+        warnings.warn(f"Non-finite loss for {n_bad} gene(s) during the fit.", UserWarning,
+                      stacklevel=3)
+    n_genes = sum(m.n_genes for m in models)
+    for model, fit in zip(models, fits):
+        with torch.no_grad():
+            for name, value in fit.params.items():
+                getattr(model, name).copy_(value)
+        logger = logger_from_outcome(model.fitting_configs, fit.loss_history, fit.best_loss,
+                                     fit.best_epoch, fit.converged)
+        share = fitting_time * model.n_genes / n_genes
+        if not quiet:
+            report_fit(logger, share)
+        model._fit_report(FitResult(logger, share), False)

@@ -1,0 +1,103 @@
+"""The splisosm-glmm command line: demo, run, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from splisosm.cli import main
+from splisosm.data.simulation import simulate_isoform_data
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--max-epochs", "30", "--batch-size", "50"]
+
+
+def test_demo_small(tmp_path, capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--n-genes", "15", "--grid", "8", "--out", str(out), *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "Top differential-usage hits" in captured.out and str(out) in captured.out
+    assert "Fitting" in captured.err  # progress on stderr
+    du = pd.read_csv(out / "du_results.csv")
+    assert list(du.columns[:5]) == ["gene", "covariate", "statistic", "pvalue", "pvalue_adj"]
+    assert len(du) == 15
+    summary = pd.read_csv(out / "training_summary.csv")
+    assert list(summary.columns) == ["gene", "model_type", "converged", "best_loss", "best_epoch", "fitting_time_s"]
+
+
+@pytest.fixture
+def h5ad(tmp_path):
+    adata = simulate_isoform_data(n_genes=6, n_isoforms=[2, 3] * 3, grid_size=(8, 8), du_fraction=0.5, seed=4)
+    adata.var["label"] = [f"L_{g}" for g in adata.var["gene_symbol"]]
+    path = tmp_path / "data.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def test_run_writes_tables(h5ad, tmp_path, capsys) -> None:
+    out = tmp_path / "res"
+    code = main(["run", str(h5ad), "--out", str(out), "--design", "covariate", "--gene-names", "label",
+                 "--sv", *FAST])
+    assert code == 0
+    for stem in ("du_results", "sv_results", "training_summary"):
+        table = pd.read_csv(out / f"{stem}.csv")
+        assert len(table) == 6 and table["gene"].str.startswith("L_").all()
+    assert "Top spatially variable genes" in capsys.readouterr().out
+
+
+def test_run_glm_wald(h5ad, tmp_path) -> None:
+    out = tmp_path / "wald"
+    assert main(["run", str(h5ad), "--out", str(out), "--design", "covariate", "--model-type", "glm",
+                 "--du-method", "wald"]) == 0
+    assert (out / "du_results.csv").exists() and not (out / "sv_results.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--layer", "raw"], "layer"),
+        (["--design", "nope"], "nope"),
+        (["--group-iso-by", "gene"], "group_iso_by"),
+    ],
+)
+def test_run_user_errors_are_one_line(h5ad, tmp_path, capsys, extra, message) -> None:
+    assert main(["run", str(h5ad), "--out", str(tmp_path / "x"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("splisosm-glmm: error:") and message in err[0]
+
+
+def test_missing_input_file(tmp_path, capsys) -> None:
+    assert main(["run", str(tmp_path / "none.h5ad"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_module_entry_point_exit_status(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "splisosm.cli", "run", str(tmp_path / "none.h5ad"), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    usage = subprocess.run([sys.executable, "-m", "splisosm.cli"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_calibrated_configuration_is_the_default() -> None:
+    from splisosm.cli import build_parser
+
+    for command in (["run", "data.h5ad", "--out", "res"], ["demo"]):
+        args = build_parser().parse_args(command)
+        assert args.fitting_method == "marginal_newton"
+    args = build_parser().parse_args(["run", "data.h5ad", "--out", "res"])
+    assert args.du_method == "marginal-score" and args.sv_method == "score"
+
+
+def test_run_sv_llr(h5ad, tmp_path) -> None:
+    out = tmp_path / "llr"
+    assert main(["run", str(h5ad), "--out", str(out), "--sv", "--sv-method", "llr", *FAST]) == 0
+    table = pd.read_csv(out / "sv_results.csv")
+    assert len(table) == 6 and table["pvalue"].between(0, 1).all()

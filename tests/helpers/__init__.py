@@ -1,0 +1,1 @@
+"""Test helpers: simulated AnnData, reference implementations of the models, random op inputs."""
