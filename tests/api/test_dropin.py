@@ -19,7 +19,7 @@ from helpers.reference_models import car_kernel, simulate_counts
 from splisosm.hyptest_glmm import _APPROX_RANK_AUTO, IsoFullModel, IsoNullNoSpVar, SplisosmGLMM
 from splisosm.kernel import IdentityKernel, SpatialCovKernel
 from splisosm.model import MultinomGLM, MultinomGLMM
-from splisosm.spatial.kernel import mutual_knn_adjacency
+from splisosm.spatial.graph import mutual_knn_adjacency
 
 REQUIRED = inspect.Parameter.empty
 FAST = {"max_epochs": 5}

@@ -161,7 +161,7 @@ def set_up(
     if adj_key is not None:
         adjacency = _dataset.symmetrised_adjacency(adata.obsp[adj_key], adj_key)
     elif min_component_size > 1 or (full and coords is not None):
-        from splisosm.spatial.kernel import mutual_knn_adjacency
+        from splisosm.spatial.graph import mutual_knn_adjacency
 
         adjacency = mutual_knn_adjacency(coords, config.k_neighbors)
     if min_component_size > 1:

@@ -23,216 +23,27 @@ from typing import Any
 import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
-import scipy.sparse.csgraph as csgraph
 import scipy.sparse.linalg as spla
 import torch
-from scipy.spatial import cKDTree
 
-import splisosm.ops
+from splisosm.spatial.car import (
+    DIAG_FLOOR,
+    canonical_signs,
+    car_precision,
+    car_precision_factor,
+    center,
+    check_rho,
+    sparse_inverse_diagonal,
+    splu,
+)
+from splisosm.spatial.graph import as_csr, mutual_knn_adjacency
 
-__all__ = [
-    "DENSE_THRESHOLD",
-    "IdentityKernel",
-    "SpatialCovKernel",
-    "car_precision",
-    "car_precision_factor",
-    "connected_components",
-    "mutual_knn_adjacency",
-    "null_eigenpairs",
-]
+__all__ = ["DENSE_THRESHOLD", "IdentityKernel", "SpatialCovKernel", "null_eigenpairs"]
 
 DENSE_THRESHOLD = 5000
 """Largest number of spots for which the kernel is held as a dense matrix."""
 
-_DIAG_FLOOR = 1e-12
 _SOLVE_BLOCK = 256  # right-hand sides per sparse-LU solve when probing the inverse column by column
-_TIE_RTOL = 1e-9  # neighbour distances closer than this (relative) count as ties
-
-
-# --------------------------------------------------------------------------------------------
-# Graph construction
-# --------------------------------------------------------------------------------------------
-
-
-def _sorted_neighbours(tree: cKDTree, coords: np.ndarray, kk: int) -> np.ndarray:
-    """The ``kk`` nearest points of every point, ties in distance broken by smaller index.
-
-    KD-tree queries order equidistant points arbitrarily, so a few extra neighbours are queried,
-    re-sorted by (rounded distance, index), and rows whose tie group may extend beyond the queried
-    set are resolved exactly with a radius query.
-    """
-    n = coords.shape[0]
-    n_query = min(n, kk + 8)
-    dist, idx = tree.query(coords, k=n_query)
-    dist = np.asarray(dist, dtype=np.float64).reshape(n, n_query)
-    idx = np.asarray(idx, dtype=np.int64).reshape(n, n_query)
-    scale = max(float(dist[:, -1].max()), np.finfo(np.float64).tiny)
-    tol = _TIE_RTOL * scale
-    key = np.round(dist / tol)
-    order = np.lexsort((idx, key), axis=-1)
-    nbrs = np.take_along_axis(idx, order, axis=-1)[:, :kk].copy()
-    if n_query < n:
-        open_ties = np.flatnonzero(key[:, n_query - 1] == key[:, kk - 1])
-        for i in open_ties:
-            ball = tree.query_ball_point(coords[i], dist[i, kk - 1] + 2 * tol)
-            cand = np.asarray(ball, dtype=np.int64)
-            cand_key = np.round(np.linalg.norm(coords[cand] - coords[i], axis=1) / tol)
-            nbrs[i] = cand[np.lexsort((cand, cand_key))][:kk]
-    return nbrs
-
-
-def mutual_knn_adjacency(coords: np.ndarray, k: int) -> sp.csr_matrix:
-    """Binary mutual k-nearest-neighbour graph of a set of points.
-
-    Every point's ``k + 1`` nearest points (Euclidean, itself included) are found; an edge
-    ``{s, t}`` is kept iff each is among the other's neighbours. Self-loops are removed, then
-    every point left without an edge gets a self-loop of weight 1 so it stays an isolated node.
-
-    Parameters
-    ----------
-    coords
-        ``(n, d)`` coordinates.
-    k
-        Number of neighbours (excluding the point itself), ``>= 1``.
-
-    Returns
-    -------
-    scipy.sparse.csr_matrix
-        Symmetric ``(n, n)`` float64 matrix of zeros and ones with sorted indices.
-
-    Notes
-    -----
-    Equidistant neighbours are ranked by index (distances within a relative ``1e-9`` of the
-    largest queried distance count as equal), so the graph is deterministic; on lattices whose
-    degree differs from ``k`` other tie-breaking rules give other graphs.
-    """
-    coords = np.asarray(coords, dtype=np.float64)
-    if coords.ndim != 2:
-        raise ValueError(f"`coords` must be a 2-D (n, d) array, got shape {coords.shape}")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"`k` must be a positive integer, got {k!r}")
-    if not np.all(np.isfinite(coords)):
-        raise ValueError("`coords` contains non-finite values")
-    n = coords.shape[0]
-    if n == 0:
-        raise ValueError("`coords` has no points")
-    kk = min(int(k) + 1, n)
-    nbrs = _sorted_neighbours(cKDTree(coords), coords, kk)
-    rows = np.repeat(np.arange(n), kk)
-    directed = sp.csr_matrix((np.ones(n * kk), (rows, nbrs.ravel())), shape=(n, n))
-    adj = directed.multiply(directed.T).tocsr()
-    adj.setdiag(0.0)
-    adj.eliminate_zeros()
-    isolated = np.diff(adj.indptr) == 0
-    adj = (adj + sp.diags(isolated.astype(np.float64))).tocsr()
-    adj.data[:] = 1.0
-    adj.sort_indices()
-    return adj
-
-
-def connected_components(adj: Any) -> tuple[int, np.ndarray]:
-    """Connected components of an undirected graph.
-
-    Parameters
-    ----------
-    adj
-        ``(n, n)`` adjacency (scipy sparse or dense); any non-zero entry is an edge.
-
-    Returns
-    -------
-    n_components
-        Number of components.
-    labels
-        ``(n,)`` int array, the component of every node.
-    """
-    n_comp, labels = csgraph.connected_components(sp.csr_matrix(adj), directed=False)
-    return int(n_comp), labels
-
-
-def _as_csr(adj: Any) -> sp.csr_matrix:
-    """Square float64 CSR copy of an adjacency given as scipy sparse, numpy or torch."""
-    if isinstance(adj, torch.Tensor):
-        adj = adj.to_dense().cpu().numpy() if adj.is_sparse else adj.detach().cpu().numpy()
-    mat = sp.csr_matrix(adj, dtype=np.float64)
-    if mat.ndim != 2 or mat.shape[0] != mat.shape[1]:
-        raise ValueError(f"adjacency must be a square matrix, got shape {mat.shape}")
-    if not np.all(np.isfinite(mat.data)):
-        raise ValueError("adjacency contains non-finite values")
-    mat.sum_duplicates()
-    mat.sort_indices()
-    return mat
-
-
-def _check_rho(rho: Any) -> float:
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
-        raise ValueError(f"`rho` must be a real number in [0, 1), got {rho!r}")
-    rho = float(rho)
-    if not math.isfinite(rho) or not 0.0 <= rho < 1.0:
-        raise ValueError(f"`rho` must be finite with 0 <= rho < 1, got {rho}")
-    return rho
-
-
-def car_precision(adj: sp.spmatrix, rho: float) -> sp.csr_matrix:
-    """CAR precision ``M = I - rho D^-1/2 A D^-1/2`` with ``d_s = max(sum_t A_st, 1e-12)``.
-
-    Parameters
-    ----------
-    adj
-        Symmetric ``(n, n)`` sparse adjacency.
-    rho
-        Spatial autocorrelation, ``0 <= rho < 1``.
-
-    Returns
-    -------
-    scipy.sparse.csr_matrix
-        ``(n, n)`` float64 precision with sorted indices.
-    """
-    adj = sp.csr_matrix(adj, dtype=np.float64)
-    deg = np.maximum(np.asarray(adj.sum(axis=1)).ravel(), _DIAG_FLOOR)
-    inv_sqrt = sp.diags(1.0 / np.sqrt(deg))
-    prec = (sp.identity(adj.shape[0], format="csr") - rho * (inv_sqrt @ adj @ inv_sqrt)).tocsr()
-    prec.sum_duplicates()
-    prec.sort_indices()
-    return prec
-
-
-def car_precision_factor(adj: sp.spmatrix, rho: float) -> sp.csr_matrix:
-    """Sparse ``B`` with ``B B^T = M``, the CAR precision of :func:`car_precision`.
-
-    ``I - D^-1/2 A D^-1/2 = D^-1/2 (D - A) D^-1/2`` and ``D - A = E E^T`` with ``E`` the weighted
-    incidence matrix (one column ``sqrt(w_st) (e_s - e_t)`` per edge; self-loops cancel), so
-    ``B = [diag(sqrt(c)), sqrt(rho) D^-1/2 E]`` with ``c_s = 1 - rho d_s^true / d_s`` (``1 - rho``
-    except on spots without neighbours, where the degree floor makes ``c_s = 1``).
-
-    Parameters
-    ----------
-    adj
-        Symmetric ``(n, n)`` sparse adjacency with non-negative weights.
-    rho
-        Spatial autocorrelation, ``0 <= rho < 1``.
-
-    Returns
-    -------
-    scipy.sparse.csr_matrix
-        ``(n, n + n_edges)`` float64 factor.
-    """
-    adj = sp.csr_matrix(adj, dtype=np.float64)
-    if adj.nnz and adj.data.min() < 0:
-        raise ValueError("the sparse precision factor needs non-negative adjacency weights")
-    n = adj.shape[0]
-    true_deg = np.asarray(adj.sum(axis=1)).ravel()
-    deg = np.maximum(true_deg, _DIAG_FLOOR)
-    upper = sp.triu(adj, k=1).tocoo()
-    n_edges = upper.nnz
-    edge = np.arange(n_edges)
-    weight = np.sqrt(upper.data)
-    incidence = sp.csr_matrix(
-        (np.r_[weight, -weight], (np.r_[upper.row, upper.col], np.r_[edge, edge])),
-        shape=(n, n_edges),
-    )
-    diag_part = sp.diags(np.sqrt(1.0 - rho * true_deg / deg))
-    edge_part = math.sqrt(rho) * (sp.diags(1.0 / np.sqrt(deg)) @ incidence)
-    return sp.hstack([diag_part, edge_part], format="csr")
 
 
 def null_eigenpairs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,42 +62,6 @@ def null_eigenpairs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         torch.ones(1, dtype=torch.float64),
         torch.full((n, 1), 1.0 / math.sqrt(n), dtype=torch.float64),
     )
-
-
-def _canonical_signs(evecs: np.ndarray) -> np.ndarray:
-    """Flip eigenvectors so the entry of largest magnitude is positive (deterministic output)."""
-    if evecs.shape[1] == 0:
-        return evecs
-    pivot = np.abs(evecs).argmax(axis=0)
-    signs = np.sign(evecs[pivot, np.arange(evecs.shape[1])])
-    signs[signs == 0] = 1.0
-    return evecs * signs
-
-
-def _center(x: np.ndarray) -> np.ndarray:
-    """``H x`` with ``H = I - 11^T / n`` (columns of ``x`` centred)."""
-    return x - x.mean(axis=0, keepdims=True)
-
-
-def _splu(mat: sp.spmatrix) -> spla.SuperLU:
-    """Sparse LU with a symmetric fill-reducing ordering (the matrices here are SPD)."""
-    return spla.splu(
-        sp.csc_matrix(mat),
-        permc_spec="MMD_AT_PLUS_A",
-        diag_pivot_thresh=0.0,
-        options={"SymmetricMode": True},
-    )
-
-
-def _sparse_inverse_diagonal(mat: sp.csr_matrix) -> np.ndarray:
-    """``diag(mat^-1)`` of an SPD sparse matrix by selected inversion of its sparse Cholesky factor
-    (:func:`splisosm.ops.sparse_inverse_diagonal`; its dense reference without a native kernel)."""
-    out = splisosm.ops.sparse_inverse_diagonal(
-        torch.from_numpy(mat.indptr.astype(np.int64)),
-        torch.from_numpy(mat.indices.astype(np.int64)),
-        torch.from_numpy(mat.data.astype(np.float64)),
-    )
-    return np.asarray(out.detach().cpu().numpy(), dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +130,7 @@ class _KernelBase:
         r = self._check_rank(rank)
         if self._eig_cache is None or self._eig_cache[0].shape[0] < r:
             evals, evecs = self._compute_eigenpairs(r)
-            self._eig_cache = (evals, _canonical_signs(evecs))
+            self._eig_cache = (evals, canonical_signs(evecs))
         evals, evecs = self._eig_cache
         # copies: callers may modify the tensors in place without touching the cache
         return torch.from_numpy(evals[:r].copy()), torch.from_numpy(evecs[:, :r].copy())
@@ -474,13 +249,13 @@ class SpatialCovKernel(_KernelBase):
     ) -> None:
         if (coords is None) == (adj_matrix is None):
             raise ValueError("exactly one of `coords` and `adj_matrix` must be given")
-        self.rho = _check_rho(rho)
+        self.rho = check_rho(rho)
         if coords is not None:
             if isinstance(coords, torch.Tensor):
                 coords = coords.detach().cpu().numpy()
             adj = mutual_knn_adjacency(np.asarray(coords, dtype=np.float64), k_neighbors)
         else:
-            adj = _as_csr(adj_matrix)
+            adj = as_csr(adj_matrix)
             if (adj != adj.T).nnz > 0:
                 warnings.warn(
                     "adjacency matrix is not symmetric; symmetrising it as (A + A^T) / 2",
@@ -559,24 +334,24 @@ class SpatialCovKernel(_KernelBase):
         kmat = np.tril(inv) + np.tril(inv, -1).T
         scale = np.ones(self.n_spots)
         if self.standardize_cov:
-            scale = np.maximum(np.diag(kmat).copy(), _DIAG_FLOOR)
+            scale = np.maximum(np.diag(kmat).copy(), DIAG_FLOOR)
             inv_sqrt = 1.0 / np.sqrt(scale)
             kmat *= inv_sqrt[:, None]
             kmat *= inv_sqrt[None, :]
         if self.centering:
-            kmat = _center(_center(kmat).T)
+            kmat = center(center(kmat).T)
         kmat = 0.5 * (kmat + kmat.T)
         return kmat, scale
 
     def _implicit_scale(self) -> np.ndarray:
         if not self.standardize_cov:
             return np.ones(self.n_spots)
-        return np.maximum(_sparse_inverse_diagonal(self._M), _DIAG_FLOOR)
+        return np.maximum(sparse_inverse_diagonal(self._M), DIAG_FLOOR)
 
     def _factor(self) -> spla.SuperLU:
         """Sparse LU of the CAR precision ``M`` (computed on first use, then kept)."""
         if self._lu is None:
-            self._lu = _splu(self._M)
+            self._lu = splu(self._M)
         return self._lu
 
     # ---- precision -----------------------------------------------------------------------
@@ -606,7 +381,7 @@ class SpatialCovKernel(_KernelBase):
             return self._K @ x
         if not self.centering:
             return self._uncentred_apply(x)
-        return _center(self._uncentred_apply(_center(x)))
+        return center(self._uncentred_apply(center(x)))
 
     def _uncentred_apply(self, x: np.ndarray) -> np.ndarray:
         """``S^-1/2 M^-1 S^-1/2 x`` by sparse LU solves (implicit mode)."""
@@ -653,7 +428,7 @@ class SpatialCovKernel(_KernelBase):
         factor = car_precision_factor(self.adjacency, self.rho)
         noise = factor @ rng.standard_normal((factor.shape[1], int(n_samples)))
         draws = self._uncentred_apply(noise * np.sqrt(self._scale)[:, None])
-        return _center(draws) if self.centering else draws
+        return center(draws) if self.centering else draws
 
     # ---- summaries -----------------------------------------------------------------------
     def realization(self) -> torch.Tensor:
@@ -678,7 +453,7 @@ class SpatialCovKernel(_KernelBase):
         if self._K is not None:
             return np.diag(self._K).copy()
         n = self.n_spots
-        diag = np.ones(n) if self.standardize_cov else _sparse_inverse_diagonal(self._M)
+        diag = np.ones(n) if self.standardize_cov else sparse_inverse_diagonal(self._M)
         if self.centering:
             # diag(H K H) = diag(K) - 2 (K 1) / n + 1^T K 1 / n^2
             k1 = self._uncentred_apply(np.ones((n, 1)))[:, 0]
@@ -737,7 +512,7 @@ class IdentityKernel(_KernelBase):
         return torch.from_numpy(self._apply(np.eye(self.n_spots)))
 
     def _apply(self, x: np.ndarray) -> np.ndarray:
-        return _center(x) if self.centering else x.copy()
+        return center(x) if self.centering else x.copy()
 
     def _compute_eigenpairs(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         n = self.n_spots
