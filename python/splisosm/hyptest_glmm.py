@@ -263,8 +263,8 @@ class SplisosmGLMM:
             Genes fitted jointly per batch (needs ``group_gene_by_n_iso=True`` in setup). Each
             gene is fitted on its own objective, so results do not depend on the batch, which
             only bounds memory. With ``fitting_method='joint_gd'`` (Adam or SGD) on one process,
-            the compiled engine fits all genes of one isoform count together, up to 1 GiB of
-            working memory, whatever the value given here.
+            the compiled engine fits as many genes together as 1 GiB of working memory holds,
+            whatever the value given here.
         quiet
             Suppress the per-model fitting messages.
         print_progress
@@ -329,10 +329,10 @@ class SplisosmGLMM:
 
         * ``'llr'``: twice the difference of the Laplace marginal log-likelihoods of the full
           and the null fit (needs ``fit(from_null=True)``), referred to the chi-bar-square
-          mixture of the boundary null, or to spot-permuted refits. Informative only after a
+          mixture of the boundary null, or to spot-permuted refits. Calibrated only after a
           marginal fit (``'marginal_newton'``, ``'marginal_gd'``): the joint likelihood drives
-          ``theta`` towards 1 for every gene, so after ``'joint_gd'`` most statistics are 0
-          (a warning says so).
+          ``theta`` towards 1 for every gene, so after ``'joint_gd'`` the statistic is 0 for
+          nearly every gene without a strong spatial pattern (a warning says so).
         * ``'score'``: the score of a spatial variance component at the white-noise fits
           (those of ``fit(from_null=True)``, or of a ``'glmm-null'`` model, which fits nothing
           else), calibrated after every fitting method. A ``'glmm-null'`` model builds the

@@ -199,6 +199,18 @@ def test_one_non_convergence_warning_whatever_quiet_says(quiet, capsys) -> None:
     assert "converged" in table.columns and not table["converged"].any()
 
 
+@pytest.mark.parametrize("relative", [False, True])
+def test_non_convergence_warning_suggests_what_is_not_set_yet(relative) -> None:
+    configs = {"max_epochs": 10, "tol_relative": relative}
+    model = SplisosmGLMM(fitting_configs=configs)
+    model.setup_data(make_adata(side=5), group_gene_by_n_iso=True)
+    with pytest.warns(UserWarning, match="did not converge") as record:
+        model.fit(print_progress=False, batch_size=2)
+    summary = next(str(w.message) for w in record if "did not converge" in str(w.message))
+    assert ("'tol_relative': True" in summary) is not relative
+    assert ("marginal_newton" in summary) is relative
+
+
 def test_converged_fits_are_flagged_true() -> None:
     model, messages = _fitted(epochs=500, fitting_method="marginal_newton")
     assert not any("did not converge" in m for m in messages)

@@ -209,14 +209,16 @@ def _warn_unconverged(config: GLMMConfig, states: dict[str, list[GeneState]], n_
     else:
         configs = resolve_fitting_configs(config.fitting_method, config.fitting_configs)
     rule = "relative" if configs["tol_relative"] else "absolute"
+    remedy = ("a marginal fit (fitting_method='marginal_newton'), whose Newton steps meet the rule"
+              if configs["tol_relative"] else
+              "fitting_configs={'tol_relative': True} to judge the loss change relative to the loss")
     per_model = ", ".join(f"{n} of {n_genes} {key} fits" for key, n in counts.items() if n)
     warnings.warn(
         f"{per_model} did not converge (early-stopping rule: loss improvement below the "
         f"{rule} tol={configs['tol']:g} for {configs['patience']} epochs, within "
         f"max_epochs={configs['max_epochs']}). Their test results are flagged "
         "converged=False in get_formatted_test_results() and get_training_summary(); "
-        "consider more max_epochs, or fitting_configs={'tol_relative': True} to judge the "
-        "loss change relative to the loss.",
+        f"consider more max_epochs, or {remedy}.",
         UserWarning, stacklevel=_USER_LEVEL)
 
 

@@ -57,9 +57,10 @@ def llr_test(fitted: Fitted, *, use_perm_null: bool, n_perms: int | None, progre
     method = fitted.config.fitting_method
     if method in JOINT_METHODS:
         warnings.warn(
-            f"the LLR after fitting_method={method!r} is not informative: the joint likelihood "
-            "drives theta towards 1 for spatial and non-spatial genes alike, so most statistics "
-            "are 0. Fit with fitting_method='marginal_newton' for the LLR, or use "
+            f"the LLR after fitting_method={method!r} is very conservative: the joint likelihood "
+            "drives theta towards 1 for spatial and non-spatial genes alike, so the statistic is "
+            "0 for nearly every gene without a strong spatial pattern. Fit with "
+            "fitting_method='marginal_newton' for the LLR, or use "
             "test_spatial_variability(method='score').", UserWarning, stacklevel=3)
     df = variance_components(fitted)
     stat = llr_statistics(fitted, fitted.setup.genes.counts, fitted.design_for_models(),
