@@ -7,6 +7,7 @@ nor the compiled extension (the command line's ``--help`` imports it alone).
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -245,14 +246,53 @@ def validate_glmm_config(
     return resolve_fitting_configs(fitting_method, fitting_configs)
 
 
+def _settings_doc() -> str:
+    """The numpy-style ``Parameters`` entries of the settings, with the defaults defined above."""
+    gamma, inv_gamma = PRIOR_DEFAULTS[Prior.GAMMA], PRIOR_DEFAULTS[Prior.INV_GAMMA]
+    entries = {
+        "model_type": "``'glmm-full'`` (spatial random effect), ``'glmm-null'`` (white-noise random "
+                      "effect) or ``'glm'`` (no random effect).",
+        "share_variance": "Share one variance component across the isoforms of a gene.",
+        "var_fix_sigma": "Fix the total variance ``sigma`` at its Fano-factor initial estimate (only "
+                         "the spatial proportion is learned); ``False`` learns it too.",
+        "var_prior_model": f"Prior on ``sigma``: {', '.join(map(repr, Prior.values()))}.",
+        "var_prior_model_params": f"Prior parameters merged over the defaults ``{gamma}`` (gamma) "
+                                  f"and ``{inv_gamma}`` (inverse gamma).",
+        "init_ratio": "``'uniform'`` or ``'observed'`` initial isoform ratios (``'observed'``: the "
+                      "gene's pooled ratios, not each spot's own).",
+        "fitting_method": f"{', '.join(map(repr, FittingMethod.values()))}; the first is splisosm "
+                          "1.2.0's default, the last the recommended one.",
+        "fitting_configs": f"Optional keys {', '.join(sorted({*FITTING_DEFAULTS, 'update_nu_every_k'}))} "
+                           f"(``optim``: {', '.join(map(repr, Optimizer.values()))}), merged over "
+                           f"``{{'max_epochs': {DEFAULT_MAX_EPOCHS}}}``; the user's dict is copied, "
+                           "never changed. ``max_epochs=-1`` runs splisosm 1.2.0's long fit.",
+        "k_neighbors": "Neighbours of the k-NN graph of the spatial kernel (ignored with ``adj_key``).",
+        "rho": "Spatial autocorrelation of the CAR kernel, ``0 <= rho < 1``.",
+        "approx_rank": "Omit for auto (full rank up to 5000 spots, ``ceil(4 sqrt(n))`` above), an "
+                       "int for a fixed low rank, or None for the exact kernel at any size (above "
+                       "5000 spots through its sparse precision, with a ``UserWarning``).",
+        "device": f"{', '.join(map(repr, Device.values()))}.",
+    }
+    return "\n".join(f"    {name}\n" + "\n".join(textwrap.wrap(text, 92, initial_indent=" " * 8,
+                                                                 subsequent_indent=" " * 8))
+                     for name, text in entries.items())
+
+
+#: The settings' entries for the ``Parameters`` section of a docstring (indented for a class).
+SETTINGS_DOC = _settings_doc()
+
+
 @dataclass(frozen=True)
 class GLMMConfig:
     """The settings of a :class:`~splisosm.hyptest_glmm.SplisosmGLMM`, validated once.
 
     Construction checks every value and raises ``ValueError`` naming the setting at fault; the
     stored values are plain Python values (strings for the choices), with the prior parameters
-    merged over their defaults and ``fitting_configs`` over ``{'max_epochs': 500}``. See
-    :class:`~splisosm.hyptest_glmm.SplisosmGLMM` for the meaning of each setting.
+    and ``fitting_configs`` merged over their defaults.
+
+    Parameters
+    ----------
+    {settings}
     """
 
     model_type: str = ModelType.FULL.value
@@ -292,6 +332,16 @@ class GLMMConfig:
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
+    def describe(self) -> list[str]:
+        """The settings as lines of the text report of ``str(SplisosmGLMM)``."""
+        lines = [f"Model: {self.model_type}"]
+        if self.model_type == ModelType.FULL:
+            lines.append(f"  k_neighbors: {self.k_neighbors}   rho: {self.rho}")
+        if self.model_type != ModelType.GLM:
+            lines += [f"  learnable variance: {not self.var_fix_sigma}   shared variance: {self.share_variance}",
+                      f"  variance prior: {self.var_prior_model}   init: {self.init_ratio}"]
+        return lines
+
     def model_configs(self) -> dict[str, Any]:
         """The settings the per-gene models take (a fresh dict)."""
         return {
@@ -317,3 +367,6 @@ class GLMMConfig:
         if values.get("approx_rank") == "auto":
             values["approx_rank"] = APPROX_RANK_AUTO
         return cls(**values)
+
+
+GLMMConfig.__doc__ = GLMMConfig.__doc__.replace("    {settings}", SETTINGS_DOC)

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from splisosm._checks import check_int
-from splisosm.config import APPROX_RANK_AUTO, GLMMConfig, ModelType, SVMethod
+from splisosm.config import APPROX_RANK_AUTO, SETTINGS_DOC, GLMMConfig, ModelType
 from splisosm.data import _setup
 from splisosm.data.summary import feature_summaries
 from splisosm.glmm import _du, _fit, _sv
@@ -33,8 +33,8 @@ _DEFAULTS = GLMMConfig()
 class SplisosmGLMM:
     """Spatial isoform statistics with per-gene multinomial GLM(M)s.
 
-    Wraps the per-gene models :class:`splisosm.glmm.model.MultinomGLMM` (through
-    :class:`IsoFullModel` / :class:`IsoNullNoSpVar`) and :class:`splisosm.glmm.model.MultinomGLM` for
+    Wraps the per-gene models :class:`splisosm.model.MultinomGLMM` (through
+    :class:`IsoFullModel` / :class:`IsoNullNoSpVar`) and :class:`splisosm.model.MultinomGLM` for
     batched fitting, the spatial-variability (SV) tests (score and likelihood ratio) and the
     differential-usage (DU) tests (marginal score, conditional score and Wald).
 
@@ -44,38 +44,7 @@ class SplisosmGLMM:
 
     Parameters
     ----------
-    model_type
-        ``'glmm-full'`` (spatial random effect), ``'glmm-null'`` (white-noise random effect) or
-        ``'glm'`` (no random effect).
-    share_variance
-        Share one variance component across the isoforms of a gene.
-    var_fix_sigma
-        Fix the total variance ``sigma`` at its Fano-factor initial estimate (only the spatial
-        proportion is learned). ``False`` learns it too (more SV power, less calibration).
-    var_prior_model
-        Prior on ``sigma``: ``'none'``, ``'gamma'`` or ``'inv_gamma'``.
-    var_prior_model_params
-        Prior parameters merged over the defaults ``{'alpha': 2.0, 'beta': 0.3}`` (gamma) and
-        ``{'alpha': 3, 'beta': 0.5}`` (inverse gamma).
-    init_ratio
-        ``'uniform'`` or ``'observed'`` initial isoform ratios (``'observed'``: the gene's
-        pooled ratios, not each spot's own).
-    fitting_method
-        ``'joint_gd'``, ``'joint_newton'``, ``'marginal_gd'`` or ``'marginal_newton'``.
-    fitting_configs
-        Optional keys ``lr``, ``optim`` (``'adam'``, ``'sgd'``, ``'lbfgs'``), ``tol``,
-        ``tol_relative``, ``max_epochs``, ``patience``, ``update_nu_every_k``, merged over
-        ``{'max_epochs': 500}``; the user's dict is copied, never changed.
-    k_neighbors
-        Neighbours of the k-NN graph of the spatial kernel (ignored with ``adj_key``).
-    rho
-        Spatial autocorrelation of the CAR kernel, ``0 <= rho < 1``.
-    approx_rank
-        Omit for auto (full rank up to 5000 spots, ``ceil(4 sqrt(n))`` above), an int for a
-        fixed low rank, or None for the exact kernel at any size (above 5000 spots through its
-        sparse precision, without an eigendecomposition; a ``UserWarning`` says so).
-    device
-        ``'cpu'``, ``'cuda'`` or ``'mps'``.
+    {settings}
 
     Raises
     ------
@@ -374,26 +343,9 @@ class SplisosmGLMM:
         fit or number recomputes them, and reusing them prints ``Using cached permutation
         results...``.
         """
-        method = SVMethod.check("method", method)
-        unknown = set(kwargs) - {"n_jobs", "random_seed"}
-        if unknown:
-            raise ValueError(f"Unknown keyword arguments for the permutation null: {sorted(unknown)}")
-        if method == SVMethod.SCORE:
-            if use_perm_null:
-                raise ValueError("`use_perm_null` applies to method='llr' only")
-            fitted = self._fitted()
-            _sv.check_score_fits(fitted, self.model_type)
-            if self._score_kernel is None:
-                self._score_kernel = _sv.score_kernel(fitted)
-            self._sv = _sv.score_test(fitted, self._score_kernel, print_progress)
-        else:
-            fitted = self._fitted()
-            if fitted is None:
-                raise ValueError("The spatial variability test needs both full and null model fits: "
-                                 "call fit(from_null=True) first")
-            self._sv, self._permutations = _sv.llr_test(
-                fitted, use_perm_null=use_perm_null, n_perms=n_perms_per_gene, progress=print_progress,
-                cache=self._permutations, **kwargs)
+        self._sv, self._permutations, self._score_kernel = _sv.sv_test(
+            self._fitted(), self.model_type, method, use_perm_null=use_perm_null, n_perms=n_perms_per_gene,
+            progress=print_progress, cache=self._permutations, kernel=self._score_kernel, **kwargs)
         return legacy_dict(self._sv) if return_results else None
 
     def test_differential_usage(self, method: Literal["score", "wald", "marginal-score"] = "score",
@@ -467,14 +419,7 @@ class SplisosmGLMM:
         RuntimeError
             Before :meth:`fit`.
         """
-        states = self._require_fit().states(self.model_type)
-        return pd.DataFrame({
-            "model_type": [self.model_type] * len(states),
-            "converged": [s.converged for s in states],
-            "best_loss": [s.best_loss for s in states],
-            "best_epoch": [s.best_epoch for s in states],
-            "fitting_time_s": [s.fitting_time for s in states],
-        }, index=pd.Index(self.gene_names, name="gene"))
+        return self._require_fit().training_summary()
 
     def get_fitted_ratios_anndata(self, layer_name: str = "fitted_ratios"):
         """Copy of :attr:`filtered_adata` with the fitted isoform ratios as a dense layer.
@@ -484,16 +429,7 @@ class SplisosmGLMM:
         RuntimeError
             Before :meth:`fit`, or without a filtered AnnData.
         """
-        fitted = self._require_fit()
-        out = self.filtered_adata.copy()
-        ratios = np.full(out.shape, np.nan, dtype=np.float32)
-        for genes in fitted.groups():
-            with torch.no_grad():
-                pi = fitted.rebuild(self.model_type, genes).get_isoform_ratio().detach().cpu().numpy()
-            for row, g in enumerate(genes):
-                ratios[:, self._setup.genes.var_index[g]] = pi[row]
-        out.layers[layer_name] = ratios
-        return out
+        return self._require_fit().fitted_ratios(layer_name)
 
     def get_formatted_test_results(self, test_type: Literal["sv", "du"],
                                    with_gene_summary: bool = False) -> pd.DataFrame:
@@ -601,25 +537,15 @@ class SplisosmGLMM:
     def __str__(self) -> str:
         rule, sub = "=" * 60, "-" * 60
         avg = None if self.n_isos_per_gene is None else round(float(np.mean(self.n_isos_per_gene)), 2)
-        cfg = self.config
-        lines = [rule, "SplisosmGLMM",
-                 f"  genes: {self.n_genes}   spots: {self.n_spots}   covariates: {self.n_factors}   "
-                 f"avg isoforms per gene: {avg}", sub, f"Model: {cfg.model_type}"]
-        if cfg.model_type == ModelType.FULL:
-            lines.append(f"  k_neighbors: {cfg.k_neighbors}   rho: {cfg.rho}")
-        if cfg.model_type != ModelType.GLM:
-            lines += [f"  learnable variance: {not cfg.var_fix_sigma}   shared variance: {cfg.share_variance}",
-                      f"  variance prior: {cfg.var_prior_model}   init: {cfg.init_ratio}"]
-        lines.append(sub)
-        if self._fit is None:
-            lines.append("Fitting: not trained")
-        else:
-            n_conv = sum(s.converged for s in self._fit.states[cfg.model_type])
-            lines.append(f"Fitting: trained ({n_conv}/{self.n_genes} converged)")
-        lines += [f"  method: {cfg.fitting_method}", f"  configs: {cfg.fitting_configs}",
-                  f"  last fit: {'NA' if self._fit is None else self._fit.info()}", sub,
-                  f"SV test: {_status(self._sv)}", f"DU test: {_status(self._du)}", rule]
-        return "\n".join(lines)
+        fit = self._fit
+        trained = ("not trained" if fit is None else
+                   f"trained ({sum(s.converged for s in fit.states[self.model_type])}/{self.n_genes} converged)")
+        return "\n".join([
+            rule, "SplisosmGLMM", f"  genes: {self.n_genes}   spots: {self.n_spots}   covariates: "
+            f"{self.n_factors}   avg isoforms per gene: {avg}", sub, *self.config.describe(), sub,
+            f"Fitting: {trained}", f"  method: {self.config.fitting_method}",
+            f"  configs: {self.config.fitting_configs}", f"  last fit: {'NA' if fit is None else fit.info()}",
+            sub, f"SV test: {_status(self._sv)}", f"DU test: {_status(self._du)}", rule])
 
     def __repr__(self) -> str:
         return self.__str__()
@@ -627,3 +553,6 @@ class SplisosmGLMM:
 
 def _status(result: SVResult | DUResult | None) -> str:
     return "NA" if result is None else f"Completed ({result.method})"
+
+
+SplisosmGLMM.__doc__ = SplisosmGLMM.__doc__.replace("    {settings}", SETTINGS_DOC)

@@ -3,6 +3,7 @@
 They are defined in :mod:`splisosm.glmm.model`; this module re-exports them.
 """
 
-from splisosm.glmm.model import MultinomGLM, MultinomGLMM
+from splisosm.glmm.glm import MultinomGLM
+from splisosm.glmm.model import MultinomGLMM
 
 __all__ = ["MultinomGLM", "MultinomGLMM"]

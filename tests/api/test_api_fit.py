@@ -10,7 +10,7 @@ import torch
 
 from helpers.glmm_data import make_adata
 from splisosm.glmm._fit import resolve_n_jobs
-from splisosm.glmm.model import MultinomGLM
+from splisosm.glmm.glm import MultinomGLM
 from splisosm.hyptest_glmm import IsoFullModel, IsoNullNoSpVar, SplisosmGLMM
 
 EPOCHS = {"max_epochs": 20}

@@ -10,8 +10,9 @@ import torch
 from helpers import reference_models as ref
 from splisosm.config import validate_glmm_config
 from splisosm.glmm._fitting import PatienceLogger
+from splisosm.glmm.glm import MultinomGLM
 from splisosm.glmm.isomodels import IsoFullModel, IsoNullNoSpVar
-from splisosm.glmm.model import MultinomGLM, MultinomGLMM
+from splisosm.glmm.model import MultinomGLMM
 
 D = torch.float64
 NAMES = ("nu", "beta", "bias_eta", "sigma", "theta_logit")

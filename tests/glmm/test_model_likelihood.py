@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from helpers import reference_models as ref
+from splisosm.glmm.glm import MultinomGLM
 from splisosm.glmm.isomodels import IsoFullModel, IsoNullNoSpVar
-from splisosm.glmm.model import MultinomGLM, MultinomGLMM
+from splisosm.glmm.model import MultinomGLMM
 
 D = torch.float64
 

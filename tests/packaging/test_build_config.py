@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from splisosm import SplisosmGLMM
-from splisosm.glmm.model import MultinomGLM
+from splisosm.glmm.glm import MultinomGLM
 from splisosm.ops import _native
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,6 +3,7 @@
 ``splisosm.glmm.MultinomGLM`` and ``MultinomGLMM`` are importable here as in splisosm 1.2.0.
 """
 
-from splisosm.glmm.model import MultinomGLM, MultinomGLMM
+from splisosm.glmm.glm import MultinomGLM
+from splisosm.glmm.model import MultinomGLMM
 
 __all__ = ["MultinomGLM", "MultinomGLMM"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from splisosm._checks import check_int
@@ -269,7 +270,33 @@ class Fitted:
             states[g] = replace(states[g], params={**states[g].params, "beta": beta / per_unit.to(beta)})
         return self.rebuild(key, genes, design=self.setup.design, states=states)
 
-    def converged_genes(self, keys: tuple[str, ...], *results: np.ndarray) -> np.ndarray:
+    def training_summary(self) -> pd.DataFrame:
+        """Per gene (indexed by display name): model type, convergence, best loss and epoch, time."""
+        key = self.config.model_type
+        states = self.states(key)
+        return pd.DataFrame({
+            "model_type": [key] * len(states),
+            "converged": [s.converged for s in states],
+            "best_loss": [s.best_loss for s in states],
+            "best_epoch": [s.best_epoch for s in states],
+            "fitting_time_s": [s.fitting_time for s in states],
+        }, index=pd.Index(self.setup.genes.names, name="gene"))
+
+    def fitted_ratios(self, layer_name: str):
+        """A copy of the filtered AnnData with the fitted isoform ratios as a dense layer."""
+        if self.setup.filtered_adata is None:
+            raise RuntimeError("No filtered data: call setup_data() first")
+        out = self.setup.filtered_adata.copy()
+        ratios = np.full(out.shape, np.nan, dtype=np.float32)
+        for genes in self.groups():
+            with torch.no_grad():
+                pi = self.rebuild(self.config.model_type, genes).get_isoform_ratio().detach().cpu().numpy()
+            for row, g in enumerate(genes):
+                ratios[:, self.setup.genes.var_index[g]] = pi[row]
+        out.layers[layer_name] = ratios
+        return out
+
+    def converged_genes(self, keys: tuple[str, ...], *results: np.ndarray, stacklevel: int = 4) -> np.ndarray:
         """Per gene, whether every fit a test reads converged; NaN results where one never ran.
 
         A fit that never reached a finite loss (``best_epoch < 0``) still holds its starting
@@ -288,7 +315,7 @@ class Fitted:
             names = [self.setup.genes.names[g] for g in np.flatnonzero(unfitted)[:5]]
             warnings.warn(
                 f"{int(unfitted.sum())} gene(s) never reached a finite loss while fitting (e.g. "
-                f"{names}); their statistics and p-values are NaN.", UserWarning, stacklevel=4)
+                f"{names}); their statistics and p-values are NaN.", UserWarning, stacklevel=stacklevel)
         return converged
 
 

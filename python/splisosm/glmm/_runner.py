@@ -128,8 +128,8 @@ def engine_group_size(plan: FitPlan, kernel: KernelPayload | None, n_spots: int,
 
 def new_model(kind: str, model_kwargs: dict[str, Any]):
     """Construct an unfitted per-gene model of the given kind."""
+    from splisosm.glmm.glm import MultinomGLM
     from splisosm.glmm.isomodels import IsoFullModel, IsoNullNoSpVar
-    from splisosm.glmm.model import MultinomGLM
 
     if kind == GLM_KEY:
         # the GLM always fits with its own (IWLS) defaults

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from splisosm._checks import check_int
-from splisosm.config import DEFAULT_N_PERMS, ModelType
+from splisosm.config import DEFAULT_N_PERMS, ModelType, SVMethod
 from splisosm.glmm import _marginal, _runner
 from splisosm.glmm._fit import JOINT_METHODS, Fitted, batches, plan, resolve_n_jobs
 from splisosm.glmm.stats import bh_adjust, chibar2_pvalues
@@ -31,6 +32,8 @@ from splisosm.results import SVResult
 from splisosm.spatial._build import build_spatial
 
 FULL, NULL = ModelType.FULL.value, ModelType.NULL.value
+# the user's line, seen from a test function called by sv_test, called by the facade
+_USER_LEVEL = 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +42,33 @@ class PermutationCache:
 
     key: tuple[int, int, int | None]  # (fit generation, permutations, seed)
     stats: np.ndarray
+
+
+def sv_test(fitted: Fitted | None, model_type: str, method: str, *, use_perm_null: bool,
+            n_perms: int | None, progress: bool, cache: PermutationCache | None,
+            kernel: tuple[torch.Tensor, torch.Tensor] | None, **kwargs: Any,
+            ) -> tuple[SVResult, PermutationCache | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Run the test ``method`` (see ``SplisosmGLMM.test_spatial_variability``).
+
+    Returns the result, the permutation statistics to keep and the score test's kernel
+    eigenpairs to keep (a white-noise model builds them once).
+    """
+    method = SVMethod.check("method", method)
+    unknown = set(kwargs) - {"n_jobs", "random_seed"}
+    if unknown:
+        raise ValueError(f"Unknown keyword arguments for the permutation null: {sorted(unknown)}")
+    if method == SVMethod.SCORE:
+        if use_perm_null:
+            raise ValueError("`use_perm_null` applies to method='llr' only")
+        check_score_fits(fitted, model_type)
+        kernel = score_kernel(fitted) if kernel is None else kernel
+        return score_test(fitted, kernel, progress), cache, kernel
+    if fitted is None:
+        raise ValueError("The spatial variability test needs both full and null model fits: "
+                         "call fit(from_null=True) first")
+    result, cache = llr_test(fitted, use_perm_null=use_perm_null, n_perms=n_perms, progress=progress,
+                             cache=cache, **kwargs)
+    return result, cache, kernel
 
 
 def variance_components(fitted: Fitted) -> np.ndarray:
@@ -61,7 +91,7 @@ def llr_test(fitted: Fitted, *, use_perm_null: bool, n_perms: int | None, progre
             "drives theta towards 1 for spatial and non-spatial genes alike, so the statistic is "
             "0 for nearly every gene without a strong spatial pattern. Fit with "
             "fitting_method='marginal_newton' for the LLR, or use "
-            "test_spatial_variability(method='score').", UserWarning, stacklevel=3)
+            "test_spatial_variability(method='score').", UserWarning, stacklevel=_USER_LEVEL)
     df = variance_components(fitted)
     stat = llr_statistics(fitted, fitted.setup.genes.counts, fitted.design_for_models(),
                           fitted.fit.states, progress)
@@ -73,7 +103,7 @@ def llr_test(fitted: Fitted, *, use_perm_null: bool, n_perms: int | None, progre
         pvalue = (1 + (cache.stats >= stat[None, :]).sum(0)) / (n_perms + 1)
     else:
         pvalue = chibar2_pvalues(stat, df)
-    converged = fitted.converged_genes((FULL, NULL), stat, pvalue)
+    converged = fitted.converged_genes((FULL, NULL), stat, pvalue, stacklevel=_USER_LEVEL + 1)
     return _result(fitted, stat, pvalue, df, converged, "llr", use_perm_null), cache
 
 
@@ -88,7 +118,7 @@ def score_test(fitted: Fitted, kernel: tuple[torch.Tensor, torch.Tensor], progre
     rows = torch.stack(_runner.evaluate_groups(fitted.groups(), score, fitted.setup.n_genes,
                                                progress, "SV score")).numpy()
     stat, pvalue = rows[:, 0].copy(), rows[:, 1].astype(np.float64)
-    converged = fitted.converged_genes((NULL,), stat, pvalue)
+    converged = fitted.converged_genes((NULL,), stat, pvalue, stacklevel=_USER_LEVEL + 1)
     return _result(fitted, stat, pvalue, variance_components(fitted), converged, "score", False)
 
 

@@ -1,4 +1,4 @@
-"""Per-gene multinomial models: the GLM and the spatial GLMM, and how each is fitted.
+"""The per-gene multinomial GLMM (spatial or white-noise random effect) and how it is fitted.
 
 Both are batched over ``G`` genes with the same isoform count; the last isoform of each gene is
 the reference category. The multinomial pieces come from the fused ops in :mod:`splisosm.ops`;
@@ -13,17 +13,15 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from splisosm.config import GLMFittingMethod, resolve_fitting_configs, resolve_prior_params, validate_glmm_config
+from splisosm.config import resolve_prior_params, validate_glmm_config
 from splisosm.glmm import _newton
+from splisosm.glmm._base import CountModel, as_tensor, resolve_diagnose
 from splisosm.glmm._fitting import (
     FitResult,
-    check_device,
     logger_from_outcome,
-    make_logger,
     make_optimizer,
     optimizer_step,
     report_fit,
@@ -39,271 +37,16 @@ from splisosm.glmm._likelihood import (
     variance_components,
 )
 from splisosm.glmm.laplace import LaplaceSystem, symmetric_precision
-from splisosm.ops import fixed_effect_info, multinom_probs, multinom_terms
+from splisosm.ops import multinom_terms
 from splisosm.ops.engine import engine_runs, joint_gd_fit
 
-__all__ = ["MultinomGLM", "MultinomGLMM"]
+__all__ = ["MultinomGLMM"]
 
 MARGINAL_METHODS = ("marginal_gd", "marginal_newton")
 DENSE_MARGINAL_WARN_N = 300
 
 
-def _as_tensor(x, dtype: torch.dtype, device: torch.device, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        t = x.to_dense() if x.is_sparse else x
-    elif hasattr(x, "toarray"):
-        t = torch.from_numpy(np.asarray(x.toarray()))
-    else:
-        try:
-            t = torch.as_tensor(np.asarray(x))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"`{name}` must be array-like, got {type(x)}") from exc
-    return t.to(device=device, dtype=dtype)
-
-
-def _prepare_counts(counts, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Counts as a dense ``(G, n, m)`` tensor; one isoform (``m = 1``) raises
-    ``NotImplementedError``, as in splisosm 1.2.0."""
-    Y = _as_tensor(counts, dtype, device, "counts")
-    if Y.dim() == 2:
-        Y = Y.unsqueeze(0)
-    if Y.dim() != 3:
-        raise ValueError(f"`counts` must be 2-D (n, m) or 3-D (G, n, m), got {Y.dim()}-D")
-    if Y.shape[-1] < 2:
-        raise NotImplementedError("A gene needs at least two isoforms; got one.")
-    return Y.contiguous()
-
-
-def _prepare_design(design, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Design ``(n, P)`` (``(1, n, P)`` accepted); ``None`` gives ``P = 0``."""
-    if design is None:
-        return torch.zeros(n, 0, dtype=dtype, device=device)
-    X = _as_tensor(design, dtype, device, "design_mtx")
-    if X.dim() == 3:
-        if X.shape[0] != 1:
-            raise ValueError("A batched design matrix (first dimension != 1) is not supported.")
-        X = X[0]
-    if X.dim() == 1:
-        X = X[:, None]
-    if X.dim() != 2 or X.shape[0] != n:
-        raise ValueError(f"`design_mtx` must have shape ({n}, P), got {tuple(X.shape)}")
-    return X.contiguous()
-
-
-def _omega(beta: Tensor, bias: Tensor) -> Tensor:
-    """Fixed effects flattened isoform-major with the intercept last: ``(G, q (P + 1))``."""
-    return torch.cat([beta.transpose(1, 2), bias[..., None]], dim=-1).flatten(1)
-
-
-def _split_omega(omega: Tensor, P: int, q: int) -> tuple[Tensor, Tensor]:
-    w = omega.reshape(omega.shape[0], q, P + 1)
-    return w[..., :P].transpose(1, 2), w[..., P]
-
-
-def _ridge_solve(A: Tensor, b: Tensor) -> Tensor:
-    """``(A + 1e-5 I)^-1 b`` in float64, returned in ``b``'s dtype.
-
-    A design that one-hot encodes every level of a factor is collinear with the intercept
-    (categorical obs columns keep all their levels), so only the 1e-5 ridge makes the
-    information invertible; in float32 that is below round-off and the solve fails as singular.
-    """
-    eye = torch.eye(A.shape[-1], dtype=torch.float64, device=A.device)
-    return torch.linalg.solve(A.double() + 1e-5 * eye, b.double()).to(b.dtype)
-
-
-def _fixed_effect_newton(X: Tensor, W: Tensor, grad: Tensor) -> Tensor:
-    """Newton direction for the fixed effects, ``(X~^T W X~ + 1e-5 I)^-1 X~^T r``."""
-    info, score = fixed_effect_info(X, W, grad)
-    return _ridge_solve(info, score)
-
-
-class _CountModel(nn.Module):
-    """Shared data handling of the GLM and the GLMM."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.dtype = dtype
-        self.n_genes = self.n_spots = self.n_isos = self.n_factors = None
-        self.logger = None
-        self.fitting_time = 0.0
-
-    def _set_data(self, counts, design_mtx, device) -> None:
-        self.device = check_device(device)
-        self.counts = _prepare_counts(counts, self.dtype, self.device)
-        self.n_genes, self.n_spots, self.n_isos = self.counts.shape
-        self.X = _prepare_design(design_mtx, self.n_spots, self.dtype, self.device)
-        self.n_factors = self.X.shape[1]
-
-    @property
-    def design_mtx(self) -> Tensor:
-        return self.X
-
-    @property
-    def X_spot(self) -> Tensor:
-        """The design as ``(1, n, P)``: the name and layout splisosm 1.2.0 exposes."""
-        return self.X.unsqueeze(0)
-
-    @property
-    def convergence(self) -> Tensor:
-        """``(G,)`` convergence flags of the last :meth:`fit` (all False before fitting)."""
-        if self.logger is None:
-            return torch.zeros(self.n_genes, dtype=torch.bool, device=self.device)
-        return self.logger.converged
-
-    def _fixed_eta(self) -> Tensor:
-        return torch.matmul(self.X, self.beta) + self.bias_eta[:, None, :]
-
-    def get_isoform_ratio(self) -> Tensor:
-        """Fitted isoform ratios ``(G, n, m)``."""
-        with torch.no_grad():
-            return multinom_probs(self._eta())
-
-    def update_params_from_dict(self, params: dict) -> None:
-        """Overwrite a subset of parameters (by name) in place."""
-        own = dict(self.named_parameters())
-        with torch.no_grad():
-            for name, value in params.items():
-                if name not in own:
-                    raise KeyError(f"Unknown parameter {name!r}; known: {', '.join(own)}")
-                own[name].copy_(torch.as_tensor(value).to(own[name]))
-
-    # First line as printed by splisosm 1.2.0, which scripts and notebooks may match on.
-    _title = ""
-
-    def _description(self) -> list[str]:
-        """Model-specific lines of :meth:`__str__`."""
-        return []
-
-    def __str__(self) -> str:
-        lines = [
-            self._title,
-            f"- Class: {type(self).__name__}",
-            f"- Genes in batch: {self.n_genes}",
-            f"- Spots: {self.n_spots}",
-            f"- Isoforms per gene: {self.n_isos}",
-            f"- Covariates: {self.n_factors}",
-            *self._description(),
-            f"- Fitting method: {self.fitting_method}",
-            f"- Fitting configs: {self.fitting_configs}",
-        ]
-        if self.logger is None:
-            lines.append("- Training: not fitted")
-        else:
-            lg = self.logger
-            lines.append(
-                f"- Training: {int(lg.converged.sum())} / {self.n_genes} genes converged in "
-                f"{self.fitting_time:.2f} s; median best epoch {int(lg.best_epoch.median())}, "
-                f"median best loss {float(lg.best_loss.median()):.4f}")
-        return "\n".join(lines)
-
-    # nn.Module's repr lists submodules, of which these models have none
-    __repr__ = __str__
-
-    def _fit_report(self, result, store_param_history: bool):
-        self.logger = result.logger
-        self.fitting_time = result.fitting_time
-        if store_param_history:
-            return {"loss": result.logger.loss_history, "params": result.param_history}
-        return None
-
-
-class MultinomGLM(_CountModel):
-    """Multinomial GLM ``eta = X beta + 1 bias^T``, the reference isoform at logit 0.
-
-    Parameters
-    ----------
-    fitting_method
-        ``'iwls'`` (default), ``'newton'`` or ``'gd'``.
-    fitting_configs
-        Overrides of ``lr, optim, tol, tol_relative, max_epochs, patience``.
-    dtype
-        Parameter dtype (float32 by default; float64 for tests).
-    """
-
-    _title = "A Multinomial Generalized Linear Model (GLM)"
-
-    def __init__(self, fitting_method: str = "iwls", fitting_configs: dict | None = None, *,
-                 dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(dtype)
-        self.fitting_method = GLMFittingMethod.check("fitting_method", fitting_method)
-        self.fitting_configs = resolve_fitting_configs(fitting_method, fitting_configs)
-
-    def setup_data(self, counts, design_mtx=None, device: str = "cpu") -> None:
-        """Attach counts ``(G, n, m)`` or ``(n, m)`` and an optional design ``(n, P)``."""
-        self._set_data(counts, design_mtx, device)
-        G, q, P = self.n_genes, self.n_isos - 1, self.n_factors
-        opts = {"dtype": self.dtype, "device": self.device}
-        self.beta = nn.Parameter(torch.zeros(G, P, q, **opts))
-        self.bias_eta = nn.Parameter(torch.zeros(G, q, **opts))
-
-    def _eta(self) -> Tensor:
-        return self._fixed_eta()
-
-    def forward(self) -> Tensor:
-        """Per-gene multinomial log-likelihood ``(G,)``."""
-        return multinom_terms(self._eta(), self.counts)[0]
-
-    def clone(self) -> MultinomGLM:
-        new = MultinomGLM(self.fitting_method, dict(self.fitting_configs), dtype=self.dtype)
-        new.setup_data(self.counts, self.X, self.device.type)
-        new.load_state_dict(self.state_dict())
-        return new
-
-    def _newton_epoch(self, active: Tensor, scale: float, iwls: bool) -> None:
-        with torch.no_grad():
-            eta = self._eta()
-            _, grad, W = multinom_terms(eta, self.counts)
-            omega = _omega(self.beta, self.bias_eta)
-            if iwls:
-                y_work = eta + _ridge_solve(W, grad.unsqueeze(-1))[..., 0]
-                info, rhs = fixed_effect_info(self.X, W, torch.einsum("gsjk,gsk->gsj", W, y_work))
-                new = _ridge_solve(info, rhs)
-            else:
-                new = omega + scale * _fixed_effect_newton(self.X, W, grad)
-            new = torch.where(active[:, None], new, omega)
-            beta, bias = _split_omega(new, self.n_factors, self.n_isos - 1)
-            self.beta.copy_(beta)
-            self.bias_eta.copy_(bias)
-
-    def fit(self, store_param_history: bool = False, verbose: bool = False, quiet: bool = False,
-            random_seed: int | None = None, diagnose: bool | None = None):
-        """Fit by IWLS, Newton or gradient descent with per-gene early stopping.
-
-        Updates touch only the genes not yet converged; the loss is ``-l_mult`` per gene.
-        """
-        store_param_history = _resolve_diagnose(store_param_history, diagnose)
-        if random_seed is not None:
-            torch.manual_seed(random_seed)
-        params = dict(self.named_parameters())
-        logger = make_logger(params, self.fitting_configs)
-        fused = self.fitting_method == "gd"
-        if fused:
-            optimizer = make_optimizer(list(params.values()), self.fitting_configs)
-
-            def step(epoch: int, active: Tensor, record) -> bool:
-                # summed over the genes still active once this epoch's loss has been logged
-                return optimizer_step(
-                    optimizer, lambda: -self.forward(), record,
-                    reduce=lambda loss: (loss * (~logger.stopped).to(loss.dtype)).sum())
-        else:
-            def step(epoch: int, active: Tensor) -> None:
-                self._newton_epoch(active, 0.9, self.fitting_method == "iwls")
-
-        result = run_training(params, lambda: -self.forward(), step, self.fitting_configs,
-                              fused=fused, store_param_history=store_param_history,
-                              verbose=verbose, quiet=quiet, logger=logger)
-        return self._fit_report(result, store_param_history)
-
-
-def _resolve_diagnose(store_param_history: bool, diagnose: bool | None) -> bool:
-    if diagnose is not None:
-        warnings.warn("`diagnose` is deprecated; use `store_param_history`.", DeprecationWarning,
-                      stacklevel=3)
-        return bool(diagnose)
-    return bool(store_param_history)
-
-
-class MultinomGLMM(_CountModel):
+class MultinomGLMM(CountModel):
     """Multinomial GLMM with a spatial Gaussian random effect per isoform.
 
     ``eta = nu + X beta + 1 bias^T``; column ``j`` of ``nu`` has prior covariance
@@ -384,7 +127,7 @@ class MultinomGLMM(_CountModel):
             if eigvals is not None or eigvecs is not None:
                 warnings.warn("Both corr_sp and its eigenpairs were given; the eigenpairs are "
                               "ignored.", UserWarning, stacklevel=3)
-            K = _as_tensor(corr_sp, torch.float64, torch.device("cpu"), "corr_sp")
+            K = as_tensor(corr_sp, torch.float64, torch.device("cpu"), "corr_sp")
             if K.shape != (n, n):
                 raise ValueError(f"`corr_sp` must be ({n}, {n}), got {tuple(K.shape)}")
             lam, vec = torch.linalg.eigh((K + K.T) / 2)
@@ -397,8 +140,8 @@ class MultinomGLMM(_CountModel):
             # (typically one float64 array shared by every model of a dataset), it needs no
             # float64 copy of its own per model.
             self._pairs_given = (eigvals, eigvecs)
-            eigvals = _as_tensor(eigvals, self.dtype, self.device, "corr_sp_eigvals").reshape(-1)
-            eigvecs = _as_tensor(eigvecs, self.dtype, self.device, "corr_sp_eigvecs")
+            eigvals = as_tensor(eigvals, self.dtype, self.device, "corr_sp_eigvals").reshape(-1)
+            eigvecs = as_tensor(eigvecs, self.dtype, self.device, "corr_sp_eigvecs")
             if eigvecs.dim() != 2 or eigvecs.shape != (n, eigvals.shape[0]):
                 raise ValueError(f"`corr_sp_eigvecs` must be ({n}, {eigvals.shape[0]}) to match "
                                  f"the eigenvalues, got {tuple(eigvecs.shape)}")
@@ -423,8 +166,8 @@ class MultinomGLMM(_CountModel):
         evals = evecs = None
         if self._pairs_given is not None:
             cpu = torch.device("cpu")
-            evals = _as_tensor(self._pairs_given[0], torch.float64, cpu, "corr_sp_eigvals")
-            evecs = _as_tensor(self._pairs_given[1], torch.float64, cpu, "corr_sp_eigvecs")
+            evals = as_tensor(self._pairs_given[0], torch.float64, cpu, "corr_sp_eigvals")
+            evecs = as_tensor(self._pairs_given[1], torch.float64, cpu, "corr_sp_eigvecs")
         return cls(self.n_spots, evals=None if evals is None else evals.reshape(-1), evecs=evecs,
                    precision=self.corr_sp_precision)
 
@@ -512,7 +255,7 @@ class MultinomGLMM(_CountModel):
 
         Returns ``{'loss': (epochs, G), 'params': [...]}`` when history is requested.
         """
-        store_param_history = _resolve_diagnose(store_param_history, diagnose)
+        store_param_history = resolve_diagnose(store_param_history, diagnose)
         method = self.fitting_method
         if random_seed is not None:
             torch.manual_seed(random_seed)
