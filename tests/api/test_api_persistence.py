@@ -56,7 +56,7 @@ def test_round_trip_identical_tables(fitted, tmp_path) -> None:
     np.testing.assert_array_equal(loaded.permutation_cache.stats, fitted.permutation_cache.stats)
     sv = loaded.test_spatial_variability(use_perm_null=True, n_perms_per_gene=2, random_seed=1,
                                          print_progress=False, return_results=True)
-    np.testing.assert_array_equal(sv["pvalue"], fitted._sv_test_results["pvalue"])
+    np.testing.assert_array_equal(sv["pvalue"], fitted.sv_results.pvalue)
 
 
 def test_map_location_and_no_pickle(fitted, tmp_path) -> None:

@@ -190,7 +190,7 @@ def test_permutations_seeded_and_dropped_on_refit() -> None:
     model.test_spatial_variability(**kwargs)
     first = model.permutation_cache.stats.copy()
     model.fit(from_null=True, batch_size=2, print_progress=False)
-    assert model.permutation_cache is None and model._sv_test_results == {}
+    assert model.permutation_cache is None and model.sv_results is None and model._sv_test_results == {}
     model.test_spatial_variability(**kwargs)
     np.testing.assert_allclose(model.permutation_cache.stats, first, rtol=1e-5, atol=1e-5)
 

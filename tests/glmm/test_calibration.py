@@ -28,7 +28,7 @@ def du_pvalues() -> tuple[np.ndarray, np.ndarray]:
     model.test_differential_usage(print_progress=False)
     truth = np.asarray(adata.uns["simulation"]["genes"]["is_du"], dtype=bool)
     keep = [adata.uns["simulation"]["genes"]["gene_symbol"].index(g) for g in model.gene_names]
-    return model._du_test_results["pvalue"].numpy()[:, 0], truth[keep]
+    return model.du_results.pvalue[:, 0], truth[keep]
 
 
 def test_score_test_calibrated_under_null(du_pvalues) -> None:

@@ -21,12 +21,13 @@ import torch
 from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
+from splisosm.config import ModelType
 from splisosm.glmm._fitting import NOT_CONVERGED
 from splisosm.spatial._build import KernelPayload
 
 GLMM_PARAMS = ("nu", "beta", "bias_eta", "sigma", "theta_logit")
 GLM_PARAMS = ("beta", "bias_eta")
-NULL_KEY, FULL_KEY, GLM_KEY = "glmm-null", "glmm-full", "glm"
+NULL_KEY, FULL_KEY, GLM_KEY = ModelType.NULL.value, ModelType.FULL.value, ModelType.GLM.value
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from splisosm.config import APPROX_RANK_AUTO
+from splisosm.config import APPROX_RANK_AUTO, ModelType
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,9 @@ def build_spatial(
     """
     from splisosm.spatial.kernel import IdentityKernel, SpatialCovKernel, null_eigenpairs
 
-    if model_type == "glm":
+    if model_type == ModelType.GLM:
         return None, None
-    if model_type == "glmm-null":
+    if model_type == ModelType.NULL:
         evals, evecs = null_eigenpairs(n)
         return IdentityKernel(n), KernelPayload(eigvals=_numpy(evals), eigvecs=_numpy(evecs))
     if not (np.isfinite(rho) and 0 <= rho < 1):
