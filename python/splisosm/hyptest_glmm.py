@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -122,8 +123,9 @@ class SplisosmGLMM:
     _sv_test_results = property(lambda self: {} if self._sv is None else legacy_dict(self._sv))
     _du_test_results = property(lambda self: {} if self._du is None else legacy_dict(self._du))
 
-    def _from_setup(name: str, doc: str, default: Any = None):  # noqa: N805 (a property factory)
-        return property(lambda self: default if self._setup is None else name(self._setup), doc=doc)
+    def _from_setup(get: Callable[[_setup.SetupRecord], Any], doc: str) -> property:
+        """A read-only attribute of the set-up record (None before set-up)."""
+        return property(lambda self: None if self._setup is None else get(self._setup), doc=doc)
 
     n_genes = _from_setup(lambda s: s.n_genes, "Number of genes after filtering (None before set-up).")
     n_spots = _from_setup(lambda s: s.n_spots, "Number of spatial spots.")
