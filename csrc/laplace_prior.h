@@ -21,9 +21,9 @@ inline EigPrior eig_prior(const at::Tensor& lam, int64_t n, const at::Tensor& v,
                           const at::Tensor& theta) {
   const auto vv = v.unsqueeze(-1), tt = theta.unsqueeze(-1);
   auto c = (vv * (tt * lam.view({1, 1, -1}) + (1 - tt))).contiguous();
-  TORCH_CHECK(c.gt(0).all().item<bool>(),
-              "splisosm: prior eigenvalues v (theta lambda + 1 - theta) must be positive; "
-              "`evals` is too negative");
+  TORCH_CHECK_VALUE(c.gt(0).all().item<bool>(),
+                    "splisosm: prior eigenvalues v (theta lambda + 1 - theta) must be positive; "
+                    "`evals` is too negative");
   if (lam.size(0) == n) return {c, c.reciprocal(), at::zeros_like(v)};
   auto dinv = (v * (1 - theta)).reciprocal();
   auto e = (c.reciprocal() - dinv.unsqueeze(-1)).clamp(-kLowRankClip, kLowRankClip);

@@ -1,7 +1,8 @@
 // The one place where splisosm's operator schemas are declared.
 //
 // Backend files (csrc/cpu/*.cpp, csrc/cuda/*_binding.cpp) only provide implementations through
-// TORCH_LIBRARY_IMPL; Python wrappers in splisosm/ops add fake kernels and autograd.
+// TORCH_LIBRARY_IMPL; Python wrappers in splisosm/ops add fake kernels and autograd. Ops with a
+// Python implementation (torch.library.custom_op) are defined next to their callers in Python.
 #include <torch/library.h>
 
 #ifndef SPLISOSM_NO_PYMODULE
@@ -42,7 +43,9 @@ TORCH_LIBRARY(splisosm, m) {
   //   rhs (G, R, n, q) -> (H^-1 rhs (G, R, n, q), log det H (G,))
   m.def("laplace_sparse(Tensor W, Tensor rhs, Tensor crow, Tensor col, Tensor val, Tensor v, "
         "Tensor theta) -> (Tensor, Tensor)");
-  //   -> (log det H (G,), and its gradients w.r.t. W (G, n, q, q), v (G, q) and theta (G, q))
+  //   -> (log det H (G,), and its gradients w.r.t. W (G, n, q, q), v (G, q) and theta (G, q)).
+  //   Differentiable in log det H (first derivatives: the other outputs, which are those
+  //   derivatives, are not differentiable); autograd registered in splisosm/ops/laplace.py.
   m.def("laplace_sparse_logdet_grad(Tensor W, Tensor crow, Tensor col, Tensor val, Tensor v, "
         "Tensor theta) -> (Tensor, Tensor, Tensor, Tensor)");
   // Shifted sparse precision M_g = scale_g Q + shift_g I (Q as above; scale, shift (G,) float64):

@@ -132,7 +132,9 @@ std::tuple<at::Tensor, at::Tensor> laplace_solve_eig_cpu(const at::Tensor& W_in,
   check_laplace_W(W_in, c10::DeviceType::CPU);
   check_laplace_rhs(W_in, rhs_in);
   check_eig(W_in, evals_in, evecs_in);
-  check_variance(W_in, v_in, theta_in, false);
+  check_variance(W_in, v_in, theta_in);
+  check_laplace_values({{&W_in, "W"}, {&rhs_in, "rhs"}, {&evecs_in, "evecs"}, {&evals_in, "evals"}},
+                       v_in, theta_in, false);
   check_cg_controls(tol, max_iter);
   const auto W = to_f64(W_in), V = to_f64(evecs_in), v = to_f64(v_in), theta = to_f64(theta_in);
   const int64_t G = W.size(0), n = W.size(1), q = W.size(2), R = rhs_in.size(1);
@@ -378,7 +380,9 @@ at::Tensor laplace_logdet_eig_cpu(const at::Tensor& W_in, const at::Tensor& eval
                                   const at::Tensor& theta_in) {
   check_laplace_W(W_in, c10::DeviceType::CPU);
   check_eig(W_in, evals_in, evecs_in);
-  check_variance(W_in, v_in, theta_in, false);
+  check_variance(W_in, v_in, theta_in);
+  check_laplace_values({{&W_in, "W"}, {&evecs_in, "evecs"}, {&evals_in, "evals"}}, v_in, theta_in,
+                       false);
   const auto W = to_f64(W_in), V = to_f64(evecs_in), lam = to_f64(evals_in);
   const auto v = to_f64(v_in), theta = to_f64(theta_in);
   const auto prior = eig_prior(lam, W.size(1), v, theta);
@@ -400,7 +404,9 @@ std::tuple<at::Tensor, at::Tensor> laplace_lowrank_cpu(const at::Tensor& W_in,
   check_laplace_rhs(W_in, rhs_in);
   check_eig(W_in, evals_in, evecs_in);
   check_low_rank(evecs_in);
-  check_variance(W_in, v_in, theta_in, false);
+  check_variance(W_in, v_in, theta_in);
+  check_laplace_values({{&W_in, "W"}, {&rhs_in, "rhs"}, {&evecs_in, "evecs"}, {&evals_in, "evals"}},
+                       v_in, theta_in, false);
   const auto W = to_f64(W_in), V = to_f64(evecs_in), v = to_f64(v_in), theta = to_f64(theta_in);
   const auto prior = eig_prior(to_f64(evals_in), W.size(1), v, theta);
   auto [x, logdet] = low_rank_direct(W, V, prior, to_f64(rhs_in), "laplace_lowrank");

@@ -33,27 +33,30 @@ using VecX = Eigen::VectorXd;
 using SpotSlice = Eigen::Map<const MatX, 0, Eigen::OuterStride<>>;
 using SpotSliceOut = Eigen::Map<MatX, 0, Eigen::OuterStride<>>;
 
+// The kernel precision Q as CSR arrays (what the Python wrapper's canonical form guarantees, and
+// the CPU kernels read): int64 indices, float64 values, rows running from 0 to nnz.
 void check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val) {
   for (auto [t, name] :
        {std::pair{&crow, "crow"}, std::pair{&col, "col"}, std::pair{&val, "val"}}) {
-    check_device_type(*t, name, c10::DeviceType::CPU);
-    check_rank(*t, 1, name, "(nnz,) / (n + 1,)");
+    check_device_type(*t, name, c10::DeviceType::CPU, kLaplaceArg);
+    check_rank(*t, 1, name, "(nnz,) / (n + 1,)", kLaplaceArg);
   }
-  TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong,
-              "splisosm: `crow` and `col` must be int64");
-  TORCH_CHECK(val.scalar_type() == at::kDouble, "splisosm: `val` must be float64, got ",
-              val.scalar_type());
-  TORCH_CHECK(crow.numel() >= 2, "splisosm: `crow` must have n + 1 >= 2 entries");
-  TORCH_CHECK(col.numel() == val.numel(), "splisosm: `col` and `val` must have nnz entries each");
+  TORCH_CHECK_VALUE(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong,
+                    "splisosm: `crow` and `col` must be int64");
+  TORCH_CHECK_VALUE(val.scalar_type() == at::kDouble, "splisosm: `val` must be float64, got ",
+                    val.scalar_type());
+  TORCH_CHECK_VALUE(crow.numel() >= 2, "splisosm: `crow` must have n + 1 >= 2 entries");
+  TORCH_CHECK_VALUE(col.numel() == val.numel(),
+                    "splisosm: `col` and `val` must have nnz entries each");
   const auto c = crow.contiguous();
   const int64_t* cr = c.data_ptr<int64_t>();
   const int64_t n = crow.numel() - 1;
-  TORCH_CHECK(cr[0] == 0 && cr[n] == col.numel(), "splisosm: `crow` must run from 0 to nnz");
+  TORCH_CHECK_VALUE(cr[0] == 0 && cr[n] == col.numel(), "splisosm: `crow` must run from 0 to nnz");
   for (int64_t s = 0; s < n; ++s)
-    TORCH_CHECK(cr[s + 1] >= cr[s], "splisosm: `crow` must be non-decreasing");
+    TORCH_CHECK_VALUE(cr[s + 1] >= cr[s], "splisosm: `crow` must be non-decreasing");
   if (col.numel() > 0)
-    TORCH_CHECK(col.min().item<int64_t>() >= 0 && col.max().item<int64_t>() < n,
-                "splisosm: `col` indices must lie in [0, n)");
+    TORCH_CHECK_VALUE(col.min().item<int64_t>() >= 0 && col.max().item<int64_t>() < n,
+                      "splisosm: `col` indices must lie in [0, n)");
 }
 
 // Per gene, the white-noise part of the prior is eliminated spot by spot. With
@@ -168,8 +171,9 @@ std::tuple<at::Tensor, at::Tensor> laplace_sparse_cpu(const at::Tensor& W_in,
   check_laplace_W(W_in, c10::DeviceType::CPU);
   check_laplace_rhs(W_in, rhs_in);
   check_csr(crow_in, col_in, val_in);
-  check_dim(crow_in, 0, W_in.size(1) + 1, "crow", "n + 1, with n spots as in W");
-  check_variance(W_in, v_in, theta_in, true);
+  check_dim(crow_in, 0, W_in.size(1) + 1, "crow", "n + 1, with n spots as in W", kLaplaceArg);
+  check_variance(W_in, v_in, theta_in);
+  check_laplace_values({{&W_in, "W"}, {&rhs_in, "rhs"}}, v_in, theta_in, true);
   const auto W = to_f64(W_in), rhs = to_f64(rhs_in), v = to_f64(v_in), theta = to_f64(theta_in);
   const auto crow = crow_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
   const int64_t G = W.size(0), n = W.size(1), q = W.size(2), R = rhs.size(1);
@@ -232,8 +236,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> laplace_sparse_logdet
     const at::Tensor& val_in, const at::Tensor& v_in, const at::Tensor& theta_in) {
   check_laplace_W(W_in, c10::DeviceType::CPU);
   check_csr(crow_in, col_in, val_in);
-  check_dim(crow_in, 0, W_in.size(1) + 1, "crow", "n + 1, with n spots as in W");
-  check_variance(W_in, v_in, theta_in, true);
+  check_dim(crow_in, 0, W_in.size(1) + 1, "crow", "n + 1, with n spots as in W", kLaplaceArg);
+  check_variance(W_in, v_in, theta_in);
+  check_laplace_values({{&W_in, "W"}}, v_in, theta_in, true);
   const auto W = to_f64(W_in), v = to_f64(v_in), theta = to_f64(theta_in);
   const auto crow = crow_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
   const int64_t G = W.size(0), n = W.size(1), q = W.size(2);
@@ -290,19 +295,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_shifted_solve_cpu(
     bool trace_inverse) {
   check_csr(crow_in, col_in, val_in);
   const int64_t n = crow_in.numel() - 1;
-  check_float(rhs_in, "rhs");
-  check_device_type(rhs_in, "rhs", c10::DeviceType::CPU);
-  check_rank(rhs_in, 3, "rhs", "(G, R, n)");
-  check_dim(rhs_in, 2, n, "rhs", "n, as in crow");
+  check_float(rhs_in, "rhs", kLaplaceArg);
+  check_device_type(rhs_in, "rhs", c10::DeviceType::CPU, kLaplaceArg);
+  check_rank(rhs_in, 3, "rhs", "(G, R, n)", kLaplaceArg);
+  check_dim(rhs_in, 2, n, "rhs", "n, as in crow", kLaplaceArg);
   const int64_t G = rhs_in.size(0), R = rhs_in.size(1);
   for (auto [t, name] : {std::pair{&scale_in, "scale"}, std::pair{&shift_in, "shift"}}) {
-    check_float(*t, name);
-    check_device_type(*t, name, c10::DeviceType::CPU);
-    check_rank(*t, 1, name, "(G,)");
-    check_dim(*t, 0, G, name, "genes G, as in rhs");
+    check_float(*t, name, kLaplaceArg);
+    check_device_type(*t, name, c10::DeviceType::CPU, kLaplaceArg);
+    check_rank(*t, 1, name, "(G,)", kLaplaceArg);
+    check_dim(*t, 0, G, name, "genes G, as in rhs", kLaplaceArg);
   }
-  TORCH_CHECK(scale_in.gt(0).all().item<bool>() && shift_in.ge(0).all().item<bool>(),
-              "splisosm: `scale` must be positive and `shift` non-negative");
+  check_values({finite_condition(scale_in, "scale"), finite_condition(shift_in, "shift"),
+                finite_condition(rhs_in, "rhs"),
+                {scale_in.gt(0).all().logical_and(shift_in.ge(0).all()),
+                 "`scale` must be positive and `shift` non-negative"}});
   const auto crow = crow_in.contiguous(), col = col_in.contiguous(), val = val_in.contiguous();
   const auto scale = to_f64(scale_in), shift = to_f64(shift_in), rhs = to_f64(rhs_in);
   const Csr Q = csr_view(crow, col, val);

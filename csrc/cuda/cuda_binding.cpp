@@ -118,7 +118,9 @@ std::tuple<at::Tensor, at::Tensor> laplace_solve_eig_cuda(const at::Tensor& W_in
   check_W(W_in);
   check_laplace_rhs(W_in, rhs_in);
   check_eig(W_in, evals_in, evecs_in);
-  check_variance(W_in, v_in, theta_in, false);
+  check_variance(W_in, v_in, theta_in);
+  check_laplace_values({{&W_in, "W"}, {&rhs_in, "rhs"}, {&evecs_in, "evecs"}, {&evals_in, "evals"}},
+                       v_in, theta_in, false);
   check_cg_controls(tol, max_iter);
   const c10::cuda::CUDAGuard guard(W_in.device());
   const auto W = to_f64(W_in), V = to_f64(evecs_in), v = to_f64(v_in), theta = to_f64(theta_in);
@@ -306,7 +308,9 @@ at::Tensor laplace_logdet_eig_cuda(const at::Tensor& W_in, const at::Tensor& eva
                                    const at::Tensor& theta_in) {
   check_W(W_in);
   check_eig(W_in, evals_in, evecs_in);
-  check_variance(W_in, v_in, theta_in, false);
+  check_variance(W_in, v_in, theta_in);
+  check_laplace_values({{&W_in, "W"}, {&evecs_in, "evecs"}, {&evals_in, "evals"}}, v_in, theta_in,
+                       false);
   const c10::cuda::CUDAGuard guard(W_in.device());
   const auto W = to_f64(W_in), V = to_f64(evecs_in), lam = to_f64(evals_in);
   const auto prior = eig_prior(lam, W.size(1), to_f64(v_in), to_f64(theta_in));
@@ -329,7 +333,9 @@ std::tuple<at::Tensor, at::Tensor> laplace_lowrank_cuda(const at::Tensor& W_in,
   check_laplace_rhs(W_in, rhs_in);
   check_eig(W_in, evals_in, evecs_in);
   check_low_rank(evecs_in);
-  check_variance(W_in, v_in, theta_in, false);
+  check_variance(W_in, v_in, theta_in);
+  check_laplace_values({{&W_in, "W"}, {&rhs_in, "rhs"}, {&evecs_in, "evecs"}, {&evals_in, "evals"}},
+                       v_in, theta_in, false);
   const c10::cuda::CUDAGuard guard(W_in.device());
   const auto W = to_f64(W_in), V = to_f64(evecs_in);
   const auto prior = eig_prior(to_f64(evals_in), W.size(1), to_f64(v_in), to_f64(theta_in));

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from helpers.laplace_inputs import F64, car_kernel, random_W, rel
-from splisosm.glmm.laplace import NULL_THETA, LaplaceSystem, ShiftedTraces, shifted_traces
+from splisosm.glmm._sparse_prior import ShiftedTraces, shifted_traces, sparse_prior_terms
+from splisosm.glmm.laplace import NULL_THETA, LaplaceSystem
 from splisosm.ops import laplace_reference as ref
 from splisosm.ops import sparse_shifted_solve
 
@@ -244,3 +245,29 @@ def test_shifted_traces_match_selected_inversion() -> None:
     assert bool(inside.any()) and bool((~inside).any())
     other = (csr[0], csr[1], 2 * csr[2])
     assert shifted_traces(other) is not table
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_opcheck_sparse_prior_terms(shared: bool) -> None:
+    """The precision-only prior terms are the op splisosm::sparse_prior_terms: opcheck (schema,
+    fake kernel, autograd registration, AOT) and gradcheck of quad and log det Sigma in float64;
+    ``shared`` takes the one-factor-per-gene branch."""
+    _, _, nu, v, t = inputs(31, shared=shared)
+    csr = KER["csr"]
+    coef = shifted_traces(csr).coefficients
+    a, tau = 1 / (v * t), 1 / (v * (1 - t))
+    nu, a, tau = (x.clone().requires_grad_(True) for x in (nu, a, tau))
+    op = torch.ops.splisosm.sparse_prior_terms
+    for args in ((nu, a, tau, *csr, 0.25, coef), (nu, a.detach(), tau.detach(), *csr, 0.25, None)):
+        result = torch.library.opcheck(op, args)
+        assert result["test_autograd_registration"] == "SUCCESS"
+    assert torch.autograd.gradcheck(
+        lambda x, y, z: sparse_prior_terms(x, y, z, *csr, 0.25, coef)[:2], (nu, a, tau))
+    quad, logdet, prec, y, trace = sparse_prior_terms(nu, a, tau, *csr, 0.25, coef)
+    assert not any(x.requires_grad for x in (prec, y, trace)) and trace.shape == (G, Q)
+    # the derivatives in a and tau need the trace table
+    quad, _, _, _, trace = sparse_prior_terms(nu, a, tau, *csr, 0.25, None)
+    assert trace.shape == (0,)
+    with pytest.raises(RuntimeError, match="trace_coef"):
+        quad.sum().backward()
+

@@ -10,14 +10,13 @@ exact route for the kernel it was given.
 
 from __future__ import annotations
 
-import hashlib
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from splisosm.glmm._sparse_prior import ShiftedTraces, shifted_traces, sparse_prior_terms
 from splisosm.ops._linalg import LOW_RANK_CLIP, checked_cholesky
 from splisosm.ops._native import has_native_kernel
 from splisosm.ops.laplace import (
@@ -32,8 +31,7 @@ from splisosm.ops.laplace import (
 if TYPE_CHECKING:  # pragma: no cover
     import scipy.sparse
 
-__all__ = ["LaplaceSystem", "NULL_THETA", "SYMMETRY_RTOL", "ShiftedTraces", "shifted_traces",
-           "symmetric_precision"]
+__all__ = ["LaplaceSystem", "NULL_THETA", "SYMMETRY_RTOL", "symmetric_precision"]
 
 #: Below this spatial proportion, for every gene and column, the prior is taken as exactly ``v I``
 #: (the identity fast path of null models, with the threshold splisosm 1.2.0 uses).
@@ -179,7 +177,8 @@ class LaplaceSystem:
         precision-only form gives first derivatives of ``quad`` and ``logdet_sigma`` (from its
         sparse factorisations and their selected inverses) and a ``prec_nu`` without gradient.
         """
-        self._check_params(nu, v, theta, "nu", theta_max=1.0)
+        self._check_params(nu, v, theta, "nu")
+        self._check_ranges(v, theta, theta_max=1.0)  # no op below sees v and theta
         if self._is_null(theta):
             return _identity_prior(nu, v)
         if self._evecs is None:
@@ -207,15 +206,18 @@ class LaplaceSystem:
         v64, t64 = _sparse_params(v, theta)
         a, tau = 1 / (v64 * t64), 1 / (v64 * (1 - t64))
         nu64 = nu.to(_CPU, torch.float64)
-        quad, logdet, prec = _SparsePrior.apply(nu64, a, tau, self._csr, self._precision_logdet(),
-                                                self._shifted_trace)
+        # tr (a Q + tau I)^-1 only where the derivatives in v or theta are wanted
+        traced = torch.is_grad_enabled() and (a.requires_grad or tau.requires_grad)
+        coef = self._trace_table().coefficients if traced else None
+        quad, logdet, prec, _, _ = sparse_prior_terms(nu64, a, tau, *self._csr,
+                                                      self._precision_logdet(), coef)
         return quad.to(nu.device, nu.dtype), logdet.to(nu.device, nu.dtype), \
             prec.to(nu.device, nu.dtype)
 
-    def _shifted_trace(self, a: Tensor, tau: Tensor) -> Tensor:
+    def _trace_table(self) -> ShiftedTraces:
         if self._traces is None:
             self._traces = shifted_traces(self._csr)
-        return self._traces(a, tau)
+        return self._traces
 
     def _precision_logdet(self) -> float:
         if self._logdet_precision is None:
@@ -246,6 +248,9 @@ class LaplaceSystem:
 
     def _logdet_differentiable(self, W: Tensor, v: Tensor, theta: Tensor) -> Tensor:
         self._check_system(W, v, theta)
+        # the identity and eigenbasis forms here are torch code, and the sparse op sees theta
+        # only clamped into (0, 1)
+        self._check_ranges(v, theta)
         work = self._work_device(W, theta)
         W64, v64, t64 = (x.to(work, torch.float64) for x in (W, v, theta))
         if self._is_null(theta):
@@ -281,13 +286,18 @@ class LaplaceSystem:
                 f"`rhs` must be (G, n, q) or (G, R, n, q) matching `W` {tuple(W.shape)}, "
                 f"got {getattr(rhs, 'shape', rhs)}"
             )
+        null = self._is_null(theta)
+        if null or self.route == "sparse":
+            # the identity form calls no op, and the sparse op sees theta only clamped into
+            # (0, 1); the eigenbasis ops check v and theta themselves
+            self._check_ranges(v, theta)
         device = W.device
         work = self._work_device(W, theta)
         W64 = W.detach().to(work, torch.float64)
         v64 = v.detach().to(work, torch.float64)
         t64 = theta.detach().to(work, torch.float64)
         b64 = None if rhs is None else rhs.detach().to(work, torch.float64)
-        if self._is_null(theta):
+        if null:
             x, ld = _identity_system(W64, b64, v64, want_logdet)
         elif self.route == "sparse":
             x, ld = laplace_sparse(W64, b64, *self._csr, *_sparse_params(v64, t64))
@@ -336,11 +346,9 @@ class LaplaceSystem:
             raise ValueError(f"`W` must be a (G, n, q, q) tensor, got {getattr(W, 'shape', W)}")
         self._check_params(W[..., 0], v, theta, "W")
 
-    def _check_params(
-        self, x: Tensor, v: Tensor, theta: Tensor, name: str, theta_max: float | None = None
-    ) -> None:
-        """Shapes and ranges; ``theta_max`` admits ``theta == 1`` (a float32 sigmoid saturates)
-        where the formula still holds (full-rank prior terms), else ``0 <= theta < 1``."""
+    def _check_params(self, x: Tensor, v: Tensor, theta: Tensor, name: str) -> None:
+        """Shapes: ``x`` has the system's ``n`` spots in dimension 1 and ``v``, ``theta`` are
+        ``(G, q)`` as ``x``."""
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[1] != self.n:
             raise ValueError(
                 f"`{name}` must have {self.n} spots in dimension 1, got {getattr(x, 'shape', x)}"
@@ -351,13 +359,19 @@ class LaplaceSystem:
                 raise ValueError(
                     f"`{pname}` must have shape (G, q) = {(G, q)}, got {getattr(p, 'shape', p)}"
                 )
+
+    def _check_ranges(self, v: Tensor, theta: Tensor, theta_max: float | None = None) -> None:
+        """``v > 0`` and ``0 <= theta < 1``, where no op checks them (the ops check their own
+        inputs); ``theta_max`` admits ``theta == 1`` (a float32 sigmoid saturates) where the
+        formula still holds (full-rank prior terms)."""
         if not bool((v.detach() > 0).all()):
             raise ValueError("`v` (total variance) must be positive")
         t = theta.detach()
-        upper = t <= theta_max if theta_max is not None and self.rank == self.n else t < 1
+        closed = theta_max is not None and self.rank == self.n
+        upper = t <= theta_max if closed else t < 1
         if not bool(((t >= 0) & upper).all()):
-            bound = "<=" if theta_max is not None and self.rank == self.n else "<"
-            raise ValueError(f"`theta` (spatial proportion) must satisfy 0 <= theta {bound} 1")
+            raise ValueError(f"`theta` (spatial proportion) must satisfy 0 <= theta "
+                             f"{'<=' if closed else '<'} 1")
 
 
 #: Largest relative asymmetry ``max |P - P^T| / max |P|`` of a precision taken for round-off.
@@ -482,112 +496,3 @@ def _eigen_logdet(W: Tensor, lam: Tensor, V: Tensor, v: Tensor, theta: Tensor) -
     LM = checked_cholesky(M, "U^T A^-1 U")
     S = torch.eye(q * r, dtype=W.dtype, device=W.device) + LM.transpose(1, 2) @ (E[..., None] * LM)
     return _logdet_chol(LA) + _logdet_chol(checked_cholesky(S, "the Laplace system H"))
-
-
-class ShiftedTraces:
-    """``tr (a Q + tau I)^-1`` of one sparse precision ``Q`` for any ``a, tau > 0``.
-
-    With ``t = tau / a = theta / (1 - theta)`` (the spatial odds) and ``u = log t``,
-    ``tr (a Q + tau I)^-1 = g(u) / tau`` where ``g(u) = sum_i t / (lambda_i + t)`` over the
-    eigenvalues of ``Q``: one smooth bounded function of ``u`` for every gene, isoform and
-    parameter value. It is tabulated once per ``Q`` by a Chebyshev interpolant in ``u`` on
-    ``[-SPAN, SPAN]`` (``NODES`` sparse factorisations with selected inversion), accurate to about
-    1e-13 relative there; outside, the trace is computed exactly. Gradient fitters on the sparse
-    route need the trace in every step, and the selected inversion costs twice the factorisation.
-    """
-
-    SPAN = 6.0
-    NODES = 64
-
-    def __init__(self, crow: Tensor, col: Tensor, val: Tensor) -> None:
-        self._csr = (crow, col, val)
-        self.n = crow.numel() - 1
-        k = torch.arange(self.NODES, dtype=torch.float64)
-        angles = math.pi * (k + 0.5) / self.NODES
-        t = torch.exp(self.SPAN * torch.cos(angles))
-        trace = sparse_shifted_solve(crow, col, val, torch.ones_like(t), t,
-                                     t.new_zeros(self.NODES, 0, self.n), trace_inverse=True)[2]
-        g = t * trace
-        self._orders = k
-        coef = (2.0 / self.NODES) * torch.cos(k[:, None] * angles[None, :]) @ g
-        coef[0] /= 2
-        self._coef = coef
-
-    def __call__(self, a: Tensor, tau: Tensor) -> Tensor:
-        """``tr (a Q + tau I)^-1`` elementwise for float64 CPU ``a, tau`` of one shape."""
-        u = torch.log(tau / a)
-        inside = u.abs() <= self.SPAN
-        x = (u / self.SPAN).clamp(-1.0, 1.0)
-        g = torch.cos(self._orders * torch.acos(x)[..., None]) @ self._coef
-        out = g / tau
-        if not bool(inside.all()):
-            far = ~inside
-            rhs = a.new_zeros(int(far.sum()), 0, self.n)
-            out[far] = sparse_shifted_solve(*self._csr, a[far], tau[far], rhs, trace_inverse=True)[2]
-        return out
-
-
-_TRACE_TABLES: dict[bytes, ShiftedTraces] = {}
-_MAX_TRACE_TABLES = 8
-
-
-def shifted_traces(csr: tuple[Tensor, Tensor, Tensor]) -> ShiftedTraces:
-    """The :class:`ShiftedTraces` of a CSR precision, built once per process and matrix."""
-    digest = hashlib.blake2b(digest_size=16)
-    for t in csr:
-        digest.update(t.numpy().tobytes())
-    key = digest.digest()
-    table = _TRACE_TABLES.get(key)
-    if table is None:
-        if len(_TRACE_TABLES) >= _MAX_TRACE_TABLES:
-            _TRACE_TABLES.clear()
-        table = _TRACE_TABLES[key] = ShiftedTraces(*csr)
-    return table
-
-
-class _SparsePrior(torch.autograd.Function):
-    """Prior terms of the precision-only form, per gene, with first derivatives.
-
-    Per column, ``M = a Q + tau I`` and ``y = M^-1 nu``:
-    ``Sigma^-1 nu = tau nu - tau^2 y``, ``quad = nu^T Sigma^-1 nu`` and
-    ``log det Sigma = log det M - log det Q - n log a - n log tau``, so
-    ``d quad / d nu = 2 Sigma^-1 nu``, ``d quad / d a = tau^2 y^T Q y`` (``Q y = (nu - tau y) / a``),
-    ``d quad / d tau = |nu - tau y|^2``, ``d log det Sigma / d a = -tau tr(M^-1) / a`` and
-    ``d log det Sigma / d tau = tr(M^-1) - n / tau``, with ``tr(M^-1)`` from the precision's
-    :class:`ShiftedTraces`. ``prec_nu`` carries no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, nu, a, tau, csr, logdet_q, traces):  # noqa: D102
-        G, n, q = nu.shape
-        if q > 1 and bool((a == a[:, :1]).all()) and bool((tau == tau[:, :1]).all()):
-            # a shared variance: one factor and one solve with q right-hand sides per gene
-            y, logdet_m = sparse_shifted_solve(*csr, a[:, 0], tau[:, 0],
-                                               nu.permute(0, 2, 1).contiguous())
-            logdet_m = logdet_m[:, None].expand(G, q)
-        else:
-            rhs = nu.permute(0, 2, 1).reshape(G * q, 1, n)
-            y, logdet_m = sparse_shifted_solve(*csr, a.reshape(-1), tau.reshape(-1), rhs)
-        y = y.reshape(G, q, n).permute(0, 2, 1)
-        prec = tau[:, None, :] * nu - tau[:, None, :] ** 2 * y
-        logdet = (logdet_m.reshape(G, q) - logdet_q - n * torch.log(a) - n * torch.log(tau)).sum(1)
-        quad = (nu * prec).sum((1, 2))
-        trace = traces(a, tau) if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None
-        ctx.save_for_backward(nu, y, prec, a, tau, trace)
-        ctx.mark_non_differentiable(prec)
-        return quad, logdet, prec
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_quad, g_logdet, _):  # noqa: D102
-        nu, y, prec, a, tau, trace = ctx.saved_tensors
-        n = nu.shape[1]
-        g_nu = g_a = g_tau = None
-        if ctx.needs_input_grad[0]:
-            g_nu = 2 * g_quad[:, None, None] * prec
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            resid = nu - tau[:, None, :] * y  # a Q y
-            gq, gl = g_quad[:, None], g_logdet[:, None]
-            g_a = gq * tau**2 * (y * resid).sum(1) / a - gl * tau * trace / a
-            g_tau = gq * (resid * resid).sum(1) + gl * (trace - n / tau)
-        return g_nu, g_a, g_tau, None, None, None

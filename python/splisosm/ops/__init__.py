@@ -1,8 +1,10 @@
 """Numerical core of splisosm as torch ops (``torch.ops.splisosm.*``).
 
 Each op has a native kernel (CPU in C++/Eigen, CUDA when built with it) and a pure-torch
-reference in ``*_reference`` modules; the wrappers here validate inputs, pick the kernel for
-the input's device and fall back to the reference where no native kernel exists (Apple MPS).
+reference in ``*_reference`` modules; the wrappers here pick the kernel for the input's device
+and fall back to the reference where no native kernel exists (Apple MPS). The native kernels
+check the values of their inputs themselves (the Laplace kernels all of their inputs), so those
+checks run in Python only before a reference.
 """
 
 from splisosm.ops._native import NATIVE_AVAILABLE, has_native_kernel, use_reference
@@ -20,6 +22,7 @@ from splisosm.ops.laplace_reference import (
     laplace_logdet_eig_reference,
     laplace_solve_eig_reference,
     laplace_sparse_logdet_grad_reference,
+    laplace_sparse_logdet_reference,
     laplace_sparse_reference,
     sparse_inverse_diagonal_reference,
     sparse_shifted_solve_reference,
@@ -49,6 +52,7 @@ __all__ = [
     "laplace_sparse_logdet",
     "laplace_sparse_logdet_grad",
     "laplace_sparse_logdet_grad_reference",
+    "laplace_sparse_logdet_reference",
     "laplace_sparse_reference",
     "sparse_inverse_diagonal",
     "sparse_inverse_diagonal_reference",

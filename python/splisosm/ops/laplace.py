@@ -15,12 +15,14 @@ curvature. Two forms of the kernel are supported:
   that factor (:func:`laplace_sparse_logdet_grad`, differentiable as
   :func:`laplace_sparse_logdet`).
 
-The wrappers validate inputs (``ValueError`` naming the argument), dispatch to the native kernel
-and fall back to the dense references of :mod:`splisosm.ops.laplace_reference` where there is none.
-Value checks that the native kernels make themselves (``TORCH_CHECK``, a ``RuntimeError`` naming
-the argument) run in Python only before a reference, so a native call does not wait on the device
-for them. Numerical failures (a system that is not positive definite, CG without convergence)
-raise ``RuntimeError`` naming the gene.
+The wrappers dispatch to the native kernel and fall back to the dense references of
+:mod:`splisosm.ops.laplace_reference` where there is none. The native kernels check their inputs
+themselves (``csrc/checks.h``; a bad argument is a ``ValueError`` naming it), so the wrappers check
+only what they read themselves (the layout of ``W`` and ``rhs``, and the sparse precision, which
+they bring into the canonical form the kernels need); the references check nothing, and
+:func:`_check_reference_inputs` makes the same checks in Python before them. Numerical failures
+(a system that is not positive definite, CG without convergence) raise ``RuntimeError`` naming
+the gene.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from splisosm.ops.laplace_reference import (
     laplace_logdet_eig_reference,
     laplace_solve_eig_reference,
     laplace_sparse_logdet_grad_reference,
+    laplace_sparse_logdet_reference,
     laplace_sparse_reference,
     sparse_inverse_diagonal_reference,
     sparse_shifted_solve_reference,
@@ -47,7 +50,35 @@ def _shape(t: object) -> object:
     return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
 
 
-def _check_tensor(t: object, name: str, shape: tuple[int | None, ...], layout: str) -> Tensor:
+def _check_W(W: object) -> tuple[int, int, int]:
+    """``W`` is a ``(G, n, q, q)`` tensor: what the wrappers read to pick the kernel and to shape
+    the other arguments (the kernels check the rest)."""
+    if not isinstance(W, Tensor) or W.dim() != 4:
+        raise ValueError(f"`W` must be a (G, n, q, q) tensor, got {_shape(W)}")
+    G, n, q, _ = W.shape
+    return G, n, q
+
+
+def _rhs_4d(rhs: object, W: Tensor) -> tuple[Tensor, bool]:
+    """``rhs`` ``(G, n, q)`` or ``(G, R, n, q)`` as 4-D, and whether it was 3-D; ``None`` (the
+    log-determinant alone) as zero right-hand sides."""
+    if rhs is None:
+        G, n, q, _ = W.shape
+        return W.new_zeros(G, 0, n, q), False
+    if not isinstance(rhs, Tensor) or rhs.dim() not in (3, 4):
+        raise ValueError(f"`rhs` must be a (G, n, q) or (G, R, n, q) tensor, got {_shape(rhs)}")
+    squeeze = rhs.dim() == 3
+    return (rhs[:, None] if squeeze else rhs), squeeze
+
+
+def _solution_as_given(x: Tensor, rhs: Tensor | None, squeeze: bool) -> Tensor | None:
+    """The solution in the layout the caller passed ``rhs`` in (``None`` without ``rhs``)."""
+    if rhs is None:
+        return None
+    return x[:, 0] if squeeze else x
+
+
+def _check_tensor(t: object, name: str, shape: tuple[int | None, ...], layout: str) -> None:
     """``t`` is a floating tensor of ``shape`` (``None`` = any size) with finite values."""
     if not isinstance(t, Tensor) or t.dim() != len(shape):
         raise ValueError(f"`{name}` must be a {layout} tensor, got {_shape(t)}")
@@ -58,56 +89,63 @@ def _check_tensor(t: object, name: str, shape: tuple[int | None, ...], layout: s
         raise ValueError(f"`{name}` must be float32 or float64, got {t.dtype}")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"`{name}` contains NaN or infinite values")
-    return t
 
 
-def _check_W(W: object) -> tuple[int, int, int]:
-    if not isinstance(W, Tensor) or W.dim() != 4 or W.shape[-1] != W.shape[-2]:
-        raise ValueError(f"`W` must be a (G, n, q, q) tensor, got {_shape(W)}")
-    _check_tensor(W, "W", tuple(W.shape), "(G, n, q, q)")
+def _check_reference_inputs(
+    W: Tensor | None = None,
+    rhs: Tensor | None = None,
+    *,
+    evals: Tensor | None = None,
+    evecs: Tensor | None = None,
+    v: Tensor | None = None,
+    theta: Tensor | None = None,
+    open_theta: bool = False,
+    low_rank: bool = False,
+    cg: tuple[float, int] | None = None,
+    csr_size: int | None = None,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+) -> None:
+    """The checks that the native kernels make in C++ (``csrc/checks.h``), for the references.
+
+    Only the reference path calls this: the dense references check nothing themselves, while a
+    native kernel checks its own inputs (a ``ValueError`` naming the argument, as here), so a
+    check in Python before it would repeat the kernel's and, on a GPU, wait for the device.
+
+    The Laplace ops pass ``W`` (a ``(G, n, q, q)`` tensor), ``rhs`` as ``(G, R, n, q)``, ``v`` and
+    ``theta`` and what else they take: the eigenpairs, ``open_theta`` (the sparse form needs
+    ``theta > 0``), ``low_rank`` (:func:`laplace_lowrank`), ``cg = (tol, max_iter)``
+    (:func:`laplace_solve_eig`) or ``csr_size``, the ``n`` of the sparse precision.
+    :func:`sparse_shifted_solve` passes ``rhs (G, R, n)``, ``scale``, ``shift`` and ``csr_size``.
+    """
+    if W is None:
+        _check_tensor(scale, "scale", (None,), "(G,)")
+        G = scale.shape[0]
+        _check_tensor(shift, "shift", (G,), "(G,) as `scale`")
+        _check_tensor(rhs, "rhs", (G, None, csr_size), "(G, R, n)")
+        if not bool((scale > 0).all()) or not bool((shift >= 0).all()):
+            raise ValueError("`scale` must be positive and `shift` non-negative")
+        return
     G, n, q, _ = W.shape
+    _check_tensor(W, "W", (G, n, q, q), "(G, n, q, q)")
     if q < 1:
         raise ValueError("`W` needs q >= 1 columns")
-    return G, n, q
-
-
-def _check_rhs(rhs: object, W: Tensor) -> tuple[Tensor, bool]:
-    """Validate ``rhs`` ``(G, n, q)`` or ``(G, R, n, q)``; return it 4-D and whether it was 3-D."""
-    G, n, q, _ = W.shape
-    if not isinstance(rhs, Tensor) or rhs.dim() not in (3, 4):
-        raise ValueError(f"`rhs` must be a (G, n, q) or (G, R, n, q) tensor, got {_shape(rhs)}")
-    squeeze = rhs.dim() == 3
-    rhs4 = rhs[:, None] if squeeze else rhs
-    _check_tensor(rhs4, "rhs", (G, None, n, q), "(G, R, n, q)")
-    if rhs.dtype != W.dtype or rhs.device != W.device:
-        raise ValueError(
-            f"`rhs` must match `W` in dtype and device ({W.dtype}, {W.device}), "
-            f"got {rhs.dtype}, {rhs.device}"
-        )
-    return rhs4, squeeze
-
-
-def _optional_rhs(rhs: object, W: Tensor) -> tuple[Tensor, bool]:
-    """Like :func:`_check_rhs`, with ``None`` (log-determinant only) as zero right-hand sides."""
-    if rhs is None:
-        G, n, q, _ = W.shape
-        return W.new_zeros(G, 0, n, q), False
-    return _check_rhs(rhs, W)
-
-
-def _solution_as_given(x: Tensor, rhs: Tensor | None, squeeze: bool) -> Tensor | None:
-    """The solution in the layout the caller passed ``rhs`` in (``None`` without ``rhs``)."""
-    if rhs is None:
-        return None
-    return x[:, 0] if squeeze else x
-
-
-def _check_variance(v: object, theta: object, W: Tensor, *, open_theta: bool) -> None:
-    G, _, q, _ = W.shape
+    if rhs is not None:
+        _check_tensor(rhs, "rhs", (G, None, n, q), "(G, R, n, q)")
+    if evecs is not None:
+        _check_tensor(evecs, "evecs", (n, None), "(n, r)")
+        r = evecs.shape[1]
+        _check_tensor(evals, "evals", (r,), "(r,) matching evecs")
+        if not 1 <= r <= n:
+            raise ValueError(f"`evecs` must have 1 <= r <= n = {n} columns, got {r}")
+        if low_rank and r >= n:
+            raise ValueError(f"`evecs` must be low rank (r < n = {n}), got r = {r}")
+    if csr_size is not None and csr_size != n:
+        raise ValueError(f"`crow` must have n + 1 = {n + 1} entries, got {csr_size + 1}")
     _check_tensor(v, "v", (G, q), "(G, q)")
     _check_tensor(theta, "theta", (G, q), "(G, q)")
-    for name, t in (("v", v), ("theta", theta)):
-        if t.device != W.device:
+    for name, t in (("rhs", rhs), ("evals", evals), ("evecs", evecs), ("v", v), ("theta", theta)):
+        if t is not None and t.device != W.device:
             raise ValueError(f"`{name}` must be on the device of `W` ({W.device}), got {t.device}")
     if not bool((v > 0).all()):
         raise ValueError("`v` (total variance) must be positive")
@@ -115,45 +153,35 @@ def _check_variance(v: object, theta: object, W: Tensor, *, open_theta: bool) ->
     if not low_ok or not bool((theta < 1).all()):
         bounds = "0 < theta < 1" if open_theta else "0 <= theta < 1"
         raise ValueError(f"`theta` (spatial proportion) must satisfy {bounds}")
-
-
-def _check_eig(evals: object, evecs: object, W: Tensor, v: Tensor, theta: Tensor) -> None:
-    n = W.shape[1]
-    if not isinstance(evecs, Tensor) or evecs.dim() != 2:
-        raise ValueError(f"`evecs` must be an (n, r) tensor, got {_shape(evecs)}")
-    r = evecs.shape[1]
-    _check_tensor(evecs, "evecs", (n, None), "(n, r)")
-    _check_tensor(evals, "evals", (r,), "(r,) matching evecs")
-    if not 1 <= r <= n:
-        raise ValueError(f"`evecs` must have 1 <= r <= n = {n} columns, got {r}")
-    for name, t in (("evals", evals), ("evecs", evecs)):
-        if t.device != W.device:
-            raise ValueError(f"`{name}` must be on the device of `W` ({W.device}), got {t.device}")
-    _check_variance(v, theta, W, open_theta=False)
-
-
-def _check_prior_eigenvalues(evals: Tensor, theta: Tensor) -> None:
-    """Prior eigenvalues ``v (theta lambda + 1 - theta)`` are positive (given ``v > 0``).
-
-    Only the reference path needs this: the native kernels make the same check.
-    """
-    c_min = theta.to(torch.float64) * float(evals.min()) + (1 - theta.to(torch.float64))
-    if not bool((c_min > 0).all()):
-        raise ValueError(
-            "`evals` too negative: the prior eigenvalues v (theta lambda + 1 - theta) must be > 0"
-        )
+    if evecs is not None:  # prior eigenvalues v (theta lambda + 1 - theta), given v > 0
+        c_min = theta.to(torch.float64) * float(evals.min()) + (1 - theta.to(torch.float64))
+        if not bool((c_min > 0).all()):
+            raise ValueError("`evals` too negative: the prior eigenvalues v (theta lambda + 1 - "
+                             "theta) must be > 0")
+    if cg is not None:
+        tol, max_iter = cg
+        if not tol > 0:
+            raise ValueError(f"`tol` must be positive, got {tol}")
+        if max_iter < 1:
+            raise ValueError(f"`max_iter` must be >= 1, got {max_iter}")
 
 
 # A fit calls the sparse ops hundreds of times with the same three tensors (its precision), and
 # the entry-wise checks and canonicalisation read all nnz entries each time; a triple that is
 # still the same objects at the same versions (no in-place change since) is checked once. The
-# last _MAX_CHECKED_CSR triples are remembered, with their canonical forms.
+# last _MAX_CHECKED_CSR triples are remembered, with their canonical forms. (The native kernels
+# check the structure again, cheaply, for callers of the ops themselves.)
 _CHECKED_CSR: list[tuple[tuple[int, ...], tuple[weakref.ref, ...], tuple[Tensor, ...]]] = []
 _MAX_CHECKED_CSR = 4
 
 
-def check_csr(crow: object, col: object, val: object, n: int | None = None) -> tuple[Tensor, ...]:
-    """Validate a square CSR matrix; return canonical ``(crow int64, col int64, val float64)``."""
+def check_csr(crow: object, col: object, val: object) -> tuple[Tensor, ...]:
+    """A square CSR matrix in the canonical form the native kernels need: ``(crow int64,
+    col int64, val float64)`` with columns sorted within rows and duplicates summed.
+
+    Canonicalising relies on a valid structure, so this checks it (and that the values are
+    finite) on every path, native or not; ``ValueError`` naming the argument.
+    """
     for name, t in (("crow", crow), ("col", col), ("val", val)):
         if not isinstance(t, Tensor) or t.dim() != 1:
             raise ValueError(f"`{name}` must be a 1-D tensor, got {_shape(t)}")
@@ -162,9 +190,8 @@ def check_csr(crow: object, col: object, val: object, n: int | None = None) -> t
     if val.dtype != torch.float64:
         raise ValueError(f"`val` must be float64 (the sparse precision), got {val.dtype}")
     size = crow.numel() - 1
-    if size < 1 or (n is not None and size != n):
-        want = "n + 1 >= 2" if n is None else f"n + 1 = {n + 1}"
-        raise ValueError(f"`crow` must have {want} entries, got {crow.numel()}")
+    if size < 1:
+        raise ValueError(f"`crow` must have n + 1 >= 2 entries, got {crow.numel()}")
     nnz = col.numel()
     if val.numel() != nnz:
         raise ValueError(f"`val` must have nnz = {nnz} entries (as `col`), got {val.numel()}")
@@ -239,19 +266,15 @@ def laplace_solve_eig(
         ``H^-1 rhs`` with the shape and dtype of ``rhs`` (and the iterations if requested).
     """
     G, n, q = _check_W(W)
-    rhs4, squeeze = _check_rhs(rhs, W)
-    _check_eig(evals, evecs, W, v, theta)
-    if not tol > 0:
-        raise ValueError(f"`tol` must be positive, got {tol}")
+    rhs4, squeeze = _rhs_4d(rhs, W)
     max_iter = max(100, 2 * n * q) if max_iter is None else int(max_iter)
-    if max_iter < 1:
-        raise ValueError(f"`max_iter` must be >= 1, got {max_iter}")
     if has_native_kernel("laplace_solve_eig", W.device):
         x, iters = torch.ops.splisosm.laplace_solve_eig(
             W, rhs4, evals, evecs, v, theta, float(tol), max_iter
         )
     else:
-        _check_prior_eigenvalues(evals, theta)
+        _check_reference_inputs(W, rhs4, evals=evals, evecs=evecs, v=v, theta=theta,
+                                cg=(tol, max_iter))
         x = laplace_solve_eig_reference(W, rhs4, evals, evecs, v, theta)
         iters = torch.zeros(G, dtype=torch.int64, device=W.device)
     x = x[:, 0] if squeeze else x
@@ -266,10 +289,9 @@ def laplace_logdet_eig(W: Tensor, evals: Tensor, evecs: Tensor, v: Tensor, theta
     ``n'q x n'q`` matrix ``I + W^1/2 Sigma W^1/2`` over the ``n'`` spots with non-zero ``W``.
     """
     _check_W(W)
-    _check_eig(evals, evecs, W, v, theta)
     if has_native_kernel("laplace_logdet_eig", W.device):
         return torch.ops.splisosm.laplace_logdet_eig(W, evals, evecs, v, theta)
-    _check_prior_eigenvalues(evals, theta)
+    _check_reference_inputs(W, evals=evals, evecs=evecs, v=v, theta=theta)
     return laplace_logdet_eig_reference(W, evals, evecs, v, theta)
 
 
@@ -296,15 +318,13 @@ def laplace_lowrank(
         ``H^-1 rhs`` (shape and dtype of ``rhs``; ``None`` without ``rhs``) and ``(G,)`` in the
         dtype of ``W``.
     """
-    G, n, q = _check_W(W)
-    rhs4, squeeze = _optional_rhs(rhs, W)
-    _check_eig(evals, evecs, W, v, theta)
-    if evecs.shape[1] >= n:
-        raise ValueError(f"`evecs` must be low rank (r < n = {n}), got r = {evecs.shape[1]}")
+    _check_W(W)
+    rhs4, squeeze = _rhs_4d(rhs, W)
     if has_native_kernel("laplace_lowrank", W.device):
         x, logdet = torch.ops.splisosm.laplace_lowrank(W, rhs4, evals, evecs, v, theta)
     else:
-        _check_prior_eigenvalues(evals, theta)
+        _check_reference_inputs(W, rhs4, evals=evals, evecs=evecs, v=v, theta=theta,
+                                low_rank=True)
         x = laplace_solve_eig_reference(W, rhs4, evals, evecs, v, theta)
         logdet = laplace_logdet_eig_reference(W, evals, evecs, v, theta)
     return _solution_as_given(x, rhs, squeeze), logdet
@@ -338,13 +358,14 @@ def laplace_sparse(
         ``H^-1 rhs`` (shape and dtype of ``rhs``; ``None`` without ``rhs``) and ``(G,)`` in the
         dtype of ``W``.
     """
-    G, n, q = _check_W(W)
-    rhs4, squeeze = _optional_rhs(rhs, W)
-    crow, col, val = check_csr(crow, col, val, n)
-    _check_variance(v, theta, W, open_theta=True)
+    _check_W(W)
+    rhs4, squeeze = _rhs_4d(rhs, W)
+    crow, col, val = check_csr(crow, col, val)
     if has_native_kernel("laplace_sparse", W.device):
         x, logdet = torch.ops.splisosm.laplace_sparse(W, rhs4, crow, col, val, v, theta)
     else:
+        _check_reference_inputs(W, rhs4, v=v, theta=theta, open_theta=True,
+                                csr_size=crow.numel() - 1)
         x, logdet = laplace_sparse_reference(W, rhs4, crow, col, val, v, theta)
     return _solution_as_given(x, rhs, squeeze), logdet
 
@@ -357,7 +378,8 @@ def laplace_sparse_logdet_grad(
     One sparse factorisation per gene and selected inversion on its factor (the diagonal
     ``q x q`` blocks of ``H^-1`` and the entries of the eliminated system's inverse on ``Q``'s
     pattern): no dense matrix and no solve per spot. This is what makes the Laplace marginal
-    differentiable for ``marginal_gd``; :func:`laplace_sparse_logdet` wraps it for autograd.
+    differentiable for ``marginal_gd``: the native op is differentiable in ``logdet``, with these
+    gradients (first derivatives only), which :func:`laplace_sparse_logdet` uses.
 
     Parameters
     ----------
@@ -371,38 +393,29 @@ def laplace_sparse_logdet_grad(
         ``(G, q)``; each in the dtype of the input it belongs to.
     """
     _check_W(W)
-    crow, col, val = check_csr(crow, col, val, W.shape[1])
-    _check_variance(v, theta, W, open_theta=True)
+    crow, col, val = check_csr(crow, col, val)
     if has_native_kernel("laplace_sparse_logdet_grad", W.device):
         return torch.ops.splisosm.laplace_sparse_logdet_grad(W, crow, col, val, v, theta)
+    _check_reference_inputs(W, v=v, theta=theta, open_theta=True, csr_size=crow.numel() - 1)
     return laplace_sparse_logdet_grad_reference(W, crow, col, val, v, theta)
-
-
-class _SparseLogdet(torch.autograd.Function):
-    """``log det H`` of the sparse form with the gradients computed alongside it."""
-
-    @staticmethod
-    def forward(ctx, W, v, theta, crow, col, val):  # noqa: D102
-        logdet, grad_W, grad_v, grad_theta = laplace_sparse_logdet_grad(W, crow, col, val, v, theta)
-        ctx.save_for_backward(grad_W, grad_v, grad_theta)
-        return logdet
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # noqa: D102
-        grad_W, grad_v, grad_theta = ctx.saved_tensors
-        return (grad[:, None, None, None] * grad_W, grad[:, None] * grad_v,
-                grad[:, None] * grad_theta, None, None, None)
 
 
 def laplace_sparse_logdet(
     W: Tensor, crow: Tensor, col: Tensor, val: Tensor, v: Tensor, theta: Tensor
 ) -> Tensor:
-    """Differentiable ``log det H`` ``(G,)`` of the sparse form (first derivatives only).
+    """Differentiable ``log det H`` ``(G,)`` of the sparse form.
 
-    Arguments as in :func:`laplace_sparse`; gradients flow to ``W``, ``v`` and ``theta``.
+    Arguments as in :func:`laplace_sparse`; gradients flow to ``W``, ``v`` and ``theta``. The
+    native op :func:`laplace_sparse_logdet_grad` computes the gradients with the value, and its
+    registered autograd formula uses them (first derivatives only: a second derivative raises);
+    the reference path differentiates the dense log-determinant by autograd.
     """
-    return _SparseLogdet.apply(W, v, theta, crow, col, val)
+    _check_W(W)
+    crow, col, val = check_csr(crow, col, val)
+    if has_native_kernel("laplace_sparse_logdet_grad", W.device):
+        return torch.ops.splisosm.laplace_sparse_logdet_grad(W, crow, col, val, v, theta)[0]
+    _check_reference_inputs(W, v=v, theta=theta, open_theta=True, csr_size=crow.numel() - 1)
+    return laplace_sparse_logdet_reference(W, crow, col, val, v, theta)
 
 
 def sparse_shifted_solve(
@@ -441,21 +454,12 @@ def sparse_shifted_solve(
     come again, as they do in the prior terms before and after a Newton step.
     """
     crow, col, val = check_csr(crow, col, val)
-    n = crow.numel() - 1
-    if not isinstance(scale, Tensor) or scale.dim() != 1:
-        raise ValueError(f"`scale` must be a (G,) tensor, got {_shape(scale)}")
-    G = scale.shape[0]
-    _check_tensor(scale, "scale", (G,), "(G,)")
-    _check_tensor(shift, "shift", (G,), "(G,) as `scale`")
-    _check_tensor(rhs, "rhs", (G, None, n), "(G, R, n)")
-    scale, shift = scale.to(torch.float64), shift.to(torch.float64)
     trace_inverse = bool(trace_inverse)
     if has_native_kernel("sparse_shifted_solve", val.device):
         out = torch.ops.splisosm.sparse_shifted_solve(crow, col, val, scale, shift, rhs,
                                                       trace_inverse)
-    else:  # the native kernel checks the signs itself
-        if not bool((scale > 0).all()) or not bool((shift >= 0).all()):
-            raise ValueError("`scale` must be positive and `shift` non-negative")
+    else:
+        _check_reference_inputs(rhs=rhs, scale=scale, shift=shift, csr_size=crow.numel() - 1)
         out = sparse_shifted_solve_reference(crow, col, val, scale, shift, rhs, trace_inverse)
     return out if trace_inverse else out[:2]
 
@@ -503,6 +507,23 @@ def _inverse_diagonal_fake(crow, col, val):
     return val.new_empty(crow.shape[0] - 1)
 
 
+def _sparse_logdet_grad_setup_context(ctx, inputs, output) -> None:
+    _, grad_W, grad_v, grad_theta = output
+    ctx.save_for_backward(grad_W, grad_v, grad_theta)
+    # the gradients are outputs of the op, not differentiable themselves
+    ctx.mark_non_differentiable(grad_W, grad_v, grad_theta)
+
+
+@torch.autograd.function.once_differentiable
+def _sparse_logdet_grad_backward(ctx, grad: Tensor, *_: Tensor):
+    """Vector-Jacobian product of ``logdet`` from the gradients the op computed with it."""
+    grad_W, grad_v, grad_theta = ctx.saved_tensors
+    need_W, _, _, _, need_v, need_theta = ctx.needs_input_grad
+    return (grad[:, None, None, None] * grad_W if need_W else None, None, None, None,
+            grad[:, None] * grad_v if need_v else None,
+            grad[:, None] * grad_theta if need_theta else None)
+
+
 if NATIVE_AVAILABLE:
     for _name, _fake in (
         ("laplace_solve_eig", _solve_eig_fake),
@@ -514,3 +535,7 @@ if NATIVE_AVAILABLE:
         ("sparse_inverse_diagonal", _inverse_diagonal_fake),
     ):
         torch.library.register_fake(f"splisosm::{_name}")(_fake)
+    torch.library.register_autograd(
+        "splisosm::laplace_sparse_logdet_grad", _sparse_logdet_grad_backward,
+        setup_context=_sparse_logdet_grad_setup_context,
+    )

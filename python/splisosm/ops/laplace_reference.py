@@ -108,6 +108,17 @@ def laplace_sparse_reference(
     return x.to(rhs.dtype), logdet.to(W.dtype)
 
 
+def laplace_sparse_logdet_reference(
+    W: Tensor, crow: Tensor, col: Tensor, val: Tensor, v: Tensor, theta: Tensor
+) -> Tensor:
+    """Dense reference of :func:`splisosm.ops.laplace_sparse_logdet`: ``log det H`` of the dense
+    Hessian, differentiable by autograd."""
+    W64, v64, t64 = _f64(W, v, theta)
+    prec = sparse_prior_precision(csr_to_dense(crow, col, val), v64, t64)
+    L = checked_cholesky(dense_hessian(prec, W64), "the Laplace system H")
+    return (2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)).to(W.dtype)
+
+
 def laplace_sparse_logdet_grad_reference(
     W: Tensor, crow: Tensor, col: Tensor, val: Tensor, v: Tensor, theta: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -115,9 +126,7 @@ def laplace_sparse_logdet_grad_reference(
     dense Hessian and its gradients by autograd."""
     W64, v64, t64 = (t.detach().to(torch.float64).requires_grad_(True) for t in (W, v, theta))
     with torch.enable_grad():
-        prec = sparse_prior_precision(csr_to_dense(crow, col, val), v64, t64)
-        L = checked_cholesky(dense_hessian(prec, W64), "the Laplace system H")
-        logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+        logdet = laplace_sparse_logdet_reference(W64, crow, col, val, v64, t64)
         grad_W, grad_v, grad_t = torch.autograd.grad(logdet.sum(), (W64, v64, t64))
     return (logdet.detach().to(W.dtype), grad_W.to(W.dtype), grad_v.to(v.dtype),
             grad_t.to(theta.dtype))
