@@ -23,6 +23,7 @@ from splisosm.data.summary import feature_summaries
 from splisosm.glmm import _du, _fit, _sv
 from splisosm.glmm._fitting import check_device
 from splisosm.glmm.isomodels import IsoFullModel, IsoNullNoSpVar
+from splisosm.io.persistence import SavedModel, load_model, save_model
 from splisosm.results import DUResult, SVResult, legacy_dict
 
 __all__ = ["SplisosmGLMM", "IsoFullModel", "IsoNullNoSpVar"]
@@ -498,7 +499,6 @@ class SplisosmGLMM:
         fitted parameters with training logs, test results and permutation statistics. The
         source ``adata`` and the kernel object are not saved: after :meth:`load` they are None.
         """
-        from splisosm.io.persistence import SavedModel, save_model
 
         save_model(SavedModel(config=self.config, setup=self._setup, fit=self._fit, sv=self._sv,
                               du=self._du, permutations=self._permutations), path)
@@ -526,7 +526,6 @@ class SplisosmGLMM:
             Not a model saved by :meth:`save`, another format version, or a device that is not
             available here. Loading never runs code stored in the file.
         """
-        from splisosm.io.persistence import load_model
 
         saved = load_model(path, map_location=map_location)
         model = SplisosmGLMM(**{k: v for k, v in saved.config.to_dict().items() if k != "approx_rank"},

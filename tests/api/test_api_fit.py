@@ -178,7 +178,7 @@ def test_from_null_retries_fit_only_the_genes_that_need_them(monkeypatch) -> Non
         sizes.append(sum(m.n_genes for m in models))
         return fit_together(models, **kwargs)
 
-    monkeypatch.setattr(splisosm.glmm.model, "fit_together", recording)
+    monkeypatch.setattr(splisosm.glmm._runner, "fit_together", recording)
     together = SplisosmGLMM(model_type="glmm-full", fitting_configs=dict(configs))
     together.setup_data(adata, group_gene_by_n_iso=True)
     together.fit(from_null=True, batch_size=8, print_progress=False)

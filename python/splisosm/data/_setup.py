@@ -13,6 +13,7 @@ from splisosm.config import GLMMConfig, ModelType
 from splisosm.data import _dataset
 from splisosm.data._design import resolve_design
 from splisosm.spatial._build import KernelPayload, build_spatial
+from splisosm.spatial.graph import mutual_knn_adjacency
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,7 +162,6 @@ def set_up(
     if adj_key is not None:
         adjacency = _dataset.symmetrised_adjacency(adata.obsp[adj_key], adj_key)
     elif min_component_size > 1 or (full and coords is not None):
-        from splisosm.spatial.graph import mutual_knn_adjacency
 
         adjacency = mutual_knn_adjacency(coords, config.k_neighbors)
     if min_component_size > 1:

@@ -21,8 +21,12 @@ import torch
 from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
-from splisosm.config import ModelType
+from splisosm.config import ModelType, resolve_fitting_configs
 from splisosm.glmm._fitting import NOT_CONVERGED
+from splisosm.glmm.glm import MultinomGLM
+from splisosm.glmm.isomodels import IsoFullModel, IsoNullNoSpVar
+from splisosm.glmm.model import fit_together
+from splisosm.ops.engine import engine_runs
 from splisosm.spatial._build import KernelPayload
 
 GLMM_PARAMS = ("nu", "beta", "bias_eta", "sigma", "theta_logit")
@@ -107,8 +111,6 @@ def engine_group_size(plan: FitPlan, kernel: KernelPayload | None, n_spots: int,
     without eigenpairs, a device without the compiled op); otherwise as many genes as fit in
     :func:`engine_group_bytes` of per-gene working memory.
     """
-    from splisosm.config import resolve_fitting_configs
-    from splisosm.ops.engine import engine_runs
 
     if plan.model_type == GLM_KEY:  # the GLM has fitters of its own
         return 1
@@ -129,8 +131,6 @@ def engine_group_size(plan: FitPlan, kernel: KernelPayload | None, n_spots: int,
 
 def new_model(kind: str, model_kwargs: dict[str, Any]):
     """Construct an unfitted per-gene model of the given kind."""
-    from splisosm.glmm.glm import MultinomGLM
-    from splisosm.glmm.isomodels import IsoFullModel, IsoNullNoSpVar
 
     if kind == GLM_KEY:
         # the GLM always fits with its own (IWLS) defaults
@@ -199,8 +199,6 @@ def fit_batch(plan: FitPlan, counts: Sequence[np.ndarray], design: np.ndarray | 
     ``'glmm-null'`` and ``'glmm-full'`` states; the ``refit_null`` choices are made per gene
     (the reference compared batch means).
     """
-    from splisosm.glmm.isomodels import IsoFullModel, IsoNullNoSpVar
-    from splisosm.glmm.model import fit_together
 
     parts = [torch.as_tensor(np.asarray(c, dtype=np.float32)) for c in counts]
     X = None if design is None else torch.as_tensor(np.asarray(design, dtype=np.float32))

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from splisosm.config import resolve_prior_params, validate_glmm_config
-from splisosm.glmm import _newton
 from splisosm.glmm._base import CountModel, as_tensor, resolve_diagnose
 from splisosm.glmm._fitting import (
     FitResult,
@@ -36,6 +35,7 @@ from splisosm.glmm._likelihood import (
     log_prior,
     variance_components,
 )
+from splisosm.glmm._newton import JointNewton, MarginalNewton
 from splisosm.glmm.laplace import LaplaceSystem, symmetric_precision
 from splisosm.ops import multinom_terms
 from splisosm.ops.engine import engine_runs, joint_gd_fit
@@ -273,9 +273,9 @@ class MultinomGLMM(CountModel):
             def step(epoch: int, active: Tensor, record) -> bool:
                 return optimizer_step(optimizer, lambda: -self.forward(), record, reduce)
         elif method == "joint_newton":
-            step = _newton.JointNewton(self).step
+            step = JointNewton(self).step
         else:
-            fitter = _newton.MarginalNewton(self)
+            fitter = MarginalNewton(self)
             step = fitter.step
 
             def loss() -> Tensor:  # the step already evaluated l_M at the new state

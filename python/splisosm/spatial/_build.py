@@ -17,6 +17,8 @@ import scipy.sparse as sp
 import torch
 
 from splisosm.config import APPROX_RANK_AUTO, ModelType
+from splisosm.spatial import kernel as kernel_module  # read at call time: tests lower the threshold
+from splisosm.spatial.kernel import IdentityKernel, SpatialCovKernel, null_eigenpairs
 
 
 @dataclass(frozen=True)
@@ -49,15 +51,14 @@ def choose_rank(approx_rank: Any, n: int) -> int | None:
       (splisosm 1.2.0 instead asked an iterative solver for ``n - 2`` eigenpairs, impractically
       slow, and then ran the models in low-rank mode).
     """
-    from splisosm.spatial.kernel import DENSE_THRESHOLD
 
     if approx_rank is APPROX_RANK_AUTO:
-        return n if n <= DENSE_THRESHOLD else math.ceil(4 * math.sqrt(n))
+        return n if n <= kernel_module.DENSE_THRESHOLD else math.ceil(4 * math.sqrt(n))
     if approx_rank is None:
-        if n <= DENSE_THRESHOLD:
+        if n <= kernel_module.DENSE_THRESHOLD:
             return n
         warnings.warn(
-            f"approx_rank=None with {n} > {DENSE_THRESHOLD} spots: no eigendecomposition is "
+            f"approx_rank=None with {n} > {kernel_module.DENSE_THRESHOLD} spots: no eigendecomposition is "
             "computed; the models use the exact sparse kernel precision instead, which costs "
             "more per gene than the default low-rank approximation.",
             UserWarning,
@@ -87,7 +88,6 @@ def build_spatial(
         ``SpatialCovKernel`` for 'glmm-full' with eigenpairs of the chosen rank, plus the
         sparse precision when the kernel is used exactly (full rank or the sparse route).
     """
-    from splisosm.spatial.kernel import IdentityKernel, SpatialCovKernel, null_eigenpairs
 
     if model_type == ModelType.GLM:
         return None, None
