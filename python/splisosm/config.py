@@ -15,6 +15,7 @@ from numbers import Integral
 from typing import Any
 
 from splisosm._checks import check_bool, check_dict, check_int, check_keys, check_real
+from splisosm._docs import fill_doc
 
 __all__ = [
     "ModelType", "FittingMethod", "Optimizer", "Prior", "InitRatio", "Device", "DUMethod",
@@ -273,15 +274,16 @@ def _settings_doc() -> str:
                        "5000 spots through its sparse precision, with a ``UserWarning``).",
         "device": f"{', '.join(map(repr, Device.values()))}.",
     }
-    return "\n".join(f"    {name}\n" + "\n".join(textwrap.wrap(text, 92, initial_indent=" " * 8,
-                                                                 subsequent_indent=" " * 8))
+    return "\n".join(f"{name}\n" + "\n".join(textwrap.wrap(text, 92, initial_indent=" " * 4,
+                                                             subsequent_indent=" " * 4))
                      for name, text in entries.items())
 
 
-#: The settings' entries for the ``Parameters`` section of a docstring (indented for a class).
+#: The settings' entries for the ``Parameters`` section of a docstring.
 SETTINGS_DOC = _settings_doc()
 
 
+@fill_doc(settings=SETTINGS_DOC)
 @dataclass(frozen=True)
 class GLMMConfig:
     """The settings of a :class:`~splisosm.hyptest_glmm.SplisosmGLMM`, validated once.
@@ -368,5 +370,3 @@ class GLMMConfig:
             values["approx_rank"] = APPROX_RANK_AUTO
         return cls(**values)
 
-
-GLMMConfig.__doc__ = GLMMConfig.__doc__.replace("    {settings}", SETTINGS_DOC)

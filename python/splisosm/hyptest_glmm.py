@@ -17,13 +17,14 @@ import pandas as pd
 import torch
 
 from splisosm._checks import check_int
+from splisosm._docs import fill_doc
 from splisosm.config import APPROX_RANK_AUTO, SETTINGS_DOC, GLMMConfig, ModelType
 from splisosm.data import _setup
 from splisosm.data.summary import feature_summaries
 from splisosm.glmm import _du, _fit, _sv
 from splisosm.glmm._fitting import check_device
 from splisosm.glmm.isomodels import IsoFullModel, IsoNullNoSpVar
-from splisosm.io.persistence import SavedModel, load_model, save_model
+from splisosm.io.persistence import LOAD_DOC, SavedModel, load_model, save_model
 from splisosm.results import DUResult, SVResult, legacy_dict
 
 __all__ = ["SplisosmGLMM", "IsoFullModel", "IsoNullNoSpVar"]
@@ -32,6 +33,7 @@ _APPROX_RANK_AUTO = APPROX_RANK_AUTO  # the name splisosm 1.2.0 gives the defaul
 _DEFAULTS = GLMMConfig()
 
 
+@fill_doc(settings=SETTINGS_DOC)
 class SplisosmGLMM:
     """Spatial isoform statistics with per-gene multinomial GLM(M)s.
 
@@ -160,6 +162,7 @@ class SplisosmGLMM:
         return self._fitted()
 
     # ------------------------------------------------------------------ steps
+    @fill_doc(setup_parameters=_setup.SETUP_DATA_DOC)
     def setup_data(self, adata, *, spatial_key: str = "spatial", adj_key: str | None = None,
                    layer: str = "counts", group_iso_by: str = "gene_symbol",
                    gene_names: str | None = None, group_gene_by_n_iso: bool = False,
@@ -167,50 +170,7 @@ class SplisosmGLMM:
                    min_counts: int = 10, min_bin_pct: float = 0.0, min_component_size: int = 1) -> None:
         """Check, filter and store the data; build the design and the spatial kernel.
 
-        Parameters
-        ----------
-        adata
-            AnnData ``(n_spots, n_isoforms)``: counts in ``adata.layers[layer]``, isoform-to-gene
-            map in ``adata.var[group_iso_by]``, coordinates in ``adata.obsm[spatial_key]``.
-        spatial_key
-            ``adata.obsm`` key of the ``(n_spots, d)`` coordinates.
-        adj_key
-            ``adata.obsp`` key of a pre-built adjacency; overrides the k-NN graph. Symmetrised
-            by averaging (``RuntimeWarning``) when not symmetric.
-        layer
-            Counts layer (non-negative integer counts, 2-D).
-        group_iso_by
-            ``adata.var`` column grouping isoforms into genes.
-        gene_names
-            ``adata.var`` column with display names (default: the ``group_iso_by`` values).
-        group_gene_by_n_iso
-            Group genes by isoform count so ``fit(batch_size > 1)`` can stack them.
-        design_mtx
-            Covariates for DU testing: an obs column name or list of names (categorical columns
-            one-hot encoded with all levels), or an ``(n_spots, n_factors)`` array, DataFrame,
-            sparse matrix or tensor.
-        covariate_names
-            Names overriding the inferred covariate names.
-        min_counts
-            Minimum total count of an isoform.
-        min_bin_pct
-            Minimum fraction (``<= 1``) or percentage (``> 1``) of spots expressing an isoform.
-        min_component_size
-            Drop spots in spatial graph components smaller than this (``UserWarning``).
-
-        Raises
-        ------
-        ValueError
-            Invalid arguments or data, naming the argument at fault.
-        TypeError
-            Unsupported ``design_mtx`` type.
-
-        Warns
-        -----
-        UserWarning
-            Genes dropped for having a single isoform; spots removed by the component filter;
-            a disconnected spatial graph (glmm-full); duplicate coordinates; near-constant
-            covariates; ``approx_rank=None`` above 5000 spots.
+        {setup_parameters}
         """
         record = _setup.set_up(
             self.config, adata, spatial_key=spatial_key, adj_key=adj_key, layer=layer,
@@ -222,54 +182,13 @@ class SplisosmGLMM:
         self._summaries = self._score_kernel = None
         self._clear_fit()
 
+    @fill_doc(fit_parameters=_fit.FIT_DOC)
     def fit(self, n_jobs: int = 1, batch_size: int = 1, quiet: bool = True, print_progress: bool = True,
             with_design_mtx: bool = False, from_null: bool = False, refit_null: bool = True,
             random_seed: int | None = None) -> None:
         """Fit one model per gene.
 
-        Parameters
-        ----------
-        n_jobs
-            Worker processes (negative counts back from the number of cores, ``-1`` = all).
-        batch_size
-            Genes fitted jointly per batch (needs ``group_gene_by_n_iso=True`` in setup). Each
-            gene is fitted on its own objective, so results do not depend on the batch, which
-            only bounds memory. With ``fitting_method='joint_gd'`` (Adam or SGD) on one process,
-            the compiled engine fits as many genes together as 1 GiB of working memory holds,
-            whatever the value given here.
-        quiet
-            Suppress the per-model fitting messages.
-        print_progress
-            Show a progress bar over batches on stderr.
-        with_design_mtx
-            Include the covariates as fixed effects (for the Wald test). Covariates with values
-            beyond +-10 are divided by their largest magnitude for the fit; the models returned
-            by :meth:`get_gene_model` carry the original design and effects on its scale.
-        from_null
-            Fit the white-noise null first and start the spatial model from it; stores both
-            fits (needed by :meth:`test_spatial_variability`). With a gradient-descent method,
-            the user's ``lr``, ``optim`` and ``patience`` apply to that first fit only (a
-            warning says so); the later fits use ``lr=0.01``, Adam and ``patience=5``, as in
-            splisosm 1.2.0.
-        refit_null
-            With ``from_null``, refit the null from the full fit and the full from a better
-            null, choosing per gene.
-        random_seed
-            Seed for reproducible fits (each batch gets a seed derived from it).
-
-        Raises
-        ------
-        ValueError
-            ``n_jobs == 0`` or not an int, ``batch_size < 1``, ``from_null`` with ``'glm'`` or
-            with ``'joint_newton'``.
-        RuntimeError
-            Before :meth:`setup_data`.
-
-        Notes
-        -----
-        Every fit discards the earlier fits (a de-novo fit also the null fits of an earlier
-        ``from_null`` run), test results and permutation statistics. A warning counts the genes
-        whose fits did not converge, whatever ``quiet`` says.
+        {fit_parameters}
         """
         if self._setup is None:
             raise RuntimeError("call setup_data() before fit()")
@@ -294,92 +213,25 @@ class SplisosmGLMM:
         self._clear_fit()
         self._fit = record
 
+    @fill_doc(sv_test=_sv.SV_TEST_DOC)
     def test_spatial_variability(self, method: Literal["llr", "score"] = "llr", use_perm_null: bool = False,
                                  return_results: bool = False, print_progress: bool = True,
                                  n_perms_per_gene: int | None = None, **kwargs: Any) -> dict | None:
         """Test for spatial variability (H0: no spatial variance, ``theta = 0``).
 
-        * ``'llr'``: twice the difference of the Laplace marginal log-likelihoods of the full
-          and the null fit (needs ``fit(from_null=True)``), referred to the chi-bar-square
-          mixture of the boundary null, or to spot-permuted refits. Calibrated only after a
-          marginal fit (``'marginal_newton'``, ``'marginal_gd'``): the joint likelihood drives
-          ``theta`` towards 1 for every gene, so after ``'joint_gd'`` the statistic is 0 for
-          nearly every gene without a strong spatial pattern (a warning says so).
-        * ``'score'``: the score of a spatial variance component at the white-noise fits
-          (those of ``fit(from_null=True)``, or of a ``'glmm-null'`` model, which fits nothing
-          else), calibrated after every fitting method. A ``'glmm-null'`` model builds the
-          spatial kernel its set-up would have had when the test first needs it.
-
-        Parameters
-        ----------
-        method
-            ``'llr'`` or ``'score'``.
-        use_perm_null
-            LLR only: compare against statistics of spot-permuted data refitted as the data were.
-        return_results
-            Return the results as a dict (splisosm 1.2.0's layout) as well as storing them.
-        print_progress
-            Progress bars on stderr.
-        n_perms_per_gene
-            Permutations when ``use_perm_null`` (default 20).
-        **kwargs
-            ``n_jobs`` (workers per permutation refit, default 1) and ``random_seed`` (seed of
-            the permutation draws).
-
-        Returns
-        -------
-        dict or None
-            With ``return_results``: ``statistic``, ``pvalue``, ``df`` (variance components
-            tested), ``method``, ``use_perm_null``, ``pvalue_adj``, ``converged``. The results
-            stay available as :attr:`sv_results`.
-
-        Raises
-        ------
-        ValueError
-            Unknown method or kwargs, ``n_perms_per_gene < 1``, a permutation null with the
-            score test, missing fits (LLR: full and null; score: null), or the score test on a
-            kernel without eigenpairs.
-
-        Notes
-        -----
-        Permutation statistics are kept for the fit, number of permutations and seed; another
-        fit or number recomputes them, and reusing them prints ``Using cached permutation
-        results...``.
+        {sv_test}
         """
         self._sv, self._permutations, self._score_kernel = _sv.sv_test(
             self._fitted(), self.model_type, method, use_perm_null=use_perm_null, n_perms=n_perms_per_gene,
             progress=print_progress, cache=self._permutations, kernel=self._score_kernel, **kwargs)
         return legacy_dict(self._sv) if return_results else None
 
+    @fill_doc(du_test=_du.DU_TEST_DOC)
     def test_differential_usage(self, method: Literal["score", "wald", "marginal-score"] = "score",
                                 print_progress: bool = True, return_results: bool = False) -> dict | None:
         """Test each covariate for differential isoform usage, per gene (H0: ``beta_f = 0``).
 
-        * ``'score'`` (splisosm 1.2.0's test): conditional on the fitted random effect; it
-          ignores the variance the random effect absorbs, so it is conservative (false-positive
-          rate about 0 at alpha 0.05 on simulated data) and loses power.
-        * ``'marginal-score'`` (recommended): the same score with the information of the
-          marginal model; calibrated on null covariates, spatially smooth ones included. Best
-          after ``fitting_method='marginal_newton'``, whose random effect sits at its mode.
-        * ``'wald'``: for models fitted with ``with_design_mtx=True`` (anti-conservative).
-
-        Parameters
-        ----------
-        method
-            ``'score'`` or ``'marginal-score'`` after a fit without the design, ``'wald'``
-            after one with it.
-        print_progress
-            Progress bar over isoform-count groups.
-        return_results
-            Return the results as a dict (splisosm 1.2.0's layout: ``statistic`` and
-            ``pvalue`` as tensors ``(n_genes, n_factors)``, ``method``, ``pvalue_adj``,
-            ``converged``) as well as storing them as :attr:`du_results`.
-
-        Raises
-        ------
-        ValueError
-            No design matrix, unknown method, method inconsistent with ``with_design_mtx``, or
-            no fitted models.
+        {du_test}
         """
         fitted = self._fitted()
         _du.check_method(fitted, self.design_mtx, method)
@@ -504,29 +356,12 @@ class SplisosmGLMM:
                               du=self._du, permutations=self._permutations), path)
 
     @staticmethod
+    @fill_doc(load_parameters=LOAD_DOC)
     def load(path: str | os.PathLike, map_location: str | None = None) -> SplisosmGLMM:
         """Load a model written by :meth:`save`.
 
-        Parameters
-        ----------
-        path
-            File written by :meth:`save`.
-        map_location
-            ``'cpu'``, ``'cuda'`` or ``'mps'`` (also ``'cuda:0'`` or a ``torch.device``);
-            default: the saved device.
-
-        Raises
-        ------
-        FileNotFoundError, IsADirectoryError
-            ``path`` does not exist or is a directory.
-        splisosm.io.persistence.DamagedModelError
-            (a ``ValueError``) A member that cannot be read or parts that disagree with each
-            other; the message names the part at fault.
-        ValueError
-            Not a model saved by :meth:`save`, another format version, or a device that is not
-            available here. Loading never runs code stored in the file.
+        {load_parameters}
         """
-
         saved = load_model(path, map_location=map_location)
         model = SplisosmGLMM(**{k: v for k, v in saved.config.to_dict().items() if k != "approx_rank"},
                              approx_rank=saved.config.approx_rank)
@@ -555,5 +390,3 @@ class SplisosmGLMM:
 def _status(result: SVResult | DUResult | None) -> str:
     return "NA" if result is None else f"Completed ({result.method})"
 
-
-SplisosmGLMM.__doc__ = SplisosmGLMM.__doc__.replace("    {settings}", SETTINGS_DOC)

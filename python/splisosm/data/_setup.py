@@ -15,6 +15,54 @@ from splisosm.data._design import resolve_design
 from splisosm.spatial._build import KernelPayload, build_spatial
 from splisosm.spatial.graph import mutual_knn_adjacency
 
+#: The rest of ``SplisosmGLMM.setup_data``'s docstring: its arguments, errors and warnings.
+SETUP_DATA_DOC = """\
+Parameters
+----------
+adata
+    AnnData ``(n_spots, n_isoforms)``: counts in ``adata.layers[layer]``, isoform-to-gene
+    map in ``adata.var[group_iso_by]``, coordinates in ``adata.obsm[spatial_key]``.
+spatial_key
+    ``adata.obsm`` key of the ``(n_spots, d)`` coordinates.
+adj_key
+    ``adata.obsp`` key of a pre-built adjacency; overrides the k-NN graph. Symmetrised
+    by averaging (``RuntimeWarning``) when not symmetric.
+layer
+    Counts layer (non-negative integer counts, 2-D).
+group_iso_by
+    ``adata.var`` column grouping isoforms into genes.
+gene_names
+    ``adata.var`` column with display names (default: the ``group_iso_by`` values).
+group_gene_by_n_iso
+    Group genes by isoform count so ``fit(batch_size > 1)`` can stack them.
+design_mtx
+    Covariates for DU testing: an obs column name or list of names (categorical columns
+    one-hot encoded with all levels), or an ``(n_spots, n_factors)`` array, DataFrame,
+    sparse matrix or tensor.
+covariate_names
+    Names overriding the inferred covariate names.
+min_counts
+    Minimum total count of an isoform.
+min_bin_pct
+    Minimum fraction (``<= 1``) or percentage (``> 1``) of spots expressing an isoform.
+min_component_size
+    Drop spots in spatial graph components smaller than this (``UserWarning``).
+
+Raises
+------
+ValueError
+    Invalid arguments or data, naming the argument at fault.
+TypeError
+    Unsupported ``design_mtx`` type.
+
+Warns
+-----
+UserWarning
+    Genes dropped for having a single isoform; spots removed by the component filter;
+    a disconnected spatial graph (glmm-full); duplicate coordinates; near-constant
+    covariates; ``approx_rank=None`` above 5000 spots.
+"""
+
 
 @dataclass(frozen=True, eq=False)
 class SetupRecord:

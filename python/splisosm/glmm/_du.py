@@ -20,6 +20,35 @@ from splisosm.glmm._fit import Fitted
 from splisosm.glmm.stats import bh_adjust, chi2_pvalues, score_statistics, wald_statistics
 from splisosm.results import DUResult
 
+#: The rest of ``SplisosmGLMM.test_differential_usage``'s docstring: the tests, arguments, errors.
+DU_TEST_DOC = """\
+* ``'score'`` (splisosm 1.2.0's test): conditional on the fitted random effect; it
+  ignores the variance the random effect absorbs, so it is conservative (false-positive
+  rate about 0 at alpha 0.05 on simulated data) and loses power.
+* ``'marginal-score'`` (recommended): the same score with the information of the
+  marginal model; calibrated on null covariates, spatially smooth ones included. Best
+  after ``fitting_method='marginal_newton'``, whose random effect sits at its mode.
+* ``'wald'``: for models fitted with ``with_design_mtx=True`` (anti-conservative).
+
+Parameters
+----------
+method
+    ``'score'`` or ``'marginal-score'`` after a fit without the design, ``'wald'``
+    after one with it.
+print_progress
+    Progress bar over isoform-count groups.
+return_results
+    Return the results as a dict (splisosm 1.2.0's layout: ``statistic`` and
+    ``pvalue`` as tensors ``(n_genes, n_factors)``, ``method``, ``pvalue_adj``,
+    ``converged``) as well as storing them as :attr:`du_results`.
+
+Raises
+------
+ValueError
+    No design matrix, unknown method, method inconsistent with ``with_design_mtx``, or
+    no fitted models.
+"""
+
 
 def check_method(fitted: Fitted | None, design: torch.Tensor | None, method: str) -> None:
     """Refuse a test the set-up and fit cannot give, naming what to change."""

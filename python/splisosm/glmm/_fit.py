@@ -25,6 +25,54 @@ from splisosm.glmm.isomodels import GD_CHAIN_CONFIGS
 DESIGN_SCALE_LIMIT = 10.0
 
 
+#: The rest of ``SplisosmGLMM.fit``'s docstring: its arguments, errors and notes.
+FIT_DOC = """\
+Parameters
+----------
+n_jobs
+    Worker processes (negative counts back from the number of cores, ``-1`` = all).
+batch_size
+    Genes fitted jointly per batch (needs ``group_gene_by_n_iso=True`` in setup). Each
+    gene is fitted on its own objective, so results do not depend on the batch, which
+    only bounds memory. With ``fitting_method='joint_gd'`` (Adam or SGD) on one process,
+    the compiled engine fits as many genes together as 1 GiB of working memory holds,
+    whatever the value given here.
+quiet
+    Suppress the per-model fitting messages.
+print_progress
+    Show a progress bar over batches on stderr.
+with_design_mtx
+    Include the covariates as fixed effects (for the Wald test). Covariates with values
+    beyond +-10 are divided by their largest magnitude for the fit; the models returned
+    by :meth:`get_gene_model` carry the original design and effects on its scale.
+from_null
+    Fit the white-noise null first and start the spatial model from it; stores both
+    fits (needed by :meth:`test_spatial_variability`). With a gradient-descent method,
+    the user's ``lr``, ``optim`` and ``patience`` apply to that first fit only (a
+    warning says so); the later fits use ``lr=0.01``, Adam and ``patience=5``, as in
+    splisosm 1.2.0.
+refit_null
+    With ``from_null``, refit the null from the full fit and the full from a better
+    null, choosing per gene.
+random_seed
+    Seed for reproducible fits (each batch gets a seed derived from it).
+
+Raises
+------
+ValueError
+    ``n_jobs == 0`` or not an int, ``batch_size < 1``, ``from_null`` with ``'glm'`` or
+    with ``'joint_newton'``.
+RuntimeError
+    Before :meth:`setup_data`.
+
+Notes
+-----
+Every fit discards the earlier fits (a de-novo fit also the null fits of an earlier
+``from_null`` run), test results and permutation statistics. A warning counts the genes
+whose fits did not converge, whatever ``quiet`` says.
+"""
+
+
 @dataclass(frozen=True, eq=False)
 class FitRecord:
     """The outcome of one ``SplisosmGLMM.fit`` call.

@@ -36,6 +36,57 @@ FULL, NULL = ModelType.FULL.value, ModelType.NULL.value
 _USER_LEVEL = 4
 
 
+#: The rest of ``SplisosmGLMM.test_spatial_variability``'s docstring: the tests, arguments, results.
+SV_TEST_DOC = """\
+* ``'llr'``: twice the difference of the Laplace marginal log-likelihoods of the full
+  and the null fit (needs ``fit(from_null=True)``), referred to the chi-bar-square
+  mixture of the boundary null, or to spot-permuted refits. Calibrated only after a
+  marginal fit (``'marginal_newton'``, ``'marginal_gd'``): the joint likelihood drives
+  ``theta`` towards 1 for every gene, so after ``'joint_gd'`` the statistic is 0 for
+  nearly every gene without a strong spatial pattern (a warning says so).
+* ``'score'``: the score of a spatial variance component at the white-noise fits
+  (those of ``fit(from_null=True)``, or of a ``'glmm-null'`` model, which fits nothing
+  else), calibrated after every fitting method. A ``'glmm-null'`` model builds the
+  spatial kernel its set-up would have had when the test first needs it.
+
+Parameters
+----------
+method
+    ``'llr'`` or ``'score'``.
+use_perm_null
+    LLR only: compare against statistics of spot-permuted data refitted as the data were.
+return_results
+    Return the results as a dict (splisosm 1.2.0's layout) as well as storing them.
+print_progress
+    Progress bars on stderr.
+n_perms_per_gene
+    Permutations when ``use_perm_null`` (default 20).
+**kwargs
+    ``n_jobs`` (workers per permutation refit, default 1) and ``random_seed`` (seed of
+    the permutation draws).
+
+Returns
+-------
+dict or None
+    With ``return_results``: ``statistic``, ``pvalue``, ``df`` (variance components
+    tested), ``method``, ``use_perm_null``, ``pvalue_adj``, ``converged``. The results
+    stay available as :attr:`sv_results`.
+
+Raises
+------
+ValueError
+    Unknown method or kwargs, ``n_perms_per_gene < 1``, a permutation null with the
+    score test, missing fits (LLR: full and null; score: null), or the score test on a
+    kernel without eigenpairs.
+
+Notes
+-----
+Permutation statistics are kept for the fit, number of permutations and seed; another
+fit or number recomputes them, and reusing them prints ``Using cached permutation
+results...``.
+"""
+
+
 @dataclass(frozen=True, eq=False)
 class PermutationCache:
     """LLR statistics of spot-permuted refits, ``(n_perms, n_genes)``, for one fit and seed."""

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from splisosm._docs import fill_doc
 from splisosm.config import APPROX_RANK_AUTO, GLMMConfig, ModelType
 from splisosm.data._setup import SetupRecord
 from splisosm.glmm._fit import FitRecord
@@ -403,18 +404,34 @@ def _device_type(location: Any) -> Any:
     return location
 
 
-def load_model(path: str | os.PathLike, map_location: str | None = None):
-    """Rebuild a :class:`~splisosm.hyptest_glmm.SplisosmGLMM` saved by :func:`save_model`.
+#: The arguments and errors of loading a model file (shown by ``SplisosmGLMM.load`` too).
+LOAD_DOC = """\
+Parameters
+----------
+path
+    File written by ``SplisosmGLMM.save``.
+map_location
+    ``'cpu'``, ``'cuda'`` or ``'mps'`` (also ``'cuda:0'`` or a ``torch.device``); default:
+    the saved device.
 
-    Parameters
-    ----------
-    path
-        File written by :func:`save_model`.
-    map_location
-        ``'cpu'``, ``'cuda'`` or ``'mps'`` (also as ``'cuda:0'`` or a ``torch.device``); None
-        keeps the saved device.
+Raises
+------
+FileNotFoundError, IsADirectoryError
+    ``path`` does not exist or is a directory.
+splisosm.io.DamagedModelError
+    (a ``ValueError``) A member that cannot be read or parts that disagree with each other;
+    the message names the part at fault.
+ValueError
+    Not a model saved by ``SplisosmGLMM.save``, another format version, or a device that is
+    not available here. Loading never runs code stored in the file.
+"""
 
-    The errors are those listed on :meth:`SplisosmGLMM.load <splisosm.hyptest_glmm.SplisosmGLMM.load>`.
+
+@fill_doc(load_parameters=LOAD_DOC)
+def load_model(path: str | os.PathLike, map_location: str | None = None) -> SavedModel:
+    """The :class:`SavedModel` in the file at ``path``, checked whole before it is returned.
+
+    {load_parameters}
     """
 
     if map_location is not None:
