@@ -1,9 +1,4 @@
-"""GLMM-based hypothesis tests for spatial isoform usage: the :class:`SplisosmGLMM` facade.
-
-The class holds a validated :class:`~splisosm.config.GLMMConfig` and the records of each step:
-the set-up (``_setup``), the fit (``_fit``), and the test results (:mod:`splisosm.results`),
-computed by ``_sv`` and ``_du``. Saving and loading go through :mod:`splisosm.io.persistence`.
-"""
+"""The :class:`SplisosmGLMM` facade: a validated config and the records of set-up, fit and tests."""
 
 from __future__ import annotations
 
@@ -24,6 +19,7 @@ from splisosm.data.summary import feature_summaries
 from splisosm.glmm import _du, _fit, _sv
 from splisosm.glmm._fitting import check_device
 from splisosm.glmm.isomodels import IsoFullModel, IsoNullNoSpVar
+from splisosm.io.adata import DEFAULT_KEY, WRITE_RESULTS_DOC, write_analysis
 from splisosm.io.persistence import LOAD_DOC, SavedModel, load_model, save_model
 from splisosm.results import DUResult, SVResult, legacy_dict
 
@@ -127,7 +123,6 @@ class SplisosmGLMM:
     _du_test_results = property(lambda self: {} if self._du is None else legacy_dict(self._du))
 
     def _from_setup(get: Callable[[_setup.SetupRecord], Any], doc: str) -> property:
-        """A read-only attribute of the set-up record (None before set-up)."""
         return property(lambda self: None if self._setup is None else get(self._setup), doc=doc)
 
     n_genes = _from_setup(lambda s: s.n_genes, "Number of genes after filtering (None before set-up).")
@@ -343,6 +338,17 @@ class SplisosmGLMM:
                 gene_names=self.gene_names, print_progress=print_progress)
         return self._summaries[0] if level == "gene" else self._summaries[1]
 
+    @fill_doc(write_results=WRITE_RESULTS_DOC)
+    def write_results(self, adata: Any = None, *, key_added: str = DEFAULT_KEY):
+        """Write the analysis into an AnnData, so that ``write_h5ad`` saves it with the data.
+
+        {write_results}
+        """
+        if self._setup is None:
+            raise RuntimeError("call setup_data() before write_results()")
+        return write_analysis(adata, key_added=key_added, config=self.config, setup=self._setup,
+                              fitted=self._fitted(), results={"sv": self._sv, "du": self._du})
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Save the model to one file (a zip archive; no pickled code).
@@ -383,8 +389,7 @@ class SplisosmGLMM:
             f"  configs: {self.config.fitting_configs}", f"  last fit: {'NA' if fit is None else fit.info()}",
             sub, f"SV test: {_status(self._sv)}", f"DU test: {_status(self._du)}", rule])
 
-    def __repr__(self) -> str:
-        return self.__str__()
+    __repr__ = __str__
 
 
 def _status(result: SVResult | DUResult | None) -> str:
