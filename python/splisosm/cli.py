@@ -31,67 +31,104 @@ from splisosm.config import (
 _DEFAULTS = GLMMConfig()
 #: The demo's smaller fits: its simulated genes need fewer epochs, and fit in one batch.
 DEMO_MAX_EPOCHS, DEMO_BATCH_SIZE = 200, 200
+RUN_BATCH_SIZE = 50
+#: The file `run` writes into --out: the input AnnData with the analysis.
+RESULTS_H5AD = "results.h5ad"
 
 EXIT_USER_ERROR = 2
 _USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
+class _Examples(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default after its help text, and the description (examples) as written."""
+
+
+def _model_options(parser: argparse.ArgumentParser, *, batch_size: int, max_epochs: int) -> None:
     group = parser.add_argument_group("model options")
-    group.add_argument("--model-type", default=_DEFAULTS.model_type, choices=ModelType.values())
+    group.add_argument("--model-type", default=_DEFAULTS.model_type, choices=ModelType.values(),
+                       help="random effect: spatial (glmm-full), white noise (glmm-null) or none (glm)")
     group.add_argument("--fitting-method", default=RECOMMENDED_FIT, choices=FittingMethod.values(),
-                       help=f"fitting method (default {RECOMMENDED_FIT}; the Python API's default is "
+                       help=f"how each gene's model is fitted (the Python API's default is "
                             f"{_DEFAULTS.fitting_method}, splisosm 1.2.0's)")
-    group.add_argument("--max-epochs", type=int, default=DEFAULT_MAX_EPOCHS,
-                       help=f"maximum epochs per fit (default {DEFAULT_MAX_EPOCHS})")
-    group.add_argument("--k-neighbors", type=int, default=_DEFAULTS.k_neighbors)
-    group.add_argument("--rho", type=float, default=_DEFAULTS.rho)
+    group.add_argument("--max-epochs", type=int, default=max_epochs, help="maximum epochs per fit")
+    group.add_argument("--k-neighbors", type=int, default=_DEFAULTS.k_neighbors,
+                       help="neighbours of each spot in the k-NN graph of the spatial kernel")
+    group.add_argument("--rho", type=float, default=_DEFAULTS.rho,
+                       help="spatial autocorrelation of the CAR kernel, 0 <= rho < 1")
     group.add_argument("--approx-rank", type=int, default=None,
-                       help="keep this many kernel eigenpairs (default: automatic)")
-    group.add_argument("--learn-sigma", action="store_true", help="learn the total variance (var_fix_sigma=False)")
-    group.add_argument("--batch-size", type=int, default=50, help="genes per batch (default 50)")
-    group.add_argument("--n-jobs", type=int, default=1, help="worker processes (default 1)")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+                       help="kernel eigenpairs to keep (None: all up to 5000 spots, 4 sqrt(n) above)")
+    group.add_argument("--learn-sigma", action="store_true",
+                       help="learn the total variance instead of fixing it (var_fix_sigma=False)")
+    group.add_argument("--batch-size", type=int, default=batch_size, help="genes fitted together per batch")
+    group.add_argument("--n-jobs", type=int, default=1, help="worker processes (-1: all cores)")
+    group.add_argument("--seed", type=int, default=0, help="random seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of ``splisosm-glmm``."""
     parser = argparse.ArgumentParser(
-        prog="splisosm-glmm",
-        description="Spatial differential isoform usage with a multinomial GLMM.",
+        prog="splisosm-glmm", formatter_class=_Examples,
+        description="Spatially variable and differentially used RNA isoforms with a multinomial GLMM.\n\n"
+                    "  splisosm-glmm demo                       simulated data, DU test, top hits\n"
+                    "  splisosm-glmm demo --write-h5ad d.h5ad   ... and the data to try `run` on\n"
+                    "  splisosm-glmm run d.h5ad --out res --design covariate --sv",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,run}")
 
-    demo = sub.add_parser("demo", help="simulate data and run the differential-usage pipeline")
-    demo.add_argument("--n-genes", type=int, default=200)
-    demo.add_argument("--grid", type=int, default=30, help="side of the square spot grid (default 30)")
-    demo.add_argument("--out", default="splisosm_demo", help="output folder (default ./splisosm_demo)")
+    demo = sub.add_parser("demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                          help="simulate data and run the differential-usage pipeline",
+                          description="Simulate isoform counts on a square grid of spots (a fifth of the "
+                                      "genes differentially used along one covariate), run the "
+                                      "differential-usage pipeline and print the top hits.")
+    demo.add_argument("--n-genes", type=int, default=200, help="genes to simulate")
+    demo.add_argument("--grid", type=int, default=30, help="side of the square spot grid")
+    demo.add_argument("--out", default="splisosm_demo", help="output folder for the CSV tables")
     demo.add_argument("--top", type=int, default=10, help="rows of the printed top-hits table")
-    _model_options(demo)
-    demo.set_defaults(batch_size=DEMO_BATCH_SIZE, max_epochs=DEMO_MAX_EPOCHS)
+    demo.add_argument("--write-h5ad", default=None, metavar="PATH",
+                      help="also write the simulated data to this .h5ad file (to try `run` on)")
+    _model_options(demo, batch_size=DEMO_BATCH_SIZE, max_epochs=DEMO_MAX_EPOCHS)
 
-    run = sub.add_parser("run", help="run the pipeline on an .h5ad file")
+    run = sub.add_parser("run", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         help="run the pipeline on an .h5ad file",
+                         description="Fit every gene of an AnnData .h5ad file and run the differential-"
+                                     "usage test (--design) and/or the spatial-variability test (--sv). "
+                                     f"Writes CSV tables and {RESULTS_H5AD} (the input with the analysis "
+                                     "under uns['splisosm'], var and layers) to --out.")
     run.add_argument("input", help="AnnData .h5ad file with isoform counts")
-    run.add_argument("--out", required=True, help="output folder for the CSV tables")
-    run.add_argument("--layer", default="counts")
-    run.add_argument("--group-iso-by", default="gene_symbol")
-    run.add_argument("--gene-names", default=None, help="var column with gene display names")
-    run.add_argument("--spatial-key", default="spatial")
+    run.add_argument("--out", required=True, default=argparse.SUPPRESS,
+                     help="output folder for the tables and the results .h5ad")
+    run.add_argument("--layer", default="counts", help="adata.layers key of the isoform counts")
+    run.add_argument("--group-iso-by", default="gene_symbol",
+                     help="adata.var column naming the gene of each isoform")
+    run.add_argument("--gene-names", default=None,
+                     help="adata.var column with gene display names (None: --group-iso-by's values)")
+    run.add_argument("--spatial-key", default="spatial", help="adata.obsm key of the spot coordinates")
     run.add_argument("--design", nargs="+", default=None, metavar="COLUMN",
-                     help="obs columns to test for differential usage")
-    run.add_argument("--min-counts", type=int, default=10)
-    run.add_argument("--min-bin-pct", type=float, default=0.0)
+                     help="adata.obs columns to test for differential usage")
+    run.add_argument("--min-counts", type=int, default=10, help="minimum total count of an isoform")
+    run.add_argument("--min-bin-pct", type=float, default=0.0,
+                     help="minimum fraction (<= 1) or percentage (> 1) of spots expressing an isoform")
     run.add_argument("--du-method", default=RECOMMENDED_DU, choices=DUMethod.values(),
-                     help="differential-usage test (default marginal-score: calibrated; 'score' is "
+                     help="differential-usage test ('marginal-score' is calibrated; 'score' is "
                           "splisosm 1.2.0's conservative conditional test)")
     run.add_argument("--sv", action="store_true",
-                     help="also fit null models and run the spatial-variability test")
+                     help="also fit the white-noise models and run the spatial-variability test")
     run.add_argument("--sv-method", default=RECOMMENDED_SV, choices=SVMethod.values(),
-                     help="spatial-variability test (default score: calibrated after any fitting "
-                          "method; 'llr' needs --fitting-method marginal_newton)")
-    run.add_argument("--top", type=int, default=10)
-    _model_options(run)
+                     help="spatial-variability test ('score' is calibrated after any fitting method; "
+                          "'llr' needs --fitting-method marginal_newton)")
+    run.add_argument("--top", type=int, default=10, help="rows of each printed top-hits table")
+    _model_options(run, batch_size=RUN_BATCH_SIZE, max_epochs=DEFAULT_MAX_EPOCHS)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("splisosm")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
 
 
 def _make_model(args: argparse.Namespace):
@@ -154,6 +191,10 @@ def _demo(args: argparse.Namespace) -> None:
         n_genes=args.n_genes, n_isoforms=[2 + g % 3 for g in range(args.n_genes)], grid_size=(args.grid, args.grid),
         du_fraction=0.2, effect_size=1.0, seed=args.seed,
     )
+    if args.write_h5ad:
+        adata.write_h5ad(args.write_h5ad)
+        print(f"Simulated data written to {args.write_h5ad} (try: splisosm-glmm run {args.write_h5ad} "
+              f"--out results --design {adata.uns['simulation']['covariate_names'][0]} --sv)")
     truth = adata.uns["simulation"]
     covariate = truth["covariate_names"][0]
     model = _make_model(args)
@@ -197,6 +238,9 @@ def _read_input(path: str):
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.design is None and not args.sv:
+        raise ValueError("no test selected: pass --design COLUMN [COLUMN ...] for the differential-"
+                         "usage test and/or --sv for the spatial-variability test")
     adata = _read_input(args.input)
     model = _make_model(args)
     model.setup_data(
@@ -213,6 +257,9 @@ def _run(args: argparse.Namespace) -> None:
     tables = _pipeline(model, args, du=args.design is not None, sv=args.sv, du_method=args.du_method,
                        sv_method=args.sv_method)
     paths = _write(tables, args.out)
+    results = os.path.join(args.out, RESULTS_H5AD)
+    model.write_results(adata).write_h5ad(results)
+    paths.append(results)
     if "du_results" in tables:
         _print_top(tables["du_results"], args.top, "Top differential-usage hits:")
     if "sv_results" in tables:

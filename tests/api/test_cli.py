@@ -65,19 +65,19 @@ def test_run_glm_wald(h5ad, tmp_path) -> None:
     ],
 )
 def test_run_user_errors_are_one_line(h5ad, tmp_path, capsys, extra, message) -> None:
-    assert main(["run", str(h5ad), "--out", str(tmp_path / "x"), *extra]) == 2
+    assert main(["run", str(h5ad), "--out", str(tmp_path / "x"), "--sv", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("splisosm-glmm: error:") and message in err[0]
 
 
 def test_missing_input_file(tmp_path, capsys) -> None:
-    assert main(["run", str(tmp_path / "none.h5ad"), "--out", str(tmp_path)]) == 2
+    assert main(["run", str(tmp_path / "none.h5ad"), "--out", str(tmp_path), "--sv"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_module_entry_point_exit_status(tmp_path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "splisosm.cli", "run", str(tmp_path / "none.h5ad"), "--out", str(tmp_path)],
+        [sys.executable, "-m", "splisosm.cli", "run", str(tmp_path / "none.h5ad"), "--out", str(tmp_path), "--sv"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
@@ -101,3 +101,54 @@ def test_run_sv_llr(h5ad, tmp_path) -> None:
     assert main(["run", str(h5ad), "--out", str(out), "--sv", "--sv-method", "llr", *FAST]) == 0
     table = pd.read_csv(out / "sv_results.csv")
     assert len(table) == 6 and table["pvalue"].between(0, 1).all()
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    from splisosm import __version__
+
+    assert capsys.readouterr().out.strip() == f"splisosm-glmm {__version__}"
+
+
+@pytest.mark.parametrize("command", ["demo", "run"])
+def test_every_option_says_what_it_does_and_its_default(command, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    parser_actions = [a for a in _subparser(command)._actions if a.option_strings and a.dest != "help"]
+    for action in parser_actions:
+        assert action.help, action.option_strings
+        if action.default not in (None, False, "==SUPPRESS==") and action.nargs != 0:
+            assert f"(default: {action.default})" in " ".join(text.split()), action.option_strings
+
+
+def _subparser(name: str):
+    from splisosm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sub.choices[name]
+
+
+def test_run_without_a_test_is_an_error(h5ad, tmp_path, capsys) -> None:
+    assert main(["run", str(h5ad), "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert "no test selected" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_demo_writes_data_that_run_takes_and_run_writes_the_results_h5ad(tmp_path, capsys) -> None:
+    import anndata as ad
+
+    data = tmp_path / "demo.h5ad"
+    assert main(["demo", "--n-genes", "6", "--grid", "8", "--out", str(tmp_path / "demo"),
+                 "--write-h5ad", str(data), *FAST]) == 0
+    assert f"splisosm-glmm run {data}" in capsys.readouterr().out
+    out = tmp_path / "res"
+    assert main(["run", str(data), "--out", str(out), "--design", "covariate", "--sv", *FAST]) == 0
+    results = ad.read_h5ad(out / "results.h5ad")
+    assert set(results.uns["splisosm"]) >= {"du_results", "sv_results", "training_summary", "config"}
+    du = pd.read_csv(out / "du_results.csv")
+    stored = results.uns["splisosm"]["du_results"]
+    assert list(stored["gene"]) == list(du["gene"])
+    assert "splisosm_fitted_ratios" in results.layers and results.shape == ad.read_h5ad(data).shape
