@@ -11,7 +11,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover
     __version__ = "0.0.0+unknown"
 
-__all__ = ["SplisosmGLMM", "ops", "__version__"]
+__all__ = ["SplisosmGLMM", "ops", "pl", "__version__"]
 
 
 def __getattr__(name: str):
@@ -20,4 +20,8 @@ def __getattr__(name: str):
         from splisosm.hyptest_glmm import SplisosmGLMM
 
         return SplisosmGLMM
+    if name == "pl":  # plots, as scanpy's sc.pl (matplotlib is imported when one is drawn)
+        import splisosm.pl
+
+        return splisosm.pl
     raise AttributeError(f"module 'splisosm' has no attribute {name!r}")

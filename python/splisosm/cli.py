@@ -36,7 +36,7 @@ RUN_BATCH_SIZE = 50
 RESULTS_H5AD = "results.h5ad"
 
 EXIT_USER_ERROR = 2
-_USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
+_USER_ERRORS = (ValueError, TypeError, KeyError, OSError, ImportError)
 
 
 class _Examples(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="spatial-variability test ('score' is calibrated after any fitting method; "
                           "'llr' needs --fitting-method marginal_newton)")
     run.add_argument("--top", type=int, default=10, help="rows of each printed top-hits table")
+    run.add_argument("--plots", action="store_true",
+                     help="also write PNGs to OUT/plots: QQ plots, the DU volcano plot, and the observed "
+                          "and fitted isoform ratios of the top genes (needs matplotlib: "
+                          "pip install 'splisosm[plot]')")
     _model_options(run, batch_size=RUN_BATCH_SIZE, max_epochs=DEFAULT_MAX_EPOCHS)
     return parser
 
@@ -213,6 +217,38 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"Total time: {time.perf_counter() - start:.1f} s")
 
 
+#: Genes whose isoform ratios --plots draws, from the top of each test's table.
+PLOT_TOP_GENES = 3
+
+
+def _plots(model, tables: dict[str, pd.DataFrame], folder: str, top: int, spatial_key: str) -> list[str]:
+    """QQ plots, the volcano plot and the top genes' isoform ratios as PNGs in ``folder``."""
+    from splisosm import pl
+
+    plt = pl.pyplot()
+    os.makedirs(folder, exist_ok=True)
+    figures = []
+    for test, result in (("du", model.du_results), ("sv", model.sv_results)):
+        if result is not None:
+            figures.append((f"qq_{test}", pl.qq(result, title=f"{test.upper()} p-values").figure))
+    if model.du_results is not None:
+        figures.append(("volcano_du", pl.volcano(model, label_top=top).figure))
+    genes = []
+    for stem in ("du_results", "sv_results"):
+        if stem in tables:
+            ranked = tables[stem].sort_values("pvalue", kind="stable")["gene"]
+            genes += [g for g in ranked.drop_duplicates() if g not in genes][:PLOT_TOP_GENES]
+    for gene in genes:
+        figures.append((f"ratios_{gene}", pl.isoform_ratios(model, gene, spatial_key=spatial_key)))
+    paths = []
+    for stem, figure in figures:
+        path = os.path.join(folder, f"{stem}.png")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -260,6 +296,8 @@ def _run(args: argparse.Namespace) -> None:
     results = os.path.join(args.out, RESULTS_H5AD)
     model.write_results(adata).write_h5ad(results)
     paths.append(results)
+    if args.plots:
+        paths += _plots(model, tables, os.path.join(args.out, "plots"), args.top, args.spatial_key)
     if "du_results" in tables:
         _print_top(tables["du_results"], args.top, "Top differential-usage hits:")
     if "sv_results" in tables:

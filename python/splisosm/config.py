@@ -18,7 +18,7 @@ from splisosm._checks import check_bool, check_dict, check_int, check_keys, chec
 from splisosm._docs import fill_doc
 
 __all__ = [
-    "ModelType", "FittingMethod", "Optimizer", "Prior", "InitRatio", "Device", "DUMethod",
+    "ModelType", "FittingMethod", "Optimizer", "Prior", "InitRatio", "Device", "Backend", "DUMethod",
     "SVMethod", "GLMMConfig", "APPROX_RANK_AUTO",
 ]
 
@@ -90,6 +90,13 @@ class Device(_Choice):
     CPU = "cpu"
     CUDA = "cuda"
     MPS = "mps"
+
+
+class Backend(_Choice):
+    """Where the batches of a fit run: local worker processes, or the workers of a Dask cluster."""
+
+    LOKY = "loky"
+    DASK = "dask"
 
 
 class DUMethod(_Choice):

@@ -13,7 +13,7 @@ import torch
 
 from splisosm._checks import check_int
 from splisosm._docs import fill_doc
-from splisosm.config import APPROX_RANK_AUTO, SETTINGS_DOC, GLMMConfig, ModelType
+from splisosm.config import APPROX_RANK_AUTO, SETTINGS_DOC, Backend, GLMMConfig, ModelType
 from splisosm.data import _setup
 from splisosm.data.summary import feature_summaries
 from splisosm.glmm import _du, _fit, _sv
@@ -180,14 +180,15 @@ class SplisosmGLMM:
     @fill_doc(fit_parameters=_fit.FIT_DOC)
     def fit(self, n_jobs: int = 1, batch_size: int = 1, quiet: bool = True, print_progress: bool = True,
             with_design_mtx: bool = False, from_null: bool = False, refit_null: bool = True,
-            random_seed: int | None = None) -> None:
+            random_seed: int | None = None, backend: Literal["loky", "dask"] = "loky") -> None:
         """Fit one model per gene.
 
         {fit_parameters}
         """
         if self._setup is None:
             raise RuntimeError("call setup_data() before fit()")
-        n_jobs = _fit.resolve_n_jobs(n_jobs, self.device)
+        backend = Backend.check("backend", backend)
+        n_jobs = 1 if backend == Backend.DASK else _fit.resolve_n_jobs(n_jobs, self.device)
         batch_size = check_int("batch_size", batch_size, minimum=1)
         if batch_size > 1 and not self._setup.grouped:
             warnings.warn(
@@ -204,7 +205,7 @@ class SplisosmGLMM:
         record = _fit.fit_all(
             self.config, self._setup, n_jobs=n_jobs, batch_size=batch_size, quiet=quiet,
             print_progress=print_progress, with_design_mtx=with_design_mtx, from_null=from_null,
-            refit_null=refit_null, random_seed=random_seed, generation=generation)
+            refit_null=refit_null, random_seed=random_seed, generation=generation, backend=backend)
         self._clear_fit()
         self._fit = record
 

@@ -403,7 +403,7 @@ def _hdf5_not_anndata(path: pathlib.Path) -> None:
 def test_cli_input_not_h5ad(tmp_path, capsys, make, reason) -> None:
     path = tmp_path / "input.h5ad"
     make(path)
-    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--sv"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith(f"splisosm-glmm: error: input {str(path)!r} is not an AnnData .h5ad file")

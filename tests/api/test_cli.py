@@ -152,3 +152,17 @@ def test_demo_writes_data_that_run_takes_and_run_writes_the_results_h5ad(tmp_pat
     stored = results.uns["splisosm"]["du_results"]
     assert list(stored["gene"]) == list(du["gene"])
     assert "splisosm_fitted_ratios" in results.layers and results.shape == ad.read_h5ad(data).shape
+
+
+def test_run_plots_writes_pngs_of_the_tests_and_top_genes(h5ad, tmp_path) -> None:
+    import matplotlib.image
+
+    out = tmp_path / "res"
+    assert main(["run", str(h5ad), "--out", str(out), "--design", "covariate", "--sv", "--plots", *FAST]) == 0
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert {"qq_du.png", "qq_sv.png", "volcano_du.png"} <= set(pngs)
+    top = pd.read_csv(out / "du_results.csv").sort_values("pvalue")["gene"].iloc[0]
+    assert f"ratios_{top}.png" in pngs
+    for name in pngs:
+        image = matplotlib.image.imread(out / "plots" / name)
+        assert image.shape[0] > 100 and (image[..., :3] < 0.95).mean() > 0.01, name  # not blank

@@ -106,12 +106,20 @@ WRAPPER_SIGNATURES = {
 }
 
 
+#: Arguments this package adds after 1.2.0's (scripts written for 1.2.0 never pass them).
+EXTRA_ARGUMENTS = {"fit": ["backend"]}
+
+
 @pytest.mark.parametrize("method", sorted(WRAPPER_SIGNATURES))
 def test_wrapper_signatures(method: str) -> None:
     kw_only = "spatial_key" if method == "setup_data" else None
     _assert_signature(getattr(SplisosmGLMM, method), WRAPPER_SIGNATURES[method], kw_only)
-    params = inspect.signature(getattr(SplisosmGLMM, method)).parameters
-    assert len([p for p in params if p != "self"]) == len(WRAPPER_SIGNATURES[method])
+    params = [p for name, p in inspect.signature(getattr(SplisosmGLMM, method)).parameters.items()
+              if name != "self"]
+    # 1.2.0's arguments come first (checked above); ours may only follow them, with defaults
+    extra = params[len(WRAPPER_SIGNATURES[method]):]
+    assert [p.name for p in extra] == EXTRA_ARGUMENTS.get(method, [])
+    assert all(p.default is not inspect.Parameter.empty for p in extra)
 
 
 def test_wrapper_members() -> None:

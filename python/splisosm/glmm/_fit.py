@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from splisosm._checks import check_int
-from splisosm.config import Device, FittingMethod, GLMMConfig, ModelType, resolve_fitting_configs
+from splisosm.config import Backend, Device, FittingMethod, GLMMConfig, ModelType, resolve_fitting_configs
 from splisosm.data import _dataset
 from splisosm.data._setup import SetupRecord
 from splisosm.glmm import _runner
@@ -56,6 +56,11 @@ refit_null
     null, choosing per gene.
 random_seed
     Seed for reproducible fits (each batch gets a seed derived from it).
+backend
+    ``'loky'`` (this machine: one process, or ``n_jobs`` worker processes) or ``'dask'``: the
+    batches run on the workers of the ``dask.distributed`` client you created (``n_jobs`` is
+    then ignored); the kernel goes to each worker once, each batch carries only its counts.
+    Results equal those of ``n_jobs=1``. Needs ``pip install 'splisosm[dask]'``.
 
 Raises
 ------
@@ -190,10 +195,12 @@ def plan(config: GLMMConfig, *, from_null: bool, refit_null: bool, quiet: bool) 
                    from_null=from_null, refit_null=refit_null, quiet=quiet, device=config.device)
 
 
-def batches(setup: SetupRecord, fit_plan: FitPlan, batch_size: int, n_jobs: int) -> list[list[int]]:
-    """Gene batches: the native engine's fits do not depend on the batch, so it takes larger ones."""
+def batches(setup: SetupRecord, fit_plan: FitPlan, batch_size: int, n_jobs: int,
+            backend: str = Backend.LOKY.value) -> list[list[int]]:
+    """Gene batches: the native engine's fits do not depend on the batch, so on one local process
+    it takes larger ones (on a cluster the batches are what spreads the work)."""
     n_isos = setup.genes.n_isos
-    if setup.grouped and n_jobs == 1:
+    if setup.grouped and n_jobs == 1 and backend == Backend.LOKY:
         engine_size = _runner.engine_group_size(fit_plan, setup.kernel, setup.n_spots, max(n_isos))
         if engine_size > 1:
             return _dataset.make_batches(n_isos, True, max(batch_size, engine_size),
@@ -203,14 +210,15 @@ def batches(setup: SetupRecord, fit_plan: FitPlan, batch_size: int, n_jobs: int)
 
 def fit_all(config: GLMMConfig, setup: SetupRecord, *, n_jobs: int, batch_size: int, quiet: bool,
             print_progress: bool, with_design_mtx: bool, from_null: bool, refit_null: bool,
-            random_seed: int | None, generation: int) -> FitRecord:
+            random_seed: int | None, generation: int, backend: str = Backend.LOKY.value) -> FitRecord:
     """Fit every gene (arguments checked by ``SplisosmGLMM.fit``) and say how many converged."""
     if from_null:
         _warn_chain_overrides(config)
     fit_plan = plan(config, from_null=from_null, refit_null=refit_null, quiet=quiet)
-    gene_batches = batches(setup, fit_plan, batch_size, n_jobs)
+    gene_batches = batches(setup, fit_plan, batch_size, n_jobs, backend)
     if print_progress:
-        where = "single core" if n_jobs == 1 else f"{n_jobs} cores"
+        where = ("the Dask cluster" if backend == Backend.DASK else
+                 "single core" if n_jobs == 1 else f"{n_jobs} cores")
         print(f"Fitting {setup.n_genes} genes ({config.model_type}) on {where}, batch size {batch_size}",
               file=sys.stderr)
     scale = design_scale(setup.design) if with_design_mtx and setup.n_factors else None
@@ -218,7 +226,7 @@ def fit_all(config: GLMMConfig, setup: SetupRecord, *, n_jobs: int, batch_size: 
     states = _runner.run_batches(
         fit_plan, setup.genes.counts, scaled(setup.design, scale) if with_design_mtx else None,
         setup.kernel, gene_batches, n_jobs=n_jobs, random_seed=random_seed, progress=print_progress,
-        desc="Fitting",
+        desc="Fitting", backend=backend,
     )
     record = FitRecord(states=states, with_design_mtx=bool(with_design_mtx), from_null=bool(from_null),
                        refit_null=bool(refit_null), batch_size=int(batch_size), design_scale=scale,

@@ -21,7 +21,7 @@ import torch
 from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
-from splisosm.config import ModelType, resolve_fitting_configs
+from splisosm.config import Backend, ModelType, resolve_fitting_configs
 from splisosm.glmm._fitting import NOT_CONVERGED
 from splisosm.glmm.glm import MultinomGLM
 from splisosm.glmm.isomodels import IsoFullModel, IsoNullNoSpVar
@@ -264,11 +264,15 @@ def run_batches(
     random_seed: int | None = None,
     progress: bool = False,
     desc: str = "Fitting",
+    backend: str = Backend.LOKY.value,
 ) -> dict[str, list[GeneState]]:
-    """Fit all batches (optionally in worker processes) and return states in gene order.
+    """Fit all batches (in this process, worker processes or on a Dask cluster); states in gene order.
 
     Results are placed by gene index, never by display name, so grouped fits always map back
-    to the original gene order and duplicate names keep their own parameters.
+    to the original gene order and duplicate names keep their own parameters. With
+    ``backend='dask'`` the batches run on the workers of the current ``dask.distributed``
+    client; the kernel and the design go to each worker once, each task carries only the counts
+    of its batch.
     """
     design_np = None if design is None else design.detach().cpu().numpy()
 
@@ -283,14 +287,15 @@ def run_batches(
         return [torch.stack([gene_counts[g] for g in part]).numpy() for part in parts]
 
     seeds = _batch_seeds(random_seed, len(batches))
-    jobs = (
-        (plan, payload(batch), design_np, kernel, seed) for batch, seed in zip(batches, seeds)
-    )
     bar = tqdm(total=len(batches), desc=desc, disable=not progress, unit="batch")
-    if n_jobs == 1:
-        results: Iterable = (fit_batch(*job) for job in jobs)
+    if backend == Backend.DASK:
+        results: Iterable = _dask_results(plan, [payload(b) for b in batches], design_np, kernel, seeds)
     else:
-        results = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(fit_batch)(*job) for job in jobs)
+        jobs = ((plan, payload(batch), design_np, kernel, seed) for batch, seed in zip(batches, seeds))
+        if n_jobs == 1:
+            results = (fit_batch(*job) for job in jobs)
+        else:
+            results = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(fit_batch)(*job) for job in jobs)
     n_genes = len(gene_counts)
     out: dict[str, list[GeneState | None]] = {}
     with bar:
@@ -310,6 +315,25 @@ def run_batches(
                     slot[g] = state
             bar.update(1)
     return {key: list(states) for key, states in out.items()}  # type: ignore[arg-type]
+
+
+def _dask_results(plan: FitPlan, payloads: list[list[np.ndarray]], design: np.ndarray | None,
+                  kernel: KernelPayload | None, seeds: list[int | None]) -> Iterable:
+    """The batches' results, in order, from the workers of the current Dask client."""
+    try:
+        from distributed import get_client
+    except ImportError as err:
+        raise ImportError("backend='dask' needs dask.distributed: pip install 'splisosm[dask]'") from err
+    try:
+        client = get_client()
+    except ValueError as err:
+        raise ValueError("backend='dask' fits on the workers of a dask.distributed Client; create one "
+                         "first, e.g. `from dask.distributed import Client; client = Client(...)`") from err
+    # the kernel (up to n x rank floats) and the design go to every worker once
+    shared = client.scatter([kernel, design], broadcast=True)
+    futures = [client.submit(fit_batch, plan, counts, shared[1], shared[0], seed, pure=False)
+               for counts, seed in zip(payloads, seeds)]
+    return (future.result() for future in futures)
 
 
 def _batch_seeds(random_seed: int | None, n: int) -> list[int | None]:
