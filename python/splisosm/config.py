@@ -7,8 +7,11 @@ nor the compiled extension (the command line's ``--help`` imports it alone).
 
 from __future__ import annotations
 
+import re
 import textwrap
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from numbers import Integral
@@ -156,6 +159,15 @@ UNLIMITED_EPOCHS = 10000
 DEFAULT_N_PERMS = 20
 #: Keys of ``fitting_configs`` that are arguments of ``SplisosmGLMM.fit()`` instead.
 _FIT_ARGUMENT_KEYS = ("with_design_mtx", "from_null", "refit_null", "batch_size")
+#: Keys of ``fitting_configs`` that only the GLMM's gradient-descent methods read: the Newton
+#: methods choose their own steps.
+_DESCENT_KEYS = ("lr", "optim")
+#: Keys accepted for splisosm 1.2.0 scripts and read by no method: ``marginal_newton`` moves the
+#: random effects in every epoch, where 1.2.0 moved them every ``update_nu_every_k`` epochs.
+_UNREAD_KEYS = ("update_nu_every_k",)
+#: The starts of the warnings about settings without effect (matched where a model is re-created).
+UNUSED_KEYS_WARNING = "fitting_configs key(s) without effect"
+GLM_SETTINGS_WARNING = "model_type='glm' fits with its own Newton (IWLS) method"
 
 
 class _AutoRank:
@@ -204,6 +216,35 @@ def resolve_fitting_configs(method: str, user: dict | None) -> dict:
         every = check_int("fitting_configs['update_nu_every_k']", configs["update_nu_every_k"])
         configs["update_nu_every_k"] = max(every, 1)
     return configs
+
+
+def warn_unused_fitting_keys(method: str, user: dict | None, stacklevel: int) -> None:
+    """Warn, naming them, about the keys of the user's ``fitting_configs`` that the GLMM fitting
+    ``method`` does not read (``stacklevel`` as for :func:`warnings.warn`, plus this function)."""
+    method = str(method)
+    unused = [k for k in (user or {})
+              if k in _UNREAD_KEYS or (k in _DESCENT_KEYS and not method.endswith("_gd"))]
+    if not unused:
+        return
+    why = []
+    if set(unused) & set(_DESCENT_KEYS):
+        why.append("the Newton methods choose their own steps, without a learning rate or optimiser")
+    if set(unused) & set(_UNREAD_KEYS):
+        why.append("every method moves the random effects in every epoch (update_nu_every_k is "
+                   "accepted so that splisosm 1.2.0 scripts run)")
+    warnings.warn(f"{UNUSED_KEYS_WARNING} with fitting_method={method!r}: {unused}; {'; '.join(why)}.",
+                  UserWarning, stacklevel=stacklevel + 1)
+
+
+@contextmanager
+def configs_announced() -> Iterator[None]:
+    """Build models from settings that were warned about when they were given (a fit's per-gene
+    models, conversions, clones and loads) without repeating the warnings about settings
+    without effect."""
+    with warnings.catch_warnings():
+        for start in (UNUSED_KEYS_WARNING, GLM_SETTINGS_WARNING):
+            warnings.filterwarnings("ignore", message=re.escape(start))
+        yield
 
 
 def resolve_prior_params(var_prior_model: str, params: dict | None) -> dict:
@@ -273,7 +314,9 @@ def _settings_doc() -> str:
         "fitting_configs": f"Optional keys {', '.join(sorted({*FITTING_DEFAULTS, 'update_nu_every_k'}))} "
                            f"(``optim``: {', '.join(map(repr, Optimizer.values()))}), merged over "
                            f"``{{'max_epochs': {DEFAULT_MAX_EPOCHS}}}``; the user's dict is copied, "
-                           "never changed. ``max_epochs=-1`` runs splisosm 1.2.0's long fit.",
+                           "never changed. ``max_epochs=-1`` runs splisosm 1.2.0's long fit. Keys the "
+                           "fitting method does not read (``lr`` and ``optim`` with a Newton method, "
+                           "``update_nu_every_k`` with any) draw a warning.",
         "k_neighbors": "Neighbours of the k-NN graph of the spatial kernel (ignored with ``adj_key``).",
         "rho": "Spatial autocorrelation of the CAR kernel, ``0 <= rho < 1``.",
         "approx_rank": "Omit for auto (full rank up to 5000 spots, ``ceil(4 sqrt(n))`` above), an "
@@ -340,6 +383,17 @@ class GLMMConfig:
             )
         for name, value in values.items():
             object.__setattr__(self, name, value)
+
+    def warn_unused(self, stacklevel: int = 2) -> None:
+        """Warn about settings given without effect: ``fitting_method`` and ``fitting_configs`` of a
+        ``'glm'`` model, or keys of ``fitting_configs`` that the fitting method does not read
+        (``stacklevel`` as for :func:`warnings.warn`, counted from the caller of this method)."""
+        if self.model_type != ModelType.GLM:
+            warn_unused_fitting_keys(self.fitting_method, self.fitting_configs, stacklevel + 1)
+        elif (self.fitting_method != GLMMConfig.fitting_method
+              or self.fitting_configs != {"max_epochs": DEFAULT_MAX_EPOCHS}):
+            warnings.warn(f"{GLM_SETTINGS_WARNING}; `fitting_method` and `fitting_configs` are ignored.",
+                          UserWarning, stacklevel=stacklevel + 1)
 
     def describe(self) -> list[str]:
         """The settings as lines of the text report of ``str(SplisosmGLMM)``."""

@@ -13,7 +13,7 @@ import torch
 
 from splisosm._checks import check_int
 from splisosm._docs import fill_doc
-from splisosm.config import APPROX_RANK_AUTO, SETTINGS_DOC, Backend, GLMMConfig, ModelType
+from splisosm.config import APPROX_RANK_AUTO, SETTINGS_DOC, Backend, GLMMConfig, ModelType, configs_announced
 from splisosm.data import _setup
 from splisosm.data.summary import feature_summaries
 from splisosm.glmm import _du, _fit, _sv
@@ -86,11 +86,7 @@ class SplisosmGLMM:
             var_prior_model=var_prior_model, var_prior_model_params=var_prior_model_params,
             init_ratio=init_ratio, fitting_method=fitting_method, fitting_configs=fitting_configs,
             k_neighbors=k_neighbors, rho=rho, approx_rank=approx_rank, device=device)
-        if config.model_type == ModelType.GLM and (
-                fitting_method != _DEFAULTS.fitting_method
-                or config.fitting_configs != _DEFAULTS.fitting_configs):
-            warnings.warn("model_type='glm' fits with its own Newton (IWLS) method; `fitting_method` "
-                          "and `fitting_configs` are ignored.", UserWarning, stacklevel=2)
+        config.warn_unused(stacklevel=2)
         self.config = config
         self.adata = None
         self._setup: _setup.SetupRecord | None = None
@@ -370,8 +366,9 @@ class SplisosmGLMM:
         {load_parameters}
         """
         saved = load_model(path, map_location=map_location)
-        model = SplisosmGLMM(**{k: v for k, v in saved.config.to_dict().items() if k != "approx_rank"},
-                             approx_rank=saved.config.approx_rank)
+        with configs_announced():
+            model = SplisosmGLMM(**{k: v for k, v in saved.config.to_dict().items() if k != "approx_rank"},
+                                 approx_rank=saved.config.approx_rank)
         model._setup, model._fit, model._sv, model._du = saved.setup, saved.fit, saved.sv, saved.du
         model._permutations = saved.permutations
         return model

@@ -58,8 +58,9 @@ def test_constructor_rejects_bad_options(kwargs, match) -> None:
 
 
 def test_glm_ignores_glmm_options() -> None:
-    with pytest.warns(UserWarning, match="`fitting_method` and `fitting_configs` are ignored"):
+    with pytest.warns(UserWarning, match="`fitting_method` and `fitting_configs` are ignored") as record:
         model = SplisosmGLMM(model_type="glm", fitting_method="bogus")
+    assert record[0].filename == __file__
     assert model.model_configs["fitting_method"] == "bogus"
 
 

@@ -72,6 +72,48 @@ def test_prior_parameters_without_a_prior_warn() -> None:
     assert model.model_configs["var_prior_model_params"] == {}
 
 
+@pytest.mark.parametrize(
+    ("method", "configs", "unused"),
+    [
+        ("marginal_newton", {"lr": 0.1, "update_nu_every_k": 3, "max_epochs": 5}, ["lr", "update_nu_every_k"]),
+        ("joint_newton", {"optim": "sgd", "patience": 3}, ["optim"]),
+        ("joint_gd", {"update_nu_every_k": 2, "lr": 0.1}, ["update_nu_every_k"]),
+    ],
+)
+def test_fitting_configs_without_effect_warn_once(method, configs, unused, tmp_path) -> None:
+    extra = {"var_fix_sigma": False} if method == "joint_newton" else {}
+    with pytest.warns(UserWarning, match="without effect") as record:
+        model = SplisosmGLMM(fitting_method=method, fitting_configs=dict(configs), **extra)
+    said = [m for m in _messages(record) if "without effect" in m]
+    assert len(said) == 1
+    assert said[0].startswith(f"fitting_configs key(s) without effect with fitting_method={method!r}: {unused};")
+    assert record[0].filename == __file__
+    # the per-gene models the fit builds from the same settings stay quiet
+    model.setup_data(make_adata(side=4), group_gene_by_n_iso=True)
+    with warnings.catch_warnings(record=True) as during:
+        warnings.simplefilter("always")
+        model.fit(from_null=method != "joint_newton", print_progress=False)
+        model.save(tmp_path / "model")
+        loaded = SplisosmGLMM.load(tmp_path / "model")
+    assert not [m for m in _messages(during) if "without effect" in m]
+    assert loaded.model_configs == model.model_configs
+
+
+def test_per_gene_models_warn_about_configs_without_effect() -> None:
+    from splisosm.glmm.isomodels import IsoFullModel, IsoNullNoSpVar
+
+    with pytest.warns(UserWarning, match=r"without effect with fitting_method='marginal_newton': \['lr'\]") as record:
+        null = IsoNullNoSpVar(fitting_method="marginal_newton", fitting_configs={"lr": 0.5})
+    assert record[0].filename == __file__
+    counts = torch.ones(1, 9, 2)
+    null.setup_data(counts, corr_sp=torch.eye(9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        IsoFullModel(fitting_method="marginal_gd", fitting_configs={"lr": 0.5, "optim": "sgd"})
+        IsoFullModel.from_trained_null(null)  # same settings, already announced
+        null.clone()
+
+
 @pytest.mark.parametrize("device", ["cuda", "mps"])
 def test_unavailable_device(device, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

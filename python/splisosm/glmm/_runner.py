@@ -25,7 +25,7 @@ from splisosm.config import Backend, ModelType, resolve_fitting_configs
 from splisosm.glmm._fitting import NOT_CONVERGED
 from splisosm.glmm.glm import MultinomGLM
 from splisosm.glmm.isomodels import IsoFullModel, IsoNullNoSpVar
-from splisosm.glmm.model import fit_together
+from splisosm.glmm.model import fit_together, recreate_model
 from splisosm.ops.engine import engine_runs
 from splisosm.spatial._build import KernelPayload
 
@@ -136,7 +136,7 @@ def new_model(kind: str, model_kwargs: dict[str, Any]):
         # the GLM always fits with its own (IWLS) defaults
         return MultinomGLM()
     cls = IsoFullModel if kind == FULL_KEY else IsoNullNoSpVar
-    return cls(**{k: _copy_config(v) for k, v in model_kwargs.items()})
+    return recreate_model(cls, {k: _copy_config(v) for k, v in model_kwargs.items()})
 
 
 def _copy_config(value: Any) -> Any:

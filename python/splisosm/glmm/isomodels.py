@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from splisosm.glmm.model import MultinomGLMM
+from splisosm.glmm.model import MultinomGLMM, recreate_model
 
 __all__ = ["IsoFullModel", "IsoNullNoSpVar"]
 
@@ -47,7 +47,7 @@ class IsoFullModel(MultinomGLMM):
         fixed ``sigma`` too, which froze the full model at a different total variance than the
         null model and than a direct fit.)
         """
-        full = cls(**_converted_kwargs(null, null.fitting_method))
+        full = recreate_model(cls, _converted_kwargs(null, null.fitting_method))
         full._copy_data_from(null)
         with torch.no_grad():
             if not full.var_fix_sigma:
@@ -76,7 +76,7 @@ class IsoNullNoSpVar(MultinomGLMM):
     def from_trained_full(cls, full: MultinomGLMM) -> IsoNullNoSpVar:
         """Start a null model from a fitted full model (all parameters but ``theta`` kept)."""
         method = "joint_gd" if full.fitting_method == "joint_newton" else full.fitting_method
-        null = cls(**_converted_kwargs(full, method))
+        null = recreate_model(cls, _converted_kwargs(full, method))
         null._copy_data_from(full)
         null._freeze_null()
         return null

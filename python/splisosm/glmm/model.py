@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from splisosm.config import resolve_prior_params, validate_glmm_config
+from splisosm.config import configs_announced, resolve_prior_params, validate_glmm_config, warn_unused_fitting_keys
 from splisosm.glmm._base import CountModel, as_tensor, resolve_diagnose
 from splisosm.glmm._fitting import (
     FitResult,
@@ -88,6 +88,7 @@ class MultinomGLMM(CountModel):
             fitting_method=fitting_method, init_ratio=init_ratio,
             var_prior_model=var_prior_model, var_fix_sigma=var_fix_sigma,
             fitting_configs=fitting_configs, null_model=self._null_model)
+        warn_unused_fitting_keys(fitting_method, fitting_configs, stacklevel=2)
         self.share_variance = bool(share_variance)
         self.var_fix_sigma = bool(var_fix_sigma)
         self.var_prior_model = var_prior_model
@@ -336,7 +337,7 @@ class MultinomGLMM(CountModel):
 
     def clone(self) -> MultinomGLMM:
         """Same configuration, data, spatial inputs and parameters (no fit state)."""
-        new = type(self)(**self._config_kwargs())
+        new = recreate_model(type(self), self._config_kwargs())
         new._copy_data_from(self)
         return new
 
@@ -346,6 +347,13 @@ class MultinomGLMM(CountModel):
             f"{self.share_variance}, prior {self.var_prior_model}",
             f"- Initial ratios: {self.init_ratio}",
         ]
+
+
+def recreate_model(cls: type[MultinomGLMM], kwargs: dict[str, Any]) -> MultinomGLMM:
+    """A model of ``cls`` built from settings its user gave before, without repeating the
+    warning about fitting configs that have no effect (it was shown when they were given)."""
+    with configs_announced():
+        return cls(**kwargs)
 
 
 def fit_together(models: Sequence[MultinomGLMM], *, quiet: bool = True,
