@@ -153,6 +153,8 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 #: ``SplisosmGLMM``'s epochs per fit (splisosm 1.2.0's), merged under the user's fitting configs.
 DEFAULT_MAX_EPOCHS = 500
+#: What ``SplisosmGLMM`` merges the user's ``fitting_configs`` over.
+FACADE_FITTING_CONFIGS: dict[str, Any] = {"max_epochs": DEFAULT_MAX_EPOCHS}
 #: ``max_epochs = -1`` asks for the long run of splisosm 1.2.0.
 UNLIMITED_EPOCHS = 10000
 #: Permutations per gene of the spatial-variability test's permutation null.
@@ -313,7 +315,7 @@ def _settings_doc() -> str:
                           "1.2.0's default, the last the recommended one.",
         "fitting_configs": f"Optional keys {', '.join(sorted({*FITTING_DEFAULTS, 'update_nu_every_k'}))} "
                            f"(``optim``: {', '.join(map(repr, Optimizer.values()))}), merged over "
-                           f"``{{'max_epochs': {DEFAULT_MAX_EPOCHS}}}``; the user's dict is copied, "
+                           f"``{FACADE_FITTING_CONFIGS}``; the user's dict is copied, "
                            "never changed. ``max_epochs=-1`` runs splisosm 1.2.0's long fit. Keys the "
                            "fitting method does not read (``lr`` and ``optim`` with a Newton method, "
                            "``update_nu_every_k`` with any) draw a warning.",
@@ -368,7 +370,7 @@ class GLMMConfig:
             "var_fix_sigma": check_bool("var_fix_sigma", self.var_fix_sigma),
             "var_prior_model_params": resolve_prior_params(self.var_prior_model,
                                                            self.var_prior_model_params),
-            "fitting_configs": {"max_epochs": DEFAULT_MAX_EPOCHS,
+            "fitting_configs": {**FACADE_FITTING_CONFIGS,
                                 **check_dict("fitting_configs", self.fitting_configs)},
             "k_neighbors": check_int("k_neighbors", self.k_neighbors, minimum=1),
             "rho": check_real("rho", self.rho, low=0.0, high=1.0, high_open=True),
@@ -391,7 +393,7 @@ class GLMMConfig:
         if self.model_type != ModelType.GLM:
             warn_unused_fitting_keys(self.fitting_method, self.fitting_configs, stacklevel + 1)
         elif (self.fitting_method != GLMMConfig.fitting_method
-              or self.fitting_configs != {"max_epochs": DEFAULT_MAX_EPOCHS}):
+              or self.fitting_configs != FACADE_FITTING_CONFIGS):
             warnings.warn(f"{GLM_SETTINGS_WARNING}; `fitting_method` and `fitting_configs` are ignored.",
                           UserWarning, stacklevel=stacklevel + 1)
 
